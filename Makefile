@@ -1,0 +1,31 @@
+# Two commands do everything (both create .venv on first use and are safe to repeat):
+#   make run    set up, then run the main job
+#   make test   set up, then run the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+# Runs a command with Debian's OpenBLAS preloaded when it is installed (Linux; see README).
+FAST_BLAS := $(BIN)/python -m power_retention --
+
+.PHONY: setup run test bench clean
+
+setup: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(INSTALLED)
+
+run: $(INSTALLED)
+	$(FAST_BLAS) $(BIN)/python demo.py
+
+test: $(INSTALLED)
+	$(FAST_BLAS) $(BIN)/python -m pytest -q
+
+bench: $(INSTALLED)
+	$(FAST_BLAS) $(BIN)/python benchmarks/bench_retention.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""Filled in by later work (see the open issues)."""

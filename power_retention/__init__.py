@@ -1,0 +1,24 @@
+"""Power retention (symmetric power attention) in MLX.
+
+    from power_retention import power_retention
+    y = power_retention(q, k, v, log_g, deg=2)          # (B, T, Hq, e)
+
+See SPEC.md for the math and README.md for the forms and their costs.
+"""
+
+from .cpu_backend import keep_freed_memory
+from .ops import choose_method, estimated_seconds, power_retention, power_retention_step
+from .state import RetentionState
+from .sympow import expanded_dim, sympow
+
+keep_freed_memory()
+
+__all__ = [
+    "RetentionState",
+    "choose_method",
+    "estimated_seconds",
+    "expanded_dim",
+    "power_retention",
+    "power_retention_step",
+    "sympow",
+]

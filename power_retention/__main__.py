@@ -1,0 +1,21 @@
+"""``python -m power_retention``: which BLAS MLX uses here; ``-- CMD ...`` runs CMD with a fast one."""
+
+import os
+import sys
+
+from .cpu_backend import fast_blas_environment, loaded_blas, openblas_library
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if argv:
+        os.execvpe(argv[0], argv, fast_blas_environment())
+    library = openblas_library()
+    print(f"BLAS in use:        {loaded_blas()}")
+    print(f"system OpenBLAS:    {library or 'not found (apt-get install libopenblas0-pthread)'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,131 @@
+"""The symmetric power embedding phi, with (q . k)^p == phi(q) . phi(k).
+
+phi lists one feature per multiset {a1 <= ... <= ap} of the d input indices,
+sqrt(p! / prod(m_i!)) * x_a1 * ... * x_ap, where m_i counts repeats of an index. That is
+D = C(d + p - 1, p) features instead of the d^p of the full tensor power.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import numbers
+from functools import lru_cache
+
+import mlx.core as mx
+import numpy as np
+
+
+def check_degree(deg) -> int:
+    """Return ``deg`` as an int, or raise ValueError unless it is an integer >= 1."""
+    if isinstance(deg, bool) or not isinstance(deg, numbers.Integral):
+        raise ValueError(f"deg must be an integer >= 1, got {deg!r} ({type(deg).__name__})")
+    if deg < 1:
+        raise ValueError(f"deg must be an integer >= 1, got {deg}")
+    return int(deg)
+
+
+def expanded_dim(d: int, deg: int) -> int:
+    """Number of symmetric power features D = C(d + deg - 1, deg) of a d-vector."""
+    deg = check_degree(deg)
+    if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1:
+        raise ValueError(f"d must be an integer >= 1, got {d!r}")
+    return math.comb(int(d) + deg - 1, deg)
+
+
+@lru_cache(maxsize=64)
+def _multiset_table(d: int, deg: int) -> tuple[tuple[mx.array, ...], np.ndarray]:
+    """Index columns (deg arrays of length D) and the sqrt-multinomial weight of each feature."""
+    combos = np.fromiter(
+        itertools.chain.from_iterable(itertools.combinations_with_replacement(range(d), deg)),
+        dtype=np.int32,
+    ).reshape(-1, deg)
+    # Sorted tuples: the t-th member of a run of equal indices contributes a factor t to
+    # prod(m_i!), so a running run length gives the product without counting.
+    run = np.ones(len(combos), dtype=np.float64)
+    factorial_product = np.ones(len(combos), dtype=np.float64)
+    for t in range(1, deg):
+        run = np.where(combos[:, t] == combos[:, t - 1], run + 1, 1.0)
+        factorial_product *= run
+    weights = np.sqrt(math.factorial(deg) / factorial_product)
+    columns = tuple(mx.array(combos[:, t]) for t in range(deg))
+    return columns, weights
+
+
+_SQRT2 = math.sqrt(2.0)
+
+
+def _contiguous_strides(shape) -> list[int]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return strides[::-1]
+
+
+def _sympow2(x: mx.array, axis: int) -> mx.array:
+    """Degree-2 features along ``axis``, built from shifted copies of x instead of a gather.
+
+    Order: the squares x_i^2, then for each shift r = 1 .. (d - 1) // 2 the products
+    sqrt(2) x_i x_{(i + r) mod d} for every i, then (even d) sqrt(2) x_i x_{i + d/2} for
+    i < d/2. Every unordered pair {i, j} appears exactly once. (MLX's gather on the CPU costs
+    about ten times the strided product used here.)
+    """
+    axis %= x.ndim
+    d = x.shape[axis]
+    shifts = (d - 1) // 2
+
+    def part(start, stop):
+        return x[(slice(None),) * axis + (slice(start, stop),)]
+
+    features = [x * x]
+    if shifts:
+        # Row r of the window view is x rolled by r: an overlapping strided view of [x, x[:shifts]].
+        wrapped = mx.contiguous(mx.concatenate([x, part(0, shifts)], axis=axis))
+        strides = _contiguous_strides(wrapped.shape)
+        step = strides[axis]
+        shape = list(wrapped.shape)
+        shape[axis:axis + 1] = [shifts, d]
+        windows = mx.as_strided(wrapped, shape, strides[:axis] + [step, step] + strides[axis + 1:],
+                                offset=step)
+        products = mx.expand_dims(x * _SQRT2, axis) * windows
+        merged = list(x.shape)
+        merged[axis] = shifts * d
+        features.append(products.reshape(merged))
+    if d % 2 == 0:
+        features.append(part(0, d // 2) * _SQRT2 * part(d // 2, d))
+    return mx.concatenate(features, axis=axis)
+
+
+def sympow(x: mx.array, deg: int) -> mx.array:
+    """Symmetric power features of the last axis: (..., d) -> (..., D), in x's dtype."""
+    deg = check_degree(deg)
+    if not isinstance(x, mx.array):
+        raise ValueError(f"x must be an mlx array, got {type(x).__name__}")
+    if not mx.issubdtype(x.dtype, mx.floating):
+        raise ValueError(f"x must be a floating-point array, got dtype {x.dtype}")
+    if x.ndim < 1:
+        raise ValueError("x must have a feature axis: shape (..., d)")
+    d = x.shape[-1]
+    if deg == 1:
+        return x
+    if deg == 2:
+        return _sympow2(x, axis=-1)
+    columns, weights = _multiset_table(d, deg)
+    features = mx.take(x, columns[0], axis=-1)
+    for column in columns[1:]:
+        features = features * mx.take(x, column, axis=-1)
+    return features * mx.array(weights, dtype=x.dtype)
+
+
+def integer_power(x: mx.array, deg: int) -> mx.array:
+    """x ** deg by repeated squaring: exact sign for odd deg, plain products for autodiff."""
+    result = None
+    base = x
+    while deg:
+        if deg & 1:
+            result = base if result is None else result * base
+        deg >>= 1
+        if deg:
+            base = base * base
+    return result

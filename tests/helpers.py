@@ -1,0 +1,42 @@
+"""The one tolerance helper every test uses, and the shared input builder."""
+
+import mlx.core as mx
+import numpy as np
+
+
+def _as_float64(x):
+    return np.asarray(x.astype(mx.float64) if isinstance(x, mx.array) else x, dtype=np.float64)
+
+
+def relative_error(actual, expected, norm="fro") -> float:
+    """Normwise relative error ||actual - expected|| / ||expected||.
+
+    norm="fro" (the default, as in flash-linear-attention's tests): root-sum-square over every
+    element. norm="max": largest absolute error over largest absolute expected value.
+    """
+    actual, expected = _as_float64(actual), _as_float64(expected)
+    assert actual.shape == expected.shape, f"shape {actual.shape} != expected {expected.shape}"
+    assert np.isfinite(actual).all(), "result has NaN or inf"
+    if norm == "fro":
+        error, scale = np.linalg.norm(actual - expected), np.linalg.norm(expected)
+    else:
+        error, scale = np.abs(actual - expected).max(initial=0.0), np.abs(expected).max(initial=0.0)
+    return error / scale if scale > 0 else error
+
+
+def assert_close(name, actual, expected, tolerance, norm="fro"):
+    error = relative_error(actual, expected, norm)
+    assert error <= tolerance, f"{name}: relative error ({norm}) {error:.3e} > {tolerance:.1e}"
+
+
+def make_inputs(*, B=2, T=16, Hq=4, H=2, d=8, e=8, gated=True, seed=0, dtype=mx.float32,
+                decay_strength=0.2):
+    """Random q, k, v ~ N(0, 1) and log_g uniform in [-decay_strength, 0] (None if not gated)."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, T, Hq, d))
+    k = rng.standard_normal((B, T, H, d))
+    v = rng.standard_normal((B, T, H, e))
+    log_g = -decay_strength * rng.random((B, T, H)) if gated else None
+    arrays = [mx.array(x, dtype=dtype) for x in (q, k, v)]
+    arrays.append(None if log_g is None else mx.array(log_g, dtype=dtype))
+    return arrays

@@ -1,0 +1,79 @@
+"""Every bad input gets a ValueError that names the argument and what was expected."""
+
+import mlx.core as mx
+import pytest
+
+from power_retention import RetentionState, expanded_dim, power_retention, power_retention_step
+from tests.helpers import make_inputs
+
+B, T, Hq, H, d, e = 2, 10, 4, 2, 8, 6
+D = expanded_dim(d, 2)
+
+
+def _good():
+    q, k, v, log_g = make_inputs(B=B, T=T, Hq=Hq, H=H, d=d, e=e)
+    return dict(q=q, k=k, v=v, log_g=log_g)
+
+
+def _state(S_shape=(B, H, D, e), z_shape=(B, H, D), dtype=mx.float32):
+    return RetentionState(mx.zeros(S_shape, dtype=dtype), mx.zeros(z_shape, dtype=dtype))
+
+
+CASES = {
+    "q-3d": (dict(q=mx.zeros((B, T, d))), {}, r"q must have shape \(B, T, Hq, d\)"),
+    "k-batch": (dict(k=mx.zeros((B + 1, T, H, d))), {}, r"k must have shape .*B=2"),
+    "k-length": (dict(k=mx.zeros((B, T + 1, H, d))), {}, r"k must have shape .*T=10"),
+    "k-head-dim": (dict(k=mx.zeros((B, T, H, d + 1))), {}, r"k must have shape .*d=8"),
+    "heads-not-multiple": (dict(k=mx.zeros((B, T, 3, d)), v=mx.zeros((B, T, 3, e))), {},
+                           r"Hq=4 must be a multiple of .* H=3"),
+    "v-heads": (dict(v=mx.zeros((B, T, H + 1, e))), {}, r"v must have shape \(B=2, T=10, H=2, e\)"),
+    "v-length": (dict(v=mx.zeros((B, T - 1, H, e))), {}, r"v must have shape"),
+    "log_g-shape": (dict(log_g=mx.zeros((B, T, Hq))), {}, r"log_g must have shape \(2, 10, 2\)"),
+    "log_g-integer": (dict(log_g=mx.zeros((B, T, H), dtype=mx.int32)), {}, r"log_g must be"),
+    "q-integer": (dict(q=mx.zeros((B, T, Hq, d), dtype=mx.int32)), {}, r"q must be floating point"),
+    "v-bool": (dict(v=mx.zeros((B, T, H, e), dtype=mx.bool_)), {}, r"v must be floating point"),
+    "k-numpy-list": (dict(k=[[1.0]]), {}, r"k must be an mlx.core.array"),
+    "deg-zero": ({}, dict(deg=0), r"deg must be an integer >= 1"),
+    "deg-float": ({}, dict(deg=2.0), r"deg must be an integer >= 1"),
+    "deg-odd-normalized": ({}, dict(deg=3), r"normalize=True needs an even deg.*normalize=False"),
+    "deg1-normalized": ({}, dict(deg=1), r"use normalize=False"),
+    "chunk-size-zero": ({}, dict(chunk_size=0), r"chunk_size must be an integer >= 1"),
+    "chunk-size-float": ({}, dict(chunk_size=16.0), r"chunk_size must be an integer >= 1"),
+    "method-unknown": ({}, dict(method="flash"), r"method must be one of .*'chunked'"),
+    "scale-negative": ({}, dict(scale=-1.0), r"scale must be a positive finite number"),
+    "state-not-pair": ({}, dict(initial_state=mx.zeros((B, H, D, e))), r"initial_state must be a RetentionState"),
+    "state-S-shape": ({}, dict(initial_state=_state(S_shape=(B, H, D + 1, e))),
+                      r"initial_state.S must have shape \(2, 2, 36, 6\)"),
+    "state-z-shape": ({}, dict(initial_state=_state(z_shape=(B, Hq, D))),
+                      r"initial_state.z must have shape \(2, 2, 36\)"),
+    "state-dtype": ({}, dict(initial_state=_state(dtype=mx.float16)),
+                    r"initial_state.S must be mlx.core.float32"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_power_retention_rejects(case):
+    overrides, options, message = CASES[case]
+    arrays = {**_good(), **overrides}
+    with pytest.raises(ValueError, match=message):
+        power_retention(arrays["q"], arrays["k"], arrays["v"], arrays["log_g"], **options)
+
+
+STEP_CASES = {
+    "q-4d": (dict(q=mx.zeros((B, 1, Hq, d))), {}, r"q must have shape \(B, Hq, d\)"),
+    "k-head-dim": (dict(k=mx.zeros((B, H, d + 1))), {}, r"k must have shape \(B, H, d\)"),
+    "v-heads": (dict(v=mx.zeros((B, H + 1, e))), {}, r"v must have shape \(B=2, H=2, e\)"),
+    "log_g-shape": (dict(log_g=mx.zeros((B, Hq))), {}, r"log_g must have shape \(2, 2\)"),
+    "deg-odd-normalized": ({}, dict(deg=3), r"normalize=False"),
+    "state-S-shape": ({}, dict(state=_state(S_shape=(B, H, D, e + 1))), r"initial_state.S must have shape"),
+}
+
+
+@pytest.mark.parametrize("case", list(STEP_CASES))
+def test_power_retention_step_rejects(case):
+    overrides, options, message = STEP_CASES[case]
+    arrays = {name: x[:, 0] for name, x in _good().items()}
+    arrays.update(overrides)
+    state = options.pop("state", None)
+    with pytest.raises(ValueError, match=message):
+        power_retention_step(arrays["q"], arrays["k"], arrays["v"], arrays["log_g"], state, **options)

@@ -1,0 +1,170 @@
+"""The op against the float64 reference, across forms, and its state passing and numerics."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from power_retention import RetentionState, expanded_dim, power_retention, power_retention_step, sympow
+from tests.helpers import assert_close, make_inputs, relative_error
+from tests.reference import reference_power_retention, reference_state
+
+# (method, chunk_size): every form, the chunked one at the chunk sizes the issue names.
+FORMS = [("attention", 64), ("recurrent", 64), ("chunked", 1), ("chunked", 16), ("chunked", 64)]
+FORM_IDS = [m if m != "chunked" else f"chunked-c{c}" for m, c in FORMS]
+# deg 1 is plain linear attention: odd degrees are only defined unnormalized.
+DEGREES = [(1, False), (2, True), (4, True)]
+DEGREE_IDS = ["deg1-unnormalized", "deg2", "deg4"]
+# fp32 rounding of sums of up to T products, relative to the output's norm.
+FP32_TOLERANCE = 1e-5
+# The state forms evaluate (q . k)^deg as a sum of D signed feature products, whose rounding
+# error scales with |q|^deg |k|^deg rather than with (q . k)^deg: larger by d (d + 2) / 3 = 27
+# on average at deg 4, d = 8 (E[(q.k)^4] = 3 |q|^4 |k|^4 / (d (d + 2))), and by more for
+# nearly orthogonal pairs. A recurrent form or one-token chunks put all history in the state,
+# so at deg 4 they get that factor of fp32's 1e-5; float64 shows the math itself is exact.
+STATE_FORM_DEG4_TOLERANCE = 27 * FP32_TOLERANCE
+
+
+@pytest.mark.parametrize("T", [1, 2, 63, 64, 65, 257], ids=lambda T: f"T{T}")
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+@pytest.mark.parametrize("deg,normalize", DEGREES, ids=DEGREE_IDS)
+@pytest.mark.parametrize("method,chunk_size", FORMS, ids=FORM_IDS)
+def test_matches_float64_reference(method, chunk_size, deg, normalize, gated, T):
+    q, k, v, log_g = make_inputs(B=2, T=T, Hq=4, H=2, d=8, e=6, gated=gated, seed=T)
+    y, state = power_retention(q, k, v, log_g, deg=deg, method=method, chunk_size=chunk_size,
+                               normalize=normalize, return_state=True)
+    expected = reference_power_retention(q, k, v, log_g, deg=deg, normalize=normalize)
+    assert y.dtype == mx.float32 and y.shape == expected.shape
+    state_form = method == "recurrent" or chunk_size == 1
+    assert_close("y", y, expected,
+                 STATE_FORM_DEG4_TOLERANCE if state_form and deg == 4 else FP32_TOLERANCE)
+    S, z = reference_state(sympow(k.astype(mx.float64), deg), v, log_g)
+    assert_close("S", state.S, S, FP32_TOLERANCE)
+    assert_close("z", state.z, z, FP32_TOLERANCE)
+
+
+# MLX's CPU exp is float32-accurate even on float64 (8e-8 relative, measured), so the gates
+# limit float64 agreement to about that; without gates every operation is float64-exact.
+@pytest.mark.parametrize("gated,tolerance", [(False, 1e-12), (True, 1e-6)],
+                         ids=["ungated", "gated"])
+@pytest.mark.parametrize("deg,normalize", DEGREES, ids=DEGREE_IDS)
+@pytest.mark.parametrize("method,chunk_size", FORMS, ids=FORM_IDS)
+def test_float64_agrees_to_float64_rounding(method, chunk_size, deg, normalize, gated, tolerance):
+    q, k, v, log_g = make_inputs(T=65, d=6, e=4, seed=11, dtype=mx.float64, gated=gated)
+    y = power_retention(q, k, v, log_g, deg=deg, normalize=normalize, method=method,
+                        chunk_size=chunk_size)
+    assert y.dtype == mx.float64
+    assert_close("y", y, reference_power_retention(q, k, v, log_g, deg=deg, normalize=normalize),
+                 tolerance)
+
+
+@pytest.mark.parametrize("method,chunk_size", FORMS, ids=FORM_IDS)
+def test_head_dim_64_matches_reference(method, chunk_size):
+    q, k, v, log_g = make_inputs(B=1, T=130, Hq=2, H=1, d=64, e=64, seed=1, decay_strength=0.05)
+    y = power_retention(q, k, v, log_g, method=method, chunk_size=chunk_size)
+    assert_close("y", y, reference_power_retention(q, k, v, log_g), FP32_TOLERANCE)
+
+
+@pytest.mark.parametrize("scale", [0.1, 0.5, 2.0])
+def test_explicit_scale_unnormalized(scale):
+    q, k, v, log_g = make_inputs(T=40, seed=3)
+    y = power_retention(q, k, v, log_g, deg=2, scale=scale, normalize=False, method="chunked",
+                        chunk_size=16)
+    expected = reference_power_retention(q, k, v, log_g, deg=2, scale=scale, normalize=False)
+    assert_close("y", y, expected, FP32_TOLERANCE)
+
+
+@pytest.mark.parametrize("method,chunk_size", FORMS, ids=FORM_IDS)
+@pytest.mark.parametrize("split", [1, 17, 32, 50], ids=lambda s: f"split{s}")
+def test_split_and_resume_equals_one_call(method, chunk_size, split):
+    q, k, v, log_g = make_inputs(T=70, seed=split)
+    whole, whole_state = power_retention(q, k, v, log_g, method=method, chunk_size=chunk_size,
+                                         return_state=True)
+    first, state = power_retention(q[:, :split], k[:, :split], v[:, :split], log_g[:, :split],
+                                   method=method, chunk_size=chunk_size, return_state=True)
+    second, final_state = power_retention(q[:, split:], k[:, split:], v[:, split:],
+                                          log_g[:, split:], method=method, chunk_size=chunk_size,
+                                          initial_state=state, return_state=True)
+    assert_close("y", mx.concatenate([first, second], axis=1), whole, FP32_TOLERANCE)
+    assert_close("S", final_state.S, whole_state.S, FP32_TOLERANCE)
+    assert_close("z", final_state.z, whole_state.z, FP32_TOLERANCE)
+
+
+@pytest.mark.parametrize("deg,normalize", DEGREES, ids=DEGREE_IDS)
+def test_token_steps_equal_one_call(deg, normalize):
+    q, k, v, log_g = make_inputs(T=40, seed=4)
+    whole, whole_state = power_retention(q, k, v, log_g, deg=deg, normalize=normalize,
+                                         method="chunked", chunk_size=16, return_state=True)
+    state, outputs = None, []
+    for t in range(q.shape[1]):
+        y, state = power_retention_step(q[:, t], k[:, t], v[:, t], log_g[:, t], state, deg=deg,
+                                        normalize=normalize)
+        outputs.append(y)
+    assert isinstance(state, RetentionState)
+    assert_close("y", mx.stack(outputs, axis=1), whole, FP32_TOLERANCE)
+    assert_close("S", state.S, whole_state.S, FP32_TOLERANCE)
+
+
+@pytest.mark.parametrize("method", ["attention", "chunked", "recurrent"])
+@pytest.mark.parametrize("factor", [1e-3, 1e-1, 10.0, 1e3])
+def test_invariant_to_query_scale(method, factor):
+    q, k, v, log_g = make_inputs(T=80, seed=5)
+    y = power_retention(q, k, v, log_g, method=method, chunk_size=16)
+    scaled = power_retention(q * factor, k, v, log_g, method=method, chunk_size=16)
+    assert relative_error(scaled, y) < 1e-4
+
+
+@pytest.mark.parametrize("method", ["attention", "chunked", "recurrent"])
+def test_zero_query_row_gives_zero(method):
+    q, k, v, log_g = make_inputs(T=20, seed=6)
+    q = mx.concatenate([q[:, :5], mx.zeros_like(q[:, 5:6]), q[:, 6:]], axis=1)
+    y = power_retention(q, k, v, log_g, method=method, chunk_size=8)
+    assert np.isfinite(np.array(y)).all()
+    assert mx.abs(y[:, 5]).max().item() == 0.0
+
+
+@pytest.mark.parametrize("log_g_value", [0.0, -0.01, -1.0, -80.0], ids=lambda g: f"log_g{g}")
+def test_long_sequence_is_finite(log_g_value):
+    T = 65536
+    q, k, v, _ = make_inputs(B=1, T=T, Hq=1, H=1, d=4, e=4, seed=7)
+    log_g = mx.full((1, T, 1), log_g_value)
+    y, state = power_retention(q * 30, k * 30, v, log_g, method="chunked", return_state=True)
+    mx.eval(y, state)
+    for name, array in (("y", y), ("S", state.S), ("z", state.z)):
+        assert np.isfinite(np.array(array)).all(), f"{name} is not finite"
+    # The last output is a weighted average of values: it lies within their range.
+    assert mx.abs(y).max().item() <= mx.abs(v).max().item() * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(mx.bfloat16, 2e-2), (mx.float16, 5e-3)],
+                         ids=["bf16", "fp16"])
+@pytest.mark.parametrize("method", ["attention", "chunked", "recurrent"])
+def test_half_precision_inputs(method, dtype, tolerance):
+    q, k, v, log_g = make_inputs(T=100, d=16, e=16, seed=8)
+    expected = power_retention(q, k, v, log_g, method=method, chunk_size=32)
+    y, state = power_retention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
+                               log_g.astype(dtype), method=method, chunk_size=32,
+                               return_state=True)
+    assert y.dtype == dtype
+    assert state.S.dtype == mx.float32 and state.z.dtype == mx.float32
+    assert relative_error(y, expected, norm="max") <= tolerance
+
+
+def test_auto_picks_attention_for_short_and_chunked_for_long():
+    from power_retention import choose_method
+    shape = dict(B=1, Hq=4, H=4, d=64, e=64, deg=2, chunk_size=64)
+    assert choose_method(T=64, **shape) == "attention"
+    assert choose_method(T=32768, **shape) == "chunked"
+
+
+def test_auto_matches_reference():
+    q, k, v, log_g = make_inputs(T=300, seed=9)
+    assert_close("y", power_retention(q, k, v, log_g), reference_power_retention(q, k, v, log_g),
+                 FP32_TOLERANCE)
+
+
+def test_state_shapes_and_dtype():
+    q, k, v, log_g = make_inputs(B=3, T=10, Hq=4, H=2, d=8, e=5)
+    _, state = power_retention(q, k, v, log_g, return_state=True)
+    D = expanded_dim(8, 2)
+    assert state.S.shape == (3, 2, D, 5) and state.z.shape == (3, 2, D)
+    assert state.S.dtype == mx.float32

@@ -1,0 +1,65 @@
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from power_retention import expanded_dim, sympow
+from tests.helpers import assert_close
+
+
+@pytest.mark.parametrize("deg", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("d", [1, 2, 3, 16, 64])
+def test_expanded_dim_is_binomial(d, deg):
+    assert expanded_dim(d, deg) == math.comb(d + deg - 1, deg)
+
+
+def test_expanded_dim_spec_values():
+    assert (expanded_dim(64, 2), expanded_dim(16, 2), expanded_dim(256, 2)) == (2080, 136, 32896)
+
+
+@pytest.mark.parametrize("deg", [1, 2, 3, 4])
+@pytest.mark.parametrize("d", [1, 2, 3, 16, 64])
+def test_sympow_shape(d, deg):
+    x = mx.random.normal((2, 3, d)) if deg < 4 or d < 64 else mx.random.normal((1, d))
+    assert sympow(x, deg).shape == (*x.shape[:-1], expanded_dim(d, deg))
+
+
+@settings(max_examples=25, deadline=None)
+@given(deg=st.integers(1, 4), d=st.sampled_from([1, 2, 3, 16, 64]), seed=st.integers(0, 2**31 - 1),
+       magnitude=st.floats(1e-2, 1e2))
+def test_sympow_dot_is_power_of_dot(deg, d, seed, magnitude):
+    rng = np.random.default_rng(seed)
+    q64, k64 = rng.standard_normal((2, 3, d)) * magnitude
+    q, k = mx.array(q64, dtype=mx.float64), mx.array(k64, dtype=mx.float64)
+    features_dot = (sympow(q, deg) * sympow(k, deg)).sum(axis=-1)
+    exact = (q64 * k64).sum(axis=-1) ** deg
+    # Compare against the scale of the terms (|q| |k|)^deg, since q . k itself may cancel.
+    term_scale = (np.linalg.norm(q64, axis=-1) * np.linalg.norm(k64, axis=-1)) ** deg
+    error = np.abs(np.asarray(features_dot) - exact) / term_scale
+    assert error.max() <= 1e-12
+
+
+@pytest.mark.parametrize("deg", [1, 2, 3, 4])
+def test_sympow_norm_identity(deg):
+    x = mx.random.normal((5, 7)).astype(mx.float64)
+    assert_close("phi(x).phi(x)", (sympow(x, deg) ** 2).sum(-1),
+                 (x * x).sum(-1) ** deg, 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32])
+def test_sympow_keeps_dtype(dtype):
+    assert sympow(mx.ones((2, 4), dtype=dtype), 2).dtype == dtype
+
+
+@pytest.mark.parametrize("bad_deg", [0, -1, 2.0, "2", True])
+def test_sympow_rejects_bad_degree(bad_deg):
+    with pytest.raises(ValueError, match="deg must be an integer >= 1"):
+        sympow(mx.ones((2, 4)), bad_deg)
+
+
+def test_sympow_rejects_integer_input():
+    with pytest.raises(ValueError, match="floating-point"):
+        sympow(mx.ones((2, 4), dtype=mx.int32), 2)
