@@ -4,8 +4,11 @@ The attention form is this with one chunk spanning the sequence (c = T): the T x
 matrix and no scan. Inputs here are already validated, in the compute dtype (float32 or
 float64), with the scale applied to q (see ``ops.power_retention``).
 
-Shapes inside: q (B, H, G, n, c, d) where query head h * G + g reads key/value head h;
-k (B, H, 1, n, c, d); v (B, H, 1, n, c, e); cumulative in-chunk log decay l (B, H, 1, n, c).
+Layout inside is chunk-major so that the scan reads contiguous slices: q (n, B, H, G, c, d)
+where query head h * G + g reads key/value head h; k (n, B, H, 1, c, d); values with a
+column of ones appended, v1 (n, B, H, 1, c, e + 1), so that one product yields numerator
+and denominator together (and the state's S and z together, as S1 = [S | z]); cumulative
+in-chunk log decay l (n, B, H, 1, c).
 """
 
 from __future__ import annotations
@@ -13,15 +16,25 @@ from __future__ import annotations
 import mlx.core as mx
 
 from .state import RetentionState
-from .sympow import integer_power, sympow
+from .sympow import _sympow2, integer_power, sympow
 
 
 def _causal_mask(c: int) -> mx.array:
     return mx.tril(mx.ones((c, c), dtype=mx.bool_))
 
 
-def _intra_chunk(q, k, v, l, deg, normalize):
-    """Attention-form numerator (.., c, e) and denominator (.., c) within each chunk."""
+def _key_features_transposed(k, deg):
+    """phi(k) with the feature axis second to last: (..., c, d) -> (..., D, c)."""
+    if deg == 1:
+        return k.swapaxes(-1, -2)
+    if deg == 2:
+        # Built in place along axis -2: a transpose of the large (c, D) result would cost a copy.
+        return _sympow2(k.swapaxes(-1, -2), axis=-2)
+    return sympow(k, deg).swapaxes(-1, -2)
+
+
+def _intra_chunk(q, k, v1, l, deg):
+    """[numerator | denominator] (..., c, e + 1) of the attention form within each chunk."""
     causal = _causal_mask(q.shape[-2])
     weights = integer_power(q @ k.swapaxes(-1, -2), deg)
     if l is None:
@@ -31,40 +44,46 @@ def _intra_chunk(q, k, v, l, deg, normalize):
         # in the backward pass.
         log_decay = mx.where(causal, l[..., :, None] - l[..., None, :], -mx.inf)
         weights = weights * mx.exp(log_decay)
-    numerator = weights @ v
-    denominator = weights.sum(axis=-1) if normalize else None
-    return numerator, denominator
+    return weights @ v1
 
 
-def _scan_states(chunk_S, chunk_z, chunk_log_decay, initial_state, need_entering):
-    """Carry the state across chunks.
+@mx.custom_function
+def _scan_chunks(phi_q, chunk_S1, chunk_decay, S1):
+    """Carry the state [S | z] across chunks and read it with each chunk's queries.
 
-    chunk_S (B, H, n, D, e) and chunk_z (B, H, n, D) are each chunk's own contribution, decayed
-    to the chunk's end; chunk_log_decay (B, H, n) is each chunk's total log decay or None.
-    Returns the states entering every chunk, stacked on axis 2 (or None), and the final state.
+    phi_q (n, B, H, G, c, D): query features; chunk_S1 (n, B, H, D, e + 1): each chunk's own
+    contribution; chunk_decay (n, B, H, 1, 1): each chunk's total decay; S1 (B, H, D, e + 1):
+    the state entering the first chunk. Returns what every query reads from the state entering
+    its chunk, (n, B, H, G, c, e + 1), and the state after the last chunk.
     """
-    B, H, n, D, e = chunk_S.shape
-    if initial_state is None:
-        S = mx.zeros((B, H, D, e), dtype=chunk_S.dtype)
-        z = mx.zeros((B, H, D), dtype=chunk_S.dtype)
-    else:
-        S, z = initial_state
-    entering_S, entering_z = [], []
+    reads = []
+    for i in range(phi_q.shape[0]):
+        reads.append(phi_q[i] @ S1[:, :, None])
+        S1 = chunk_decay[i] * S1 + chunk_S1[i]
+    return mx.stack(reads), S1
+
+
+@_scan_chunks.vjp
+def _scan_chunks_vjp(primals, cotangents, outputs):
+    # Written by hand because autodiff through the loop's slices x[i] builds a full-size zero
+    # array per chunk for each slice's cotangent: quadratic in the number of chunks. This is
+    # the reverse scan, with the entering states recomputed (cheap) instead of kept.
+    phi_q, chunk_S1, chunk_decay, S1 = primals
+    d_reads, d_final = cotangents
+    n, B, H, G, c, D = phi_q.shape
+    entering = []
     for i in range(n):
-        if need_entering:
-            entering_S.append(S)
-            entering_z.append(z)
-        if chunk_log_decay is None:
-            S = S + chunk_S[:, :, i]
-            z = z + chunk_z[:, :, i]
-        else:
-            decay = mx.exp(chunk_log_decay[:, :, i])
-            S = decay[..., None, None] * S + chunk_S[:, :, i]
-            z = decay[..., None] * z + chunk_z[:, :, i]
-    entering = None
-    if need_entering:
-        entering = (mx.stack(entering_S, axis=2), mx.stack(entering_z, axis=2))
-    return entering, RetentionState(S, z)
+        entering.append(S1)
+        S1 = chunk_decay[i] * S1 + chunk_S1[i]
+    d_state = mx.zeros_like(S1) if d_final is None else d_final
+    d_phi_q, d_chunk_S1, d_decay = [None] * n, [None] * n, [None] * n
+    for i in reversed(range(n)):
+        d_chunk_S1[i] = d_state
+        d_decay[i] = (d_state * entering[i]).sum(axis=(-2, -1), keepdims=True)
+        d_phi_q[i] = d_reads[i] @ entering[i][:, :, None].swapaxes(-1, -2)
+        queries = phi_q[i].reshape(B, H, G * c, D).swapaxes(-1, -2)
+        d_state = chunk_decay[i] * d_state + queries @ d_reads[i].reshape(B, H, G * c, -1)
+    return mx.stack(d_phi_q), mx.stack(d_chunk_S1), mx.stack(d_decay), d_state
 
 
 def chunk_power_retention(q, k, v, log_g, *, deg, chunk_size, initial_state, return_state,
@@ -76,21 +95,22 @@ def chunk_power_retention(q, k, v, log_g, *, deg, chunk_size, initial_state, ret
     c = min(chunk_size, T)
     n = -(-T // c)
     pad = n * c - T
+    v1 = mx.concatenate([v, mx.ones((B, T, H, 1), dtype=v.dtype)], axis=-1)
     if pad:
         # Zero keys have zero features and a zero log gate keeps the decay: padding adds nothing.
         widths = [(0, 0), (0, pad), (0, 0), (0, 0)]
-        q, k, v = mx.pad(q, widths), mx.pad(k, widths), mx.pad(v, widths)
+        q, k, v1 = mx.pad(q, widths), mx.pad(k, widths), mx.pad(v1, widths)
         if log_g is not None:
             log_g = mx.pad(log_g, widths[:3])
 
-    q = q.reshape(B, n, c, H, G, d).transpose(0, 3, 4, 1, 2, 5)
-    k = k.reshape(B, n, c, H, d).transpose(0, 3, 1, 2, 4)[:, :, None]
-    v = v.reshape(B, n, c, H, e).transpose(0, 3, 1, 2, 4)[:, :, None]
+    q = q.reshape(B, n, c, H, G, d).transpose(1, 0, 3, 4, 2, 5)
+    k = k.reshape(B, n, c, H, d).transpose(1, 0, 3, 2, 4)[:, :, :, None]
+    v1 = v1.reshape(B, n, c, H, e + 1).transpose(1, 0, 3, 2, 4)[:, :, :, None]
     l = None
     if log_g is not None:
-        l = mx.cumsum(log_g.reshape(B, n, c, H).transpose(0, 3, 1, 2), axis=-1)[:, :, None]
+        l = mx.cumsum(log_g.reshape(B, n, c, H).transpose(1, 0, 3, 2), axis=-1)[:, :, :, None]
 
-    numerator, denominator = _intra_chunk(q, k, v, l, deg, normalize)
+    out = _intra_chunk(q, k, v1, l, deg)
 
     # Keys reach later chunks only through the state; queries read the state entering their
     # chunk. The decays are split as exp(x / deg) on the inputs because phi is homogeneous
@@ -98,29 +118,30 @@ def chunk_power_retention(q, k, v, log_g, *, deg, chunk_size, initial_state, ret
     reads_state = initial_state is not None or n > 1
     final_state = None
     if reads_state or return_state:
-        chunk_log_decay = None
-        if l is not None:
-            chunk_log_decay = l[:, :, 0, :, -1]
+        if l is None:
+            chunk_decay = mx.ones((n, B, H, 1, 1), dtype=q.dtype)
+        else:
+            chunk_decay = mx.exp(l[:, :, :, 0, -1])[..., None, None]
             k = k * mx.exp((l[..., -1:] - l) / deg)[..., None]
             q = q * mx.exp(l / deg)[..., None]
-        phi_k = sympow(k[:, :, 0], deg)
-        chunk_S = phi_k.swapaxes(-1, -2) @ v[:, :, 0]
-        chunk_z = phi_k.sum(axis=-2)
-        entering, final_state = _scan_states(chunk_S, chunk_z, chunk_log_decay, initial_state,
-                                             need_entering=reads_state)
-        if reads_state:
-            entering_S, entering_z = entering
-            phi_q = sympow(q, deg)
-            numerator = numerator + phi_q @ entering_S[:, :, None]
-            if normalize:
-                denominator = denominator + (phi_q @ entering_z[:, :, None, ..., None])[..., 0]
+        # Each chunk's own contribution [S | z], decayed to the chunk's end.
+        chunk_S1 = (_key_features_transposed(k, deg) @ v1)[:, :, :, 0]
+        if initial_state is None:
+            S1 = mx.zeros(chunk_S1.shape[1:], dtype=chunk_S1.dtype)
+        else:
+            S1 = mx.concatenate([initial_state.S, initial_state.z[..., None]], axis=-1)
+        reads, S1 = _scan_chunks(sympow(q, deg), chunk_S1, chunk_decay, S1)
+        out = out + reads
+        if return_state:
+            final_state = RetentionState(S1[..., :e], S1[..., e])
 
-    y = numerator
+    y = out[..., :e]
     if normalize:
         # No epsilon: a zero denominator means every weight is zero, and then so is the
         # numerator; any positive denominator, however small, is divided exactly.
-        y = y / mx.where(denominator == 0, 1.0, denominator)[..., None]
-    y = y.transpose(0, 3, 4, 1, 2, 5).reshape(B, n * c, Hq, e)
+        denominator = out[..., e:]
+        y = y / mx.where(denominator == 0, 1.0, denominator)
+    y = y.transpose(1, 0, 4, 2, 3, 5).reshape(B, n * c, Hq, e)
     if pad:
         y = y[:, :T]
     return y, (final_state if return_state else None)

@@ -63,38 +63,93 @@ def _contiguous_strides(shape) -> list[int]:
     return strides[::-1]
 
 
+def _slice(x, axis, start, stop):
+    return x[(slice(None),) * axis + (slice(start, stop),)]
+
+
+def _rolled_rows(wrapped, axis, d, shifts):
+    """Overlapping view of wrapped = [x, x[:shifts]] along ``axis`` (contiguous): a new axis of
+    ``shifts`` rows before ``axis``, row r being x rolled by r + 1."""
+    strides = _contiguous_strides(wrapped.shape)
+    step = strides[axis]
+    shape = list(wrapped.shape)
+    shape[axis:axis + 1] = [shifts, d]
+    return mx.as_strided(wrapped, shape, strides[:axis] + [step, step] + strides[axis + 1:],
+                         offset=step)
+
+
+def _sympow2_forward(x, axis):
+    d = x.shape[axis]
+    shifts = (d - 1) // 2
+    features = [x * x]
+    if shifts:
+        # Row r of the view is x rolled by r + 1: overlapping windows of [x, x[:shifts]].
+        wrapped = mx.contiguous(mx.concatenate([x, _slice(x, axis, 0, shifts)], axis=axis))
+        windows = _rolled_rows(wrapped, axis, d, shifts)
+        products = mx.expand_dims(x * _SQRT2, axis) * windows
+        merged = list(x.shape)
+        merged[axis] = shifts * d
+        features.append(products.reshape(merged))
+    if d % 2 == 0:
+        features.append(_slice(x, axis, 0, d // 2) * _SQRT2 * _slice(x, axis, d // 2, d))
+    return mx.concatenate(features, axis=axis)
+
+
+def _sympow2_backward(x, cotangent, axis):
+    """d phi / d x contracted with the cotangent, without differentiating a strided view
+    (MLX's vjp of as_strided is a scatter, twenty times slower than these products)."""
+    d = x.shape[axis]
+    shifts = (d - 1) // 2
+    grad = 2 * x * _slice(cotangent, axis, 0, d)
+    if shifts:
+        shape = list(x.shape)
+        shape[axis:axis + 1] = [shifts, d]
+        g = _slice(cotangent, axis, d, d + shifts * d).reshape(shape)
+        wrapped = mx.contiguous(mx.concatenate([x, _slice(x, axis, 0, shifts)], axis=axis))
+        windows = _rolled_rows(wrapped, axis, d, shifts)
+        # x_i as the left factor of sqrt2 x_i x_{i+r}:
+        grad = grad + _SQRT2 * (g * windows).sum(axis=axis)
+        # x_{i+r} as the right factor: row r of g * x (shift r + 1), rolled forward by r + 1.
+        left = g * mx.expand_dims(x * _SQRT2, axis)
+        padded = mx.contiguous(mx.concatenate([_slice(left, axis + 1, d - shifts, d), left],
+                                              axis=axis + 1))
+        strides = _contiguous_strides(padded.shape)
+        rolled = mx.as_strided(padded, shape,
+                               strides[:axis] + [strides[axis] - strides[axis + 1],
+                                                 strides[axis + 1]] + strides[axis + 2:],
+                               offset=(shifts - 1) * strides[axis + 1])
+        grad = grad + rolled.sum(axis=axis)
+    if d % 2 == 0:
+        half = d // 2
+        g = _slice(cotangent, axis, d + shifts * d, None) * _SQRT2
+        grad = grad + mx.concatenate([g * _slice(x, axis, half, d), g * _slice(x, axis, 0, half)],
+                                     axis=axis)
+    return grad
+
+
+@lru_cache(maxsize=8)
+def _sympow2_function(axis: int):
+    @mx.custom_function
+    def features(x):
+        return _sympow2_forward(x, axis % x.ndim)
+
+    @features.vjp
+    def features_vjp(x, cotangent, output):
+        # A one-argument custom function gets its primal and returns its gradient unwrapped.
+        return _sympow2_backward(x, cotangent, axis % x.ndim)
+
+    return features
+
+
 def _sympow2(x: mx.array, axis: int) -> mx.array:
-    """Degree-2 features along ``axis``, built from shifted copies of x instead of a gather.
+    """Degree-2 features along ``axis`` (negative), from shifted views of x instead of a gather.
 
     Order: the squares x_i^2, then for each shift r = 1 .. (d - 1) // 2 the products
     sqrt(2) x_i x_{(i + r) mod d} for every i, then (even d) sqrt(2) x_i x_{i + d/2} for
     i < d/2. Every unordered pair {i, j} appears exactly once. (MLX's gather on the CPU costs
     about ten times the strided product used here.)
     """
-    axis %= x.ndim
-    d = x.shape[axis]
-    shifts = (d - 1) // 2
-
-    def part(start, stop):
-        return x[(slice(None),) * axis + (slice(start, stop),)]
-
-    features = [x * x]
-    if shifts:
-        # Row r of the window view is x rolled by r: an overlapping strided view of [x, x[:shifts]].
-        wrapped = mx.contiguous(mx.concatenate([x, part(0, shifts)], axis=axis))
-        strides = _contiguous_strides(wrapped.shape)
-        step = strides[axis]
-        shape = list(wrapped.shape)
-        shape[axis:axis + 1] = [shifts, d]
-        windows = mx.as_strided(wrapped, shape, strides[:axis] + [step, step] + strides[axis + 1:],
-                                offset=step)
-        products = mx.expand_dims(x * _SQRT2, axis) * windows
-        merged = list(x.shape)
-        merged[axis] = shifts * d
-        features.append(products.reshape(merged))
-    if d % 2 == 0:
-        features.append(part(0, d // 2) * _SQRT2 * part(d // 2, d))
-    return mx.concatenate(features, axis=axis)
+    return _sympow2_function(axis - x.ndim if axis >= 0 else axis)(x)
 
 
 def sympow(x: mx.array, deg: int) -> mx.array:
