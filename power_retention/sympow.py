@@ -110,15 +110,11 @@ def _sympow2_backward(x, cotangent, axis):
         # x_i as the left factor of sqrt2 x_i x_{i+r}:
         grad = grad + _SQRT2 * (g * windows).sum(axis=axis)
         # x_{i+r} as the right factor: row r of g * x (shift r + 1), rolled forward by r + 1.
+        # (Summing one strided view of all rolled rows is a slow general reduction in MLX;
+        # a roll per row costs two passes over the rows in total.)
         left = g * mx.expand_dims(x * _SQRT2, axis)
-        padded = mx.contiguous(mx.concatenate([_slice(left, axis + 1, d - shifts, d), left],
-                                              axis=axis + 1))
-        strides = _contiguous_strides(padded.shape)
-        rolled = mx.as_strided(padded, shape,
-                               strides[:axis] + [strides[axis] - strides[axis + 1],
-                                                 strides[axis + 1]] + strides[axis + 2:],
-                               offset=(shifts - 1) * strides[axis + 1])
-        grad = grad + rolled.sum(axis=axis)
+        for row in range(shifts):
+            grad = grad + mx.roll(mx.take(left, row, axis=axis), row + 1, axis=axis)
     if d % 2 == 0:
         half = d // 2
         g = _slice(cotangent, axis, d + shifts * d, None) * _SQRT2

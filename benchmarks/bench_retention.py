@@ -1,0 +1,188 @@
+"""Time and memory of every power retention form against causal softmax attention.
+
+    python benchmarks/bench_retention.py                 # T = 256 .. 32768, about 15 minutes here
+    python benchmarks/bench_retention.py --max-T 4096    # a quick look
+
+Prints a table (forward and forward+backward: median seconds after a warm-up, and peak
+memory) and writes it as JSON with the machine, the BLAS in use, the measured fp32 matmul
+peak and the date. A cell predicted to take over --time-limit seconds or --memory-limit GB
+is skipped, and the table says so.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import click
+import mlx.core as mx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from power_retention import expanded_dim, power_retention  # noqa: E402
+from power_retention.cpu_backend import loaded_blas, reexec_with_fast_blas  # noqa: E402
+from power_retention.ops import choose_method  # noqa: E402
+
+METHODS = ("attention", "chunked", "recurrent", "auto", "softmax")
+
+
+def machine_description() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    device = mx.default_device()
+    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
+            "mlx": mx.__version__, "device": str(device), "blas": loaded_blas()}
+
+
+def median_seconds(fn, repeats: int) -> float:
+    mx.eval(fn())  # warm-up (and graph construction caches)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
+    mx.eval(a, b)
+    return 2 * n**3 / median_seconds(lambda: a @ b, repeats) / 1e9
+
+
+def chunked_flops(T, H, d, e, deg, chunk_size) -> dict:
+    """Matmul flops of the chunked form: intra-chunk scores and values, state update and read.
+    The backward pass does two matmuls for each forward one."""
+    D = expanded_dim(d, deg)
+    c = min(chunk_size, T)
+    forward = 2 * H * T * c * (d + e + 1) + 2 * 2 * H * T * D * (e + 1)
+    return {"forward": forward, "forward_backward": 3 * forward}
+
+
+def make_case(method, B, T, H, d, deg, chunk_size):
+    q, k, v = (mx.random.normal((B, T, H, d)) for _ in range(3))
+    log_g = -0.05 * mx.random.uniform(shape=(B, T, H))
+    mx.eval(q, k, v, log_g)
+    if method == "softmax":
+        def forward(q, k, v, log_g):
+            out = mx.fast.scaled_dot_product_attention(
+                q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                scale=d**-0.5, mask="causal")
+            return out.transpose(0, 2, 1, 3)
+    else:
+        def forward(q, k, v, log_g):
+            return power_retention(q, k, v, log_g, deg=deg, method=method, chunk_size=chunk_size)
+    gradient = mx.grad(lambda *args: forward(*args).sum(), argnums=(0, 1, 2, 3))
+    inputs = (q, k, v, log_g)
+    return (lambda: forward(*inputs)), (lambda: gradient(*inputs))
+
+
+def predicted_bytes(method, B, T, H, d, deg) -> float:
+    """Rough peak memory of the forward+backward pass, to skip what cannot fit."""
+    if method in ("attention", "softmax") or (method == "auto" and T <= 2048):
+        return 6 * 4 * B * H * T * T
+    return 8 * 4 * B * H * T * expanded_dim(d, deg)
+
+
+def measure(method, B, T, H, d, deg, chunk_size, repeats):
+    cell = {}
+    for name, fn in zip(("forward", "forward_backward"), make_case(method, B, T, H, d, deg, chunk_size)):
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        cell[f"{name}_s"] = median_seconds(fn, repeats)
+        cell[f"{name}_peak_gb"] = mx.get_peak_memory() / 1e9
+    return cell
+
+
+@click.command()
+@click.option("--min-T", "min_T", default=256, show_default=True)
+@click.option("--max-T", "max_T", default=32768, show_default=True)
+@click.option("--batch", "B", default=1, show_default=True)
+@click.option("--heads", "H", default=4, show_default=True)
+@click.option("--head-dim", "d", default=64, show_default=True)
+@click.option("--deg", default=2, show_default=True)
+@click.option("--chunk-size", default=64, show_default=True)
+@click.option("--repeats", default=3, show_default=True, help="timed runs per cell (median)")
+@click.option("--time-limit", default=60.0, show_default=True, help="skip cells predicted slower (s)")
+@click.option("--memory-limit", default=16.0, show_default=True, help="skip cells predicted larger (GB)")
+@click.option("--methods", default=",".join(METHODS), show_default=True)
+@click.option("--out", default=None, help="JSON path (default benchmarks/results/retention-DATE.json)")
+def main(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, memory_limit, methods, out):
+    reexec_with_fast_blas()
+    methods = [m.strip() for m in methods.split(",")]
+    machine = machine_description()
+    peak = matmul_gflops()
+    started = datetime.datetime.now().astimezone()
+    print(f"# power retention benchmark, {started:%Y-%m-%d %H:%M %Z}")
+    print(f"# machine: {machine['cpu']}, {machine['cores']} cores; MLX {machine['mlx']} on "
+          f"{machine['device']}; BLAS: {machine['blas']}")
+    print(f"# fp32 matmul peak (2048^3): {peak:.1f} GFLOP/s")
+    print(f"# B={B} H={H} d={d} deg={deg} D={expanded_dim(d, deg)} chunk_size={chunk_size}; "
+          f"median of {repeats} after a warm-up; peak memory in GB")
+
+    Ts = []
+    T = min_T
+    while T <= max_T:
+        Ts.append(T)
+        T *= 2
+    results = []
+    last_time = {}
+    header = f"{'T':>6} {'method':>10} {'fwd s':>9} {'fwd+bwd s':>10} {'fwd GB':>7} {'f+b GB':>7}  note"
+    print(header)
+    print("-" * len(header))
+    for T in Ts:
+        for method in methods:
+            row = {"T": T, "method": method}
+            if method == "auto":
+                row["auto_choice"] = choose_method(B=B, T=T, Hq=H, H=H, d=d, e=d, deg=deg,
+                                                   chunk_size=chunk_size)
+            growth = 4 if method in ("attention", "softmax") else 2
+            predicted_time = last_time.get(method, 0) * growth * (repeats + 1)
+            if predicted_bytes(method, B, T, H, d, deg) > memory_limit * 1e9:
+                row["skipped"] = f"needs > {memory_limit:g} GB"
+            elif predicted_time > time_limit:
+                row["skipped"] = f"predicted > {time_limit:g} s"
+            else:
+                row.update(measure(method, B, T, H, d, deg, chunk_size, repeats))
+                last_time[method] = row["forward_backward_s"]
+                if method == "chunked":
+                    flops = chunked_flops(T, H, d, d, deg, chunk_size)
+                    row["forward_gflops"] = flops["forward"] / row["forward_s"] / 1e9
+                    row["forward_backward_gflops"] = flops["forward_backward"] / row["forward_backward_s"] / 1e9
+                    row["forward_backward_fraction_of_peak"] = row["forward_backward_gflops"] / peak
+            results.append(row)
+            if "skipped" in row:
+                print(f"{T:>6} {method:>10} {'-':>9} {'-':>10} {'-':>7} {'-':>7}  skipped: {row['skipped']}")
+            else:
+                note = f"-> {row['auto_choice']}" if method == "auto" else ""
+                if method == "chunked":
+                    note = (f"{row['forward_backward_gflops']:.1f} GFLOP/s fwd+bwd "
+                            f"({100 * row['forward_backward_fraction_of_peak']:.0f}% of peak)")
+                print(f"{T:>6} {method:>10} {row['forward_s']:>9.4f} {row['forward_backward_s']:>10.4f} "
+                      f"{row['forward_peak_gb']:>7.2f} {row['forward_backward_peak_gb']:>7.2f}  {note}",
+                      flush=True)
+
+    report = {"benchmark": "bench_retention", "date": started.isoformat(timespec="seconds"),
+              "machine": machine, "matmul_fp32_gflops": peak,
+              "config": {"B": B, "H": H, "d": d, "deg": deg, "chunk_size": chunk_size,
+                         "repeats": repeats}, "results": results}
+    out = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                              f"retention-{started:%Y%m%d-%H%M}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".tmp", "w") as file:
+        json.dump(report, file, indent=1)
+    os.replace(out + ".tmp", out)
+    print(f"# wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
