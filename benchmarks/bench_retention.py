@@ -88,9 +88,12 @@ def make_case(method, B, T, H, d, deg, chunk_size):
 
 def predicted_bytes(method, B, T, H, d, deg) -> float:
     """Rough peak memory of the forward+backward pass, to skip what cannot fit."""
+    D = expanded_dim(d, deg)
+    if method == "recurrent":  # autodiff keeps every step's D x e state update
+        return 2 * 4 * B * H * T * D * d
     if method in ("attention", "softmax") or (method == "auto" and T <= 2048):
         return 6 * 4 * B * H * T * T
-    return 8 * 4 * B * H * T * expanded_dim(d, deg)
+    return 8 * 4 * B * H * T * D
 
 
 def measure(method, B, T, H, d, deg, chunk_size, repeats):
