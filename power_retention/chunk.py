@@ -16,21 +16,11 @@ from __future__ import annotations
 import mlx.core as mx
 
 from .state import RetentionState
-from .sympow import _sympow2, integer_power, sympow
+from .sympow import integer_power, sympow
 
 
 def _causal_mask(c: int) -> mx.array:
     return mx.tril(mx.ones((c, c), dtype=mx.bool_))
-
-
-def _key_features_transposed(k, deg):
-    """phi(k) with the feature axis second to last: (..., c, d) -> (..., D, c)."""
-    if deg == 1:
-        return k.swapaxes(-1, -2)
-    if deg == 2:
-        # Built in place along axis -2: a transpose of the large (c, D) result would cost a copy.
-        return _sympow2(k.swapaxes(-1, -2), axis=-2)
-    return sympow(k, deg).swapaxes(-1, -2)
 
 
 def _intra_chunk(q, k, v1, l, deg):
@@ -47,6 +37,15 @@ def _intra_chunk(q, k, v1, l, deg):
     return weights @ v1
 
 
+def _states_entering_chunks(chunk_S1, chunk_decay, S1):
+    """The state [S | z] entering each chunk (a list), and the state after the last one."""
+    entering = []
+    for i in range(chunk_S1.shape[0]):
+        entering.append(S1)
+        S1 = chunk_decay[i] * S1 + chunk_S1[i]
+    return entering, S1
+
+
 @mx.custom_function
 def _scan_chunks(phi_q, chunk_S1, chunk_decay, S1):
     """Carry the state [S | z] across chunks and read it with each chunk's queries.
@@ -56,11 +55,8 @@ def _scan_chunks(phi_q, chunk_S1, chunk_decay, S1):
     the state entering the first chunk. Returns what every query reads from the state entering
     its chunk, (n, B, H, G, c, e + 1), and the state after the last chunk.
     """
-    reads = []
-    for i in range(phi_q.shape[0]):
-        reads.append(phi_q[i] @ S1[:, :, None])
-        S1 = chunk_decay[i] * S1 + chunk_S1[i]
-    return mx.stack(reads), S1
+    entering, final = _states_entering_chunks(chunk_S1, chunk_decay, S1)
+    return mx.stack([phi_q[i] @ state[:, :, None] for i, state in enumerate(entering)]), final
 
 
 @_scan_chunks.vjp
@@ -71,11 +67,8 @@ def _scan_chunks_vjp(primals, cotangents, outputs):
     phi_q, chunk_S1, chunk_decay, S1 = primals
     d_reads, d_final = cotangents
     n, B, H, G, c, D = phi_q.shape
-    entering = []
-    for i in range(n):
-        entering.append(S1)
-        S1 = chunk_decay[i] * S1 + chunk_S1[i]
-    d_state = mx.zeros_like(S1) if d_final is None else d_final
+    entering, final = _states_entering_chunks(chunk_S1, chunk_decay, S1)
+    d_state = mx.zeros_like(final) if d_final is None else d_final
     d_phi_q, d_chunk_S1, d_decay = [None] * n, [None] * n, [None] * n
     for i in reversed(range(n)):
         d_chunk_S1[i] = d_state
@@ -125,7 +118,8 @@ def chunk_power_retention(q, k, v, log_g, *, deg, chunk_size, initial_state, ret
             k = k * mx.exp((l[..., -1:] - l) / deg)[..., None]
             q = q * mx.exp(l / deg)[..., None]
         # Each chunk's own contribution [S | z], decayed to the chunk's end.
-        chunk_S1 = (_key_features_transposed(k, deg) @ v1)[:, :, :, 0]
+        # Features along axis -2 give (D, c) directly: transposing the (c, D) result would copy.
+        chunk_S1 = (sympow(k.swapaxes(-1, -2), deg, axis=-2) @ v1)[:, :, :, 0]
         if initial_state is None:
             S1 = mx.zeros(chunk_S1.shape[1:], dtype=chunk_S1.dtype)
         else:

@@ -67,15 +67,23 @@ def _slice(x, axis, start, stop):
     return x[(slice(None),) * axis + (slice(start, stop),)]
 
 
-def _rolled_rows(wrapped, axis, d, shifts):
-    """Overlapping view of wrapped = [x, x[:shifts]] along ``axis`` (contiguous): a new axis of
-    ``shifts`` rows before ``axis``, row r being x rolled by r + 1."""
+def _split_axis(shape, axis, rows, d) -> list[int]:
+    """``shape`` with ``axis`` replaced by the two axes (rows, d)."""
+    shape = list(shape)
+    shape[axis:axis + 1] = [rows, d]
+    return shape
+
+
+def _rolled_rows(x, axis):
+    """Overlapping strided view of [x, x[:shifts]] along ``axis``: a new axis of
+    shifts = (d - 1) // 2 rows before ``axis``, row r being x rolled by r + 1."""
+    d = x.shape[axis]
+    shifts = (d - 1) // 2
+    wrapped = mx.contiguous(mx.concatenate([x, _slice(x, axis, 0, shifts)], axis=axis))
     strides = _contiguous_strides(wrapped.shape)
     step = strides[axis]
-    shape = list(wrapped.shape)
-    shape[axis:axis + 1] = [shifts, d]
-    return mx.as_strided(wrapped, shape, strides[:axis] + [step, step] + strides[axis + 1:],
-                         offset=step)
+    return mx.as_strided(wrapped, _split_axis(wrapped.shape, axis, shifts, d),
+                         strides[:axis] + [step, step] + strides[axis + 1:], offset=step)
 
 
 def _sympow2_forward(x, axis):
@@ -83,10 +91,7 @@ def _sympow2_forward(x, axis):
     shifts = (d - 1) // 2
     features = [x * x]
     if shifts:
-        # Row r of the view is x rolled by r + 1: overlapping windows of [x, x[:shifts]].
-        wrapped = mx.contiguous(mx.concatenate([x, _slice(x, axis, 0, shifts)], axis=axis))
-        windows = _rolled_rows(wrapped, axis, d, shifts)
-        products = mx.expand_dims(x * _SQRT2, axis) * windows
+        products = mx.expand_dims(x * _SQRT2, axis) * _rolled_rows(x, axis)
         merged = list(x.shape)
         merged[axis] = shifts * d
         features.append(products.reshape(merged))
@@ -102,13 +107,9 @@ def _sympow2_backward(x, cotangent, axis):
     shifts = (d - 1) // 2
     grad = 2 * x * _slice(cotangent, axis, 0, d)
     if shifts:
-        shape = list(x.shape)
-        shape[axis:axis + 1] = [shifts, d]
-        g = _slice(cotangent, axis, d, d + shifts * d).reshape(shape)
-        wrapped = mx.contiguous(mx.concatenate([x, _slice(x, axis, 0, shifts)], axis=axis))
-        windows = _rolled_rows(wrapped, axis, d, shifts)
+        g = _slice(cotangent, axis, d, d + shifts * d).reshape(_split_axis(x.shape, axis, shifts, d))
         # x_i as the left factor of sqrt2 x_i x_{i+r}:
-        grad = grad + _SQRT2 * (g * windows).sum(axis=axis)
+        grad = grad + _SQRT2 * (g * _rolled_rows(x, axis)).sum(axis=axis)
         # x_{i+r} as the right factor: row r of g * x (shift r + 1), rolled forward by r + 1.
         # (Summing one strided view of all rolled rows is a slow general reduction in MLX;
         # a roll per row costs two passes over the rows in total.)
@@ -148,21 +149,24 @@ def _sympow2(x: mx.array, axis: int) -> mx.array:
     return _sympow2_function(axis - x.ndim if axis >= 0 else axis)(x)
 
 
-def sympow(x: mx.array, deg: int) -> mx.array:
-    """Symmetric power features of the last axis: (..., d) -> (..., D), in x's dtype."""
+def sympow(x: mx.array, deg: int, axis: int = -1) -> mx.array:
+    """Symmetric power features along ``axis`` (the last by default): d entries become D,
+    in x's dtype. ``axis=-2`` gives the transposed layout (..., D, c) without a transpose
+    of the large result, as the chunked form's key side wants."""
     deg = check_degree(deg)
     if not isinstance(x, mx.array):
         raise ValueError(f"x must be an mlx array, got {type(x).__name__}")
     if not mx.issubdtype(x.dtype, mx.floating):
         raise ValueError(f"x must be a floating-point array, got dtype {x.dtype}")
-    if x.ndim < 1:
-        raise ValueError("x must have a feature axis: shape (..., d)")
-    d = x.shape[-1]
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis must name an axis of x (ndim {x.ndim}), got {axis}")
     if deg == 1:
         return x
     if deg == 2:
-        return _sympow2(x, axis=-1)
-    columns, weights = _multiset_table(d, deg)
+        return _sympow2(x, axis)
+    if axis % x.ndim != x.ndim - 1:
+        return mx.moveaxis(sympow(mx.moveaxis(x, axis, -1), deg), -1, axis)
+    columns, weights = _multiset_table(x.shape[-1], deg)
     features = mx.take(x, columns[0], axis=-1)
     for column in columns[1:]:
         features = features * mx.take(x, column, axis=-1)

@@ -63,3 +63,11 @@ def test_sympow_rejects_bad_degree(bad_deg):
 def test_sympow_rejects_integer_input():
     with pytest.raises(ValueError, match="floating-point"):
         sympow(mx.ones((2, 4), dtype=mx.int32), 2)
+
+
+@pytest.mark.parametrize("deg", [1, 2, 3, 4])
+@pytest.mark.parametrize("d", [1, 2, 5, 8])
+def test_sympow_along_second_to_last_axis_is_the_transpose(d, deg):
+    x = mx.random.normal((3, d, 7))
+    assert_close("sympow(axis=-2)", sympow(x, deg, axis=-2),
+                 sympow(x.swapaxes(-1, -2), deg).swapaxes(-1, -2), 0.0)
