@@ -16,9 +16,13 @@ Get it with ``apt-get install libopenblas0-pthread`` (Debian/Ubuntu). Then:
 Memory. MLX's CPU allocator hands every buffer to malloc and back. glibc serves large
 requests with a fresh mmap and unmaps them on free, so each op's output is page-faulted in
 and zeroed by the kernel again: measured here, that is 90% of the time of an elementwise op
-on a 272 MB array (200 ms instead of 22 ms). :func:`keep_freed_memory`, run when
-``power_retention`` is imported, raises glibc's mmap and trim thresholds so that freed
-buffers are reused. MLX's own memory accounting (``mx.get_peak_memory``) is unaffected; the
+on a 272 MB array (200 ms instead of 22 ms). Raising the mmap threshold alone is not enough:
+glibc also gives the top of its heap back to the kernel once more than the trim threshold
+(at most 2 GB through mallopt) is free there, and a training step that peaks at 6 GB frees
+more than that, so the next step faulted its pages in again (fwd+bwd at T=16384: 1.0M page
+faults and 8 s of system time per step, 12.8 s instead of 5.4 s). :func:`keep_freed_memory`,
+run when ``power_retention`` is imported, stops both: large buffers come from the heap and
+the heap is never trimmed, so freed buffers are reused. MLX's own memory accounting (``mx.get_peak_memory``) is unaffected; the
 process's resident size stays at its peak instead of shrinking after it. Set
 POWER_RETENTION_KEEP_MALLOC=1 to leave malloc alone.
 """
@@ -46,7 +50,12 @@ _OPT_OUT = "POWER_RETENTION_NO_FAST_BLAS"
 # glibc mallopt parameters (malloc.h); values are C ints.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
 _INT_MAX = 2**31 - 1
+# mallopt(3): "Setting M_TRIM_THRESHOLD to -1 disables trimming completely", and
+# "Setting [M_MMAP_MAX] to 0 disables the use of mmap for servicing large allocation requests".
+_NEVER_TRIM = -1
+_NO_MMAP = 0
 
 
 def keep_freed_memory() -> bool:
@@ -59,7 +68,8 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    return bool(mallopt(_M_MMAP_THRESHOLD, _INT_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
+    settings = ((_M_MMAP_THRESHOLD, _INT_MAX), (_M_MMAP_MAX, _NO_MMAP), (_M_TRIM_THRESHOLD, _NEVER_TRIM))
+    return all([bool(mallopt(param, value)) for param, value in settings])
 
 
 def openblas_library() -> str | None:
