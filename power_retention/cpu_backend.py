@@ -35,6 +35,8 @@ import glob
 import os
 import sys
 
+import mlx.core as mx
+
 # Where Debian/Ubuntu put the pthread build of OpenBLAS (package libopenblas0-pthread).
 _OPENBLAS_PATTERNS = (
     "/usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -58,18 +60,38 @@ _NEVER_TRIM = -1
 _NO_MMAP = 0
 
 
-def keep_freed_memory() -> bool:
-    """Make glibc reuse freed large buffers instead of unmapping them. True if applied."""
-    if not sys.platform.startswith("linux") or os.environ.get("POWER_RETENTION_KEEP_MALLOC") == "1":
-        return False
+def _glibc():
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        libc.mallopt, libc.malloc_trim  # noqa: B018 (glibc only: musl has neither)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc reuse freed large buffers instead of unmapping them. True if applied."""
+    libc = _glibc()
+    if libc is None or os.environ.get("POWER_RETENTION_KEEP_MALLOC") == "1":
         return False
+    mallopt = libc.mallopt
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     settings = ((_M_MMAP_THRESHOLD, _INT_MAX), (_M_MMAP_MAX, _NO_MMAP), (_M_TRIM_THRESHOLD, _NEVER_TRIM))
     return all([bool(mallopt(param, value)) for param, value in settings])
+
+
+def release_freed_memory() -> None:
+    """Give memory that MLX has freed back to the operating system.
+
+    With ``keep_freed_memory`` the process keeps its peak size; call this after a large
+    computation that will not repeat (benchmarks call it between cells).
+    """
+    mx.clear_cache()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def openblas_library() -> str | None:

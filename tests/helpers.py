@@ -3,6 +3,15 @@
 import mlx.core as mx
 import numpy as np
 
+# fp32 rounding of sums of up to T products, relative to the output's norm.
+FP32_TOLERANCE = 1e-5
+# The state forms evaluate (q . k)^deg as a sum of D signed feature products, whose rounding
+# error scales with |q|^deg |k|^deg rather than with (q . k)^deg: larger by d (d + 2) / 3 = 27
+# on average at deg 4, d = 8 (E[(q.k)^4] = 3 |q|^4 |k|^4 / (d (d + 2))), and by more for
+# nearly orthogonal pairs. A recurrent form or one-token chunks put all history in the state,
+# so at deg 4 they get that factor of fp32's 1e-5; float64 shows the math itself is exact.
+STATE_FORM_DEG4_TOLERANCE = 27 * FP32_TOLERANCE
+
 
 def _as_float64(x):
     return np.asarray(x.astype(mx.float64) if isinstance(x, mx.array) else x, dtype=np.float64)

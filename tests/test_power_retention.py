@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from power_retention import RetentionState, expanded_dim, power_retention, power_retention_step, sympow
-from tests.helpers import assert_close, make_inputs, relative_error
+from tests.helpers import (FP32_TOLERANCE, STATE_FORM_DEG4_TOLERANCE, assert_close, make_inputs,
+                           relative_error)
 from tests.reference import reference_power_retention, reference_state
 
 # (method, chunk_size): every form, the chunked one at the chunk sizes the issue names.
@@ -14,14 +15,6 @@ FORM_IDS = [m if m != "chunked" else f"chunked-c{c}" for m, c in FORMS]
 # deg 1 is plain linear attention: odd degrees are only defined unnormalized.
 DEGREES = [(1, False), (2, True), (4, True)]
 DEGREE_IDS = ["deg1-unnormalized", "deg2", "deg4"]
-# fp32 rounding of sums of up to T products, relative to the output's norm.
-FP32_TOLERANCE = 1e-5
-# The state forms evaluate (q . k)^deg as a sum of D signed feature products, whose rounding
-# error scales with |q|^deg |k|^deg rather than with (q . k)^deg: larger by d (d + 2) / 3 = 27
-# on average at deg 4, d = 8 (E[(q.k)^4] = 3 |q|^4 |k|^4 / (d (d + 2))), and by more for
-# nearly orthogonal pairs. A recurrent form or one-token chunks put all history in the state,
-# so at deg 4 they get that factor of fp32's 1e-5; float64 shows the math itself is exact.
-STATE_FORM_DEG4_TOLERANCE = 27 * FP32_TOLERANCE
 
 
 @pytest.mark.parametrize("T", [1, 2, 63, 64, 65, 257], ids=lambda T: f"T{T}")

@@ -1,0 +1,206 @@
+"""``PowerRetention``: the op as a drop-in sequence-mixing layer, with its recurrent cache.
+
+    layer = PowerRetention(dim=256)                  # 4 heads of 64, degree 2, gated
+    y = layer(x)                                     # x (B, T, dim) -> (B, T, dim)
+
+    cache = layer.make_cache()                       # continue a sequence piece by piece
+    y1 = layer(x[:, :100], cache=cache)              # prefill (chunked form)
+    y2 = layer(x[:, 100:101], cache=cache)           # one token (recurrent step)
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .ops import METHODS, power_retention, power_retention_step
+from .state import RetentionState
+from .sympow import check_degree, expanded_dim
+
+# The gate's bias is set so that sigmoid(bias) = 0.999: every head starts with a memory of
+# about 1000 tokens and learns to shorten it where that helps.
+INITIAL_GATE = 0.999
+
+_warned_no_kernels = False
+
+
+def _warn_no_kernels_once():
+    global _warned_no_kernels
+    if not _warned_no_kernels:
+        _warned_no_kernels = True
+        warnings.warn("use_metal_kernels=True: the fused Metal kernels are not available in this "
+                      "version; PowerRetention runs on the pure-MLX path (same results).",
+                      stacklevel=3)
+
+
+def _positive_int(name, value, allow_none=True):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, "
+                         f"got {value!r}")
+    return int(value)
+
+
+def resolve_heads(dim, num_heads=None, num_kv_heads=None, head_dim=None):
+    """(num_heads, num_kv_heads, head_dim) with the layer's defaults filled in.
+
+    With neither given, heads are 64 wide (narrower if dim < 64): the state per head is
+    C(d + 1, 2) x d floats at degree 2, so narrow heads keep it small (SPEC "Costs").
+    """
+    dim = _positive_int("dim", dim, allow_none=False)
+    num_heads = _positive_int("num_heads", num_heads)
+    num_kv_heads = _positive_int("num_kv_heads", num_kv_heads)
+    head_dim = _positive_int("head_dim", head_dim)
+    if head_dim is None:
+        if num_heads is None:
+            head_dim = min(dim, 64)
+        elif dim % num_heads:
+            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}: "
+                             f"pass head_dim explicitly")
+        else:
+            head_dim = dim // num_heads
+    if num_heads is None:
+        num_heads = max(1, dim // head_dim)
+    if num_kv_heads is None:
+        num_kv_heads = num_heads
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+    return num_heads, num_kv_heads, head_dim
+
+
+class RetentionCache:
+    """The recurrent state of one ``PowerRetention`` layer: the same size at any context length.
+
+    ``state`` holds every array the cache mutates ([S, z], or [] before the first token), as
+    mlx-lm's caches do, so ``mx.eval(cache.state)`` materialises it.
+    """
+
+    def __init__(self):
+        self.retention_state: RetentionState | None = None
+        self.offset = 0  # tokens seen
+
+    @property
+    def state(self) -> list:
+        return [] if self.retention_state is None else list(self.retention_state)
+
+    @state.setter
+    def state(self, arrays):
+        self.retention_state = RetentionState(*arrays) if arrays else None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(array.nbytes for array in self.state)
+
+    def empty(self) -> bool:
+        return self.retention_state is None
+
+
+class PowerRetention(nn.Module):
+    """Multi-head power retention: projections, a decay gate, the op, a per-head norm.
+
+    Args:
+        dim: model width (input and output features).
+        num_heads, num_kv_heads, head_dim: query heads, key/value heads (grouped queries:
+            each key/value head serves num_heads // num_kv_heads query heads) and per-head
+            width; see ``resolve_heads`` for the defaults.
+        deg: the power p. Even p (default 2) gives non-negative weights and the normalized form.
+        gating: learn a per-token, per-key/value-head decay ``log_g = logsigmoid(x W_g + b)``
+            (starting at g = 0.999); False means no decay.
+        chunk_size, method: passed to ``power_retention``; "auto" picks the cheapest form.
+        normalize: divide by the sum of weights; default True for even deg, False for odd.
+        scale: the query scale (only matters when normalize=False); default 1/sqrt(head_dim).
+        use_metal_kernels: accepted for the fused Metal kernels; until they exist the layer warns
+            once and uses the MLX path.
+
+    The output of each head goes through an RMS norm (one learnable gain of head_dim entries,
+    shared by the heads, as flash-linear-attention's linear-attention layers do) before the
+    output projection. Why: the normalized output is a weighted average of values whose
+    size shrinks as the weights spread over more tokens, and the unnormalized one (odd p)
+    grows with the number of tokens; the norm gives every head unit scale at any context
+    length and degree, so one learning rate works for all of them, and the gain lets the
+    model choose each channel's scale.
+    """
+
+    def __init__(self, dim: int, num_heads: int | None = None, num_kv_heads: int | None = None,
+                 head_dim: int | None = None, deg: int = 2, gating: bool = True,
+                 chunk_size: int = 64, use_metal_kernels: bool = False, *,
+                 method: str = "auto", normalize: bool | None = None, scale: float | None = None,
+                 norm_eps: float = 1e-6):
+        super().__init__()
+        num_heads, num_kv_heads, head_dim = resolve_heads(dim, num_heads, num_kv_heads, head_dim)
+        deg = check_degree(deg)
+        if normalize is None:
+            normalize = deg % 2 == 0
+        if normalize and deg % 2:
+            raise ValueError(f"normalize=True needs an even deg, got deg={deg}: use normalize=False")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
+        self.dim = dim
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.power = deg
+        self.gating = bool(gating)
+        self.chunk_size = _positive_int("chunk_size", chunk_size, allow_none=False)
+        self.method = method
+        self.normalize = bool(normalize)
+        self.scale = scale
+        self.norm_eps = norm_eps
+        self.use_metal_kernels = bool(use_metal_kernels)
+
+        self.q_proj = nn.Linear(dim, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, dim, bias=False)
+        if self.gating:
+            self.gate_proj = nn.Linear(dim, num_kv_heads, bias=True)
+            # Zero weights: every gate starts at exactly INITIAL_GATE and learns from there.
+            self.gate_proj.weight = mx.zeros_like(self.gate_proj.weight)
+            self.gate_proj.bias = mx.full((num_kv_heads,), math.log(INITIAL_GATE / (1 - INITIAL_GATE)))
+        self.norm_weight = mx.ones((head_dim,))
+
+    @property
+    def expanded_dim(self) -> int:
+        """D, the number of symmetric-power features per head."""
+        return expanded_dim(self.head_dim, self.power)
+
+    @property
+    def state_size(self) -> int:
+        """Floats of recurrent state per sequence: S (D x head_dim) and z (D) per kv head."""
+        return self.num_kv_heads * self.expanded_dim * (self.head_dim + 1)
+
+    def make_cache(self) -> RetentionCache:
+        return RetentionCache()
+
+    def __call__(self, x: mx.array, cache: RetentionCache | None = None) -> mx.array:
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape (B, T, dim={self.dim}), got {tuple(x.shape)}")
+        if self.use_metal_kernels:
+            _warn_no_kernels_once()
+        B, T, _ = x.shape
+        q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        log_g = nn.log_sigmoid(self.gate_proj(x)) if self.gating else None
+        options = dict(deg=self.power, scale=self.scale, normalize=self.normalize)
+
+        if cache is None:
+            y = power_retention(q, k, v, log_g, method=self.method, chunk_size=self.chunk_size,
+                                **options)
+        elif T == 1:
+            y, cache.retention_state = power_retention_step(
+                q[:, 0], k[:, 0], v[:, 0], None if log_g is None else log_g[:, 0],
+                cache.retention_state, **options)
+            y = y[:, None]
+        else:
+            y, cache.retention_state = power_retention(
+                q, k, v, log_g, method=self.method, chunk_size=self.chunk_size,
+                initial_state=cache.retention_state, return_state=True, **options)
+        if cache is not None:
+            cache.offset += T
+
+        y = mx.fast.rms_norm(y, self.norm_weight, self.norm_eps)
+        return self.o_proj(y.reshape(B, T, self.num_heads * self.head_dim))

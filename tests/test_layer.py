@@ -1,0 +1,133 @@
+"""The PowerRetention layer: notebook defaults, training, its cache, and bad arguments."""
+
+import subprocess
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from power_retention import PowerRetention, RetentionCache, expanded_dim
+from power_retention.layer import INITIAL_GATE
+from tests.helpers import FP32_TOLERANCE, STATE_FORM_DEG4_TOLERANCE, assert_close
+
+
+def test_notebook_default():
+    layer = PowerRetention(dim=32)
+    y = layer(mx.random.normal((1, 16, 32)))
+    assert y.shape == (1, 16, 32) and y.dtype == mx.float32
+    assert np.isfinite(np.array(y)).all()
+    assert (layer.power, layer.num_heads, layer.num_kv_heads, layer.head_dim) == (2, 1, 1, 32)
+    assert layer.expanded_dim == expanded_dim(32, 2) == 528
+    assert layer.state_size == 528 * 32 + 528  # S and z of one kv head
+
+
+def test_default_heads_are_at_most_64_wide():
+    layer = PowerRetention(dim=256, num_kv_heads=2)
+    assert (layer.num_heads, layer.num_kv_heads, layer.head_dim) == (4, 2, 64)
+    assert layer.state_size == 2 * 2080 * 65
+
+
+def test_gate_starts_near_0999():
+    layer = PowerRetention(dim=16, num_heads=2)
+    x = mx.random.normal((2, 5, 16))
+    gate = mx.exp(nn.log_sigmoid(layer.gate_proj(x)))
+    assert np.allclose(np.array(gate), INITIAL_GATE, rtol=0, atol=1e-6)
+
+
+def test_trains_with_value_and_grad():
+    """A few Adam steps on a fixed regression target reduce the loss; every parameter,
+    the gate included, gets a finite nonzero gradient."""
+    mx.random.seed(1)
+    layer = PowerRetention(dim=32, num_heads=4, num_kv_heads=2)
+    x, target = mx.random.normal((2, 24, 32)), mx.random.normal((2, 24, 32))
+
+    def loss_fn(model):
+        return ((model(x) - target) ** 2).mean()
+
+    loss_and_grad = nn.value_and_grad(layer, loss_fn)
+    loss0, grads = loss_and_grad(layer)
+    for name, grad in tree_flatten(grads):
+        grad = np.array(grad)
+        assert np.isfinite(grad).all(), name
+        assert np.abs(grad).max() > 0, f"{name} gets no gradient"
+    optimizer = optim.Adam(learning_rate=1e-2)
+    for _ in range(20):
+        loss, grads = loss_and_grad(layer)
+        optimizer.update(layer, grads)
+        mx.eval(layer.parameters(), optimizer.state)
+    assert loss.item() < 0.9 * loss0.item()
+
+
+@pytest.mark.parametrize("prefill", [1, 7, 16, 33], ids=lambda n: f"prefill{n}")
+@pytest.mark.parametrize("deg,gating", [(1, True), (2, True), (2, False), (4, True)],
+                         ids=["deg1", "deg2", "deg2-ungated", "deg4"])
+def test_cache_continues_the_sequence(deg, gating, prefill):
+    """Prefill (chunked, crossing chunk boundaries) then single-token steps equals one call."""
+    layer = PowerRetention(dim=24, num_heads=4, num_kv_heads=2, head_dim=6, deg=deg,
+                           gating=gating, chunk_size=8)
+    x = mx.random.normal((2, 40, 24))
+    whole = layer(x)
+    cache = layer.make_cache()
+    pieces = [layer(x[:, :prefill], cache=cache)]
+    pieces += [layer(x[:, t:t + 1], cache=cache) for t in range(prefill, 40)]
+    tolerance = STATE_FORM_DEG4_TOLERANCE if deg == 4 else FP32_TOLERANCE
+    assert_close("y", mx.concatenate(pieces, axis=1), whole, tolerance)
+    assert cache.offset == 40
+    D = expanded_dim(6, deg)
+    assert [a.shape for a in cache.state] == [(2, 2, D, 6), (2, 2, D)]
+    assert cache.nbytes == 4 * 2 * layer.state_size
+
+
+def test_cache_state_round_trips():
+    layer = PowerRetention(dim=16, num_heads=2)
+    x = mx.random.normal((1, 10, 16))
+    cache = layer.make_cache()
+    assert cache.empty() and cache.state == []
+    layer(x[:, :9], cache=cache)
+    copy = RetentionCache()
+    copy.state = cache.state
+    assert_close("continued", layer(x[:, 9:], cache=copy), layer(x[:, 9:], cache=cache), 0.0)
+
+
+def test_metal_kernels_flag_warns_once_and_falls_back():
+    """In a fresh process, so that no earlier test has used the warning up."""
+    code = (
+        "import warnings, mlx.core as mx\n"
+        "from power_retention import PowerRetention\n"
+        "x = mx.random.normal((1, 8, 16))\n"
+        "plain = PowerRetention(16, num_heads=2)\n"
+        "fast = PowerRetention(16, num_heads=2, use_metal_kernels=True)\n"
+        "fast.update(plain.parameters())\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    ys = [fast(x) for _ in range(3)]\n"
+        "print(len(caught), str(caught[0].message))\n"
+        "print(float(mx.abs(ys[0] - plain(x)).max()))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    count_and_message, difference = result.stdout.strip().splitlines()
+    assert count_and_message.startswith("1 ") and "Metal" in count_and_message
+    assert float(difference) == 0.0
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(dim=30, num_heads=4), "divisible by num_heads"),
+    (dict(dim=32, num_heads=4, num_kv_heads=3), "multiple of num_kv_heads"),
+    (dict(dim=32, deg=3, normalize=True), "even deg"),
+    (dict(dim=32, deg=0), "deg"),
+    (dict(dim=0), "dim"),
+    (dict(dim=32, chunk_size=0), "chunk_size"),
+    (dict(dim=32, method="fast"), "method"),
+], ids=["dim-vs-heads", "kv-heads", "odd-deg-normalized", "deg0", "dim0", "chunk0", "method"])
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PowerRetention(**kwargs)
+
+
+def test_bad_input_shape():
+    with pytest.raises(ValueError, match=r"x must have shape \(B, T, dim=32\)"):
+        PowerRetention(dim=32)(mx.zeros((1, 4, 16)))
