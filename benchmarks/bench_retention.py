@@ -11,46 +11,15 @@ is skipped, and the table says so.
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import platform
-import statistics
-import sys
-import time
-
 import click
 import mlx.core as mx
+from common import machine_description, median_seconds, now, write_report
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from power_retention import expanded_dim, power_retention  # noqa: E402
-from power_retention.cpu_backend import loaded_blas, reexec_with_fast_blas, release_freed_memory  # noqa: E402
-from power_retention.ops import choose_method  # noqa: E402
+from power_retention import expanded_dim, power_retention
+from power_retention.cpu_backend import reexec_with_fast_blas, release_freed_memory
+from power_retention.ops import choose_method
 
 METHODS = ("attention", "chunked", "recurrent", "auto", "softmax")
-
-
-def machine_description() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    device = mx.default_device()
-    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
-            "mlx": mx.__version__, "device": str(device), "blas": loaded_blas()}
-
-
-def median_seconds(fn, repeats: int) -> float:
-    mx.eval(fn())  # warm-up (and graph construction caches)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mx.eval(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -128,7 +97,7 @@ def main(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, memory_lim
     methods = [m.strip() for m in methods.split(",")]
     machine = machine_description()
     peak = matmul_gflops()
-    started = datetime.datetime.now().astimezone()
+    started = now()
     print(f"# power retention benchmark, {started:%Y-%m-%d %H:%M %Z}")
     print(f"# machine: {machine['cpu']}, {machine['cores']} cores; MLX {machine['mlx']} on "
           f"{machine['device']}; BLAS: {machine['blas']}")
@@ -178,16 +147,11 @@ def main(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, memory_lim
                       f"{row['forward_peak_gb']:>7.2f} {row['forward_backward_peak_gb']:>7.2f}  {note}",
                       flush=True)
 
-    report = {"benchmark": "bench_retention", "date": started.isoformat(timespec="seconds"),
-              "machine": machine, "matmul_fp32_gflops": peak,
-              "config": {"B": B, "H": H, "d": d, "deg": deg, "chunk_size": chunk_size,
-                         "repeats": repeats}, "results": results}
-    out = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                              f"retention-{started:%Y%m%d-%H%M}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out + ".tmp", "w") as file:
-        json.dump(report, file, indent=1)
-    os.replace(out + ".tmp", out)
+    out = write_report("bench_retention", started,
+                       {"matmul_fp32_gflops": peak,
+                        "config": {"B": B, "H": H, "d": d, "deg": deg, "chunk_size": chunk_size,
+                                   "repeats": repeats},
+                        "results": results}, out)
     print(f"# wrote {out}")
 
 

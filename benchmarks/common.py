@@ -1,0 +1,58 @@
+"""What every benchmark shares: the machine's description, timing, and writing results."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import mlx.core as mx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from power_retention.cpu_backend import loaded_blas  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def machine_description() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    device = mx.default_device()
+    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
+            "mlx": mx.__version__, "device": str(device), "blas": loaded_blas()}
+
+
+def now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of ``mx.eval(fn())`` over ``repeats`` runs after one warm-up run."""
+    mx.eval(fn())  # warm-up (and graph construction caches)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def write_report(name: str, started: datetime.datetime, report: dict, out: str | None) -> str:
+    """Write ``report`` (with the benchmark's name, date and machine) as JSON, atomically."""
+    report = {"benchmark": name, "date": started.isoformat(timespec="seconds"),
+              "machine": machine_description(), **report}
+    out = out or os.path.join(RESULTS, f"{name.removeprefix('bench_')}-{started:%Y%m%d-%H%M}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".tmp", "w") as file:
+        json.dump(report, file, indent=1)
+    os.replace(out + ".tmp", out)
+    return out

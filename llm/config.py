@@ -1,0 +1,142 @@
+"""``ModelConfig``, the presets from ultra-tiny to 7b, and parameter counts without allocation.
+
+Field names follow Hugging Face's config.json (hidden_size, num_hidden_layers, ...), so a
+saved config.json reads like any other model's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from dataclasses import dataclass, fields
+
+from power_retention.sympow import expanded_dim
+
+MIXERS = ("power", "softmax")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_position_embeddings: int
+    mixer: str = "power"          # "power" (power retention) or "softmax" (the baseline)
+    power: int = 2                # degree p of the power mixer
+    gating: bool = True           # learned decay in the power mixer
+    chunk_size: int = 64          # chunk of the power mixer's chunked form
+    rope_theta: float = 10000.0   # rotary embedding base of the softmax mixer
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    model_type: str = "retention_llm"
+
+    def __post_init__(self):
+        for field in fields(self):
+            if field.type in ("int", int):
+                value = getattr(self, field.name)
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                    raise ValueError(f"ModelConfig.{field.name} must be a positive integer, "
+                                     f"got {value!r}")
+        if self.mixer not in MIXERS:
+            raise ValueError(f"ModelConfig.mixer must be one of {MIXERS}, got {self.mixer!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"ModelConfig.num_attention_heads={self.num_attention_heads} must be a "
+                             f"multiple of num_key_value_heads={self.num_key_value_heads}")
+        if self.mixer == "softmax" and self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim must be even for rotary embeddings, "
+                             f"got {self.head_dim}")
+
+    # A mapping, so that RetentionLLM(**create_model_config("tiny")) works as well as
+    # RetentionLLM(create_model_config("tiny")).
+    def keys(self):
+        return [field.name for field in fields(self)]
+
+    def __getitem__(self, name):
+        return getattr(self, name)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "ModelConfig":
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown field(s) {unknown}; ModelConfig fields are "
+                             f"{sorted(known)}")
+        required = {f.name for f in fields(cls) if f.default is dataclasses.MISSING}
+        missing = sorted(required - set(values))
+        if missing:
+            raise ValueError(f"{source}: missing field(s) {missing}")
+        return cls(**values)
+
+
+def _preset(hidden_size, layers, heads, kv_heads, intermediate_size, max_len, vocab=50257, **extra):
+    return dict(vocab_size=vocab, hidden_size=hidden_size, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads,
+                head_dim=hidden_size // heads, intermediate_size=intermediate_size,
+                max_position_embeddings=max_len, **extra)
+
+
+# Heads are at most 64 wide: a head's degree-2 state is C(d + 1, 2) x d floats, 0.53 MB at
+# d = 64 but 33.7 MB at d = 256 (SPEC "Costs"). The larger presets share each key/value
+# head among 4 query heads, which divides the recurrent state (and the KV cache) by 4.
+PRESETS = {
+    "ultra-tiny": _preset(64, 3, 2, 2, 128, 128, vocab=1000, chunk_size=32),   # ffn_mult 2
+    "tiny": _preset(256, 6, 4, 4, 640, 512),
+    "small": _preset(768, 12, 12, 12, 2048, 1024),
+    "medium": _preset(1024, 24, 16, 16, 2816, 1024),
+    "1b": _preset(2048, 20, 32, 8, 5632, 2048),
+    "3b": _preset(3072, 28, 48, 12, 8192, 2048),
+    "7b": _preset(4096, 32, 64, 16, 13312, 4096, tie_word_embeddings=False),
+}
+
+
+def create_model_config(name: str, **overrides) -> ModelConfig:
+    """The preset ``name`` with any field replaced, e.g. ``create_model_config("tiny", mixer="softmax")``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; known presets: {', '.join(PRESETS)}")
+    values = dict(PRESETS[name])
+    values.update(overrides)
+    if "head_dim" not in overrides:  # keep heads as wide as the (possibly new) width implies
+        values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
+    return ModelConfig.from_dict(values, source=f"create_model_config({name!r})")
+
+
+def mixer_param_count(config: ModelConfig) -> int:
+    dim, hd = config.hidden_size, config.head_dim
+    Hq, H = config.num_attention_heads, config.num_key_value_heads
+    projections = dim * hd * (2 * Hq + 2 * H)          # q, o and k, v
+    if config.mixer == "softmax":
+        return projections
+    gate = (dim + 1) * H if config.gating else 0
+    return projections + gate + hd                     # + the per-head norm's gain
+
+
+def param_count(config: ModelConfig) -> int:
+    """Number of parameters, computed from the config alone (nothing is allocated)."""
+    dim = config.hidden_size
+    mlp = 3 * dim * config.intermediate_size          # SwiGLU: gate, up, down
+    block = 2 * dim + mixer_param_count(config) + mlp  # two RMSNorm gains
+    embeddings = config.vocab_size * dim * (1 if config.tie_word_embeddings else 2)
+    return embeddings + config.num_hidden_layers * block + dim
+
+
+def state_floats_per_layer(config: ModelConfig, context: int = 0) -> int:
+    """Floats a layer keeps per sequence while decoding: the recurrent state of the power
+    mixer (independent of ``context``), or the KV cache of the softmax mixer at ``context``."""
+    if config.mixer == "softmax":
+        return 2 * config.num_key_value_heads * config.head_dim * context
+    D = expanded_dim(config.head_dim, config.power)
+    return config.num_key_value_heads * D * (config.head_dim + 1)
+
+
+def describe(config: ModelConfig) -> str:
+    return (f"{config.mixer} mixer, {config.num_hidden_layers} layers x {config.hidden_size} wide, "
+            f"{config.num_attention_heads} heads of {config.head_dim}"
+            f"{f' ({config.num_key_value_heads} kv)' if config.num_key_value_heads != config.num_attention_heads else ''}"
+            f", {param_count(config) / 1e6:.1f}M parameters")

@@ -1,0 +1,156 @@
+"""Memory a model needs, computed from its config alone (nothing is allocated).
+
+``estimate`` breaks down one training step; ``inference_estimate`` the memory of decoding.
+Activation counts follow what MLX's autodiff keeps for the backward pass of each op in
+``llm/model.py`` and ``power_retention/chunk.py``: the inputs of every matmul and
+nonlinearity, per token, plus the per-sequence states of the chunked form.
+
+    python -m llm.memory                  # the table of every preset (README)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import click
+
+from power_retention.ops import choose_method
+from power_retention.sympow import expanded_dim
+
+from .config import PRESETS, ModelConfig, create_model_config, param_count, state_floats_per_layer
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+# Optimizer state per parameter, in parameters' worth: AdamW keeps two moments, Lion and Muon
+# one momentum buffer, SGD without momentum nothing.
+OPTIMIZER_SLOTS = {"adamw": 2, "adam": 2, "lion": 1, "muon": 1, "sgd": 0}
+GB = 1e9
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes of one training step, by kind; ``total`` is the predicted peak."""
+    parameters: int
+    gradients: int
+    optimizer_state: int
+    activations: int                 # kept for the backward pass, all layers
+    activations_per_layer: int
+    logits_and_loss: int
+    transient: int                   # the largest short-lived buffers of the backward pass
+    largest_buffer: int
+    largest_buffer_name: str
+    method: str                      # the power mixer's form ("attention" / "chunked" / ...)
+    notes: list = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return (self.parameters + self.gradients + self.optimizer_state + self.activations
+                + self.logits_and_loss + self.transient)
+
+
+def _mixer_activations(config: ModelConfig, B: int, T: int, method: str, chunk_size: int) -> tuple:
+    """Floats the mixer keeps per layer for backward, and its largest single buffer (floats)."""
+    hd, Hq, H = config.head_dim, config.num_attention_heads, config.num_key_value_heads
+    projections = B * T * (Hq + 2 * H) * hd
+    if config.mixer == "softmax":
+        # Scores and probabilities of every head (MLX's CPU attention materialises them).
+        weights = 2 * B * Hq * T * T
+        return projections + weights + B * T * Hq * hd, B * Hq * T * T
+    D = expanded_dim(hd, config.power)
+    c = T if method == "attention" else min(chunk_size, T)
+    # Products, powers and decay of the in-chunk weights (one c x c block per chunk).
+    weights = 3 * B * Hq * T * c
+    floats = projections + weights + 2 * B * T * Hq * hd  # + output and normed output
+    largest = B * Hq * T * c
+    if method != "attention" and T > c:
+        n = -(-T // c)
+        features = B * T * (Hq + H) * D           # phi(q) and phi(k)
+        states = 2 * n * B * H * D * (hd + 1)     # each chunk's contribution and entering state
+        floats += features + states
+        largest = max(largest, B * T * Hq * D, n * B * H * D * (hd + 1))
+    return floats, largest
+
+
+def estimate(config: ModelConfig, batch_size: int, seq_len: int, dtype: str = "float32",
+             optimizer: str = "adamw", checkpointing: bool = False, method: str = "auto",
+             chunk_size: int | None = None) -> MemoryEstimate:
+    """Predicted peak memory of one training step (forward, backward, optimizer update)."""
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
+    if optimizer not in OPTIMIZER_SLOTS:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_SLOTS)}, got {optimizer!r}")
+    B, T, dim = batch_size, seq_len, config.hidden_size
+    chunk_size = config.chunk_size if chunk_size is None else chunk_size
+    if config.mixer == "power" and method == "auto":
+        method = choose_method(B=B, T=T, Hq=config.num_attention_heads,
+                               H=config.num_key_value_heads, d=config.head_dim, e=config.head_dim,
+                               deg=config.power, chunk_size=chunk_size)
+    nbytes = DTYPE_BYTES[dtype]
+    P = param_count(config)
+
+    mixer, mixer_largest = _mixer_activations(config, B, T, method, chunk_size)
+    # Norm inputs and outputs, residual, and the MLP's gate, up, silu and product.
+    block = B * T * (5 * dim + 4 * config.intermediate_size)
+    per_layer = (mixer + block) * 4  # the op computes in float32 whatever the dtype
+    layers = config.num_hidden_layers
+    if checkpointing:
+        # Only each block's input survives the forward; one block is recomputed at a time.
+        activations = layers * B * T * dim * nbytes + per_layer
+    else:
+        activations = layers * per_layer
+    logits = B * T * config.vocab_size * 4
+    candidates = {"logits": logits, "mixer": mixer_largest * 4,
+                  "embedding": config.vocab_size * dim * nbytes}
+    largest_name = max(candidates, key=candidates.get)
+    return MemoryEstimate(
+        parameters=P * nbytes, gradients=P * nbytes,
+        optimizer_state=OPTIMIZER_SLOTS[optimizer] * P * 4,
+        activations=activations, activations_per_layer=per_layer,
+        logits_and_loss=3 * logits,  # logits, their softmax, and its gradient
+        transient=per_layer,         # a layer's activation gradients during its backward
+        largest_buffer=candidates[largest_name], largest_buffer_name=largest_name,
+        method=method if config.mixer == "power" else "softmax")
+
+
+def inference_estimate(config: ModelConfig, batch_size: int = 1, context: int = 2048,
+                       dtype: str = "float16") -> dict:
+    """Bytes to decode: weights, and the recurrent state (power) or KV cache (softmax)."""
+    weights = param_count(config) * DTYPE_BYTES[dtype]
+    state_bytes = 4 if config.mixer == "power" else DTYPE_BYTES[dtype]  # states stay float32
+    state = (config.num_hidden_layers * batch_size * state_bytes
+             * state_floats_per_layer(config, context))
+    return {"weights": weights, "state": state, "total": weights + state}
+
+
+def preset_table(batch_size: int = 8, seq_len: int = 1024, context: int = 8192) -> str:
+    """Markdown table of every preset with both mixers."""
+    rows = ["| preset | params | state per layer per sequence (power) | KV cache per layer at "
+            f"{context} (softmax) | inference, power, fp16, {context} ctx | training, power, fp32 "
+            f"AdamW, B={batch_size} T={seq_len} | same with checkpointing |",
+            "|---|---|---|---|---|---|---|"]
+    for name in PRESETS:
+        power = create_model_config(name)
+        softmax = create_model_config(name, mixer="softmax")
+        T = min(seq_len, power.max_position_embeddings)
+        train = estimate(power, batch_size, T)
+        train_ckpt = estimate(power, batch_size, T, checkpointing=True)
+        rows.append(
+            f"| {name} | {param_count(power) / 1e6:,.1f}M "
+            f"| {state_floats_per_layer(power) * 4 / 1e6:.2f} MB "
+            f"| {state_floats_per_layer(softmax, context) * 2 / 1e6:.1f} MB "
+            f"| {inference_estimate(power, 1, context)['total'] / GB:.2f} GB "
+            f"| {train.total / GB:.1f} GB{'' if T == seq_len else f' (T={T})'} "
+            f"| {train_ckpt.total / GB:.1f} GB |")
+    return "\n".join(rows)
+
+
+@click.command()
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--seq-len", default=1024, show_default=True)
+@click.option("--context", default=8192, show_default=True)
+def main(batch_size, seq_len, context):
+    """Print the memory table of every preset."""
+    print(preset_table(batch_size, seq_len, context))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""RetentionLLM: a decoder-only language model whose sequence mixer is power retention.
+
+Read top to bottom: the softmax baseline's attention and KV cache, the MLP, the block, the
+model. ``mixer="power"`` (default) uses ``power_retention.PowerRetention``; ``mixer="softmax"``
+uses grouped-query attention with rotary embeddings. Everything else (embeddings, norms, MLP,
+initialisation, caches, generation, weights on disk) is shared, so the two compare like for
+like.
+
+    model = RetentionLLM(create_model_config("tiny"))
+    logits = model(tokens)                          # tokens (B, T) int -> (B, T, vocab) float32
+    cache = model.make_cache()
+    logits = model(prompt, cache=cache)             # prefill, then one token at a time
+    logits = model(next_token[:, None], cache=cache)
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from power_retention import PowerRetention
+
+from .config import ModelConfig
+from .generate import generate_tokens
+from .weights import read_config, read_weights, save_pretrained
+
+
+class KVCache:
+    """Keys and values of one softmax layer, grown in steps of ``step`` positions (as
+    mlx-lm's KVCache) so that decoding does not copy the whole cache at every token."""
+
+    step = 256
+
+    def __init__(self):
+        self.keys = None    # (B, H, capacity, head_dim)
+        self.values = None
+        self.offset = 0
+
+    def update_and_fetch(self, keys, values):
+        B, H, T, hd = keys.shape
+        start = self.offset
+        if self.keys is None or start + T > self.keys.shape[2]:
+            capacity = -(-(start + T) // self.step) * self.step
+            grown = [mx.zeros((B, H, capacity, hd), dtype=keys.dtype) for _ in range(2)]
+            if self.keys is not None:
+                grown[0][:, :, :start] = self.keys[:, :, :start]
+                grown[1][:, :, :start] = self.values[:, :, :start]
+            self.keys, self.values = grown
+        self.keys[:, :, start:start + T] = keys
+        self.values[:, :, start:start + T] = values
+        self.offset = start + T
+        return self.keys[:, :, :self.offset], self.values[:, :, :self.offset]
+
+    @property
+    def state(self) -> list:
+        if self.keys is None:
+            return []
+        return [self.keys[:, :, :self.offset], self.values[:, :, :self.offset]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(array.nbytes for array in self.state)
+
+    def empty(self) -> bool:
+        return self.keys is None
+
+
+class SoftmaxAttention(nn.Module):
+    """Causal grouped-query attention with rotary position embeddings: the baseline mixer."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        dim, hd = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, hd)
+        self.q_proj = nn.Linear(dim, self.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(dim, self.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(dim, self.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * hd, dim, bias=False)
+        self.rope = nn.RoPE(hd, base=config.rope_theta)
+
+    def make_cache(self) -> KVCache:
+        return KVCache()
+
+    def __call__(self, x, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        offset = 0 if cache is None else cache.offset
+        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        # "causal" aligns the last query with the last key, which is what a prefill that
+        # continues a cache needs; a single new token sees every key.
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5,
+                                                   mask="causal" if T > 1 else None)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def __call__(self, x):
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, use_metal: bool = False):
+        super().__init__()
+        if config.mixer == "power":
+            self.mixer = PowerRetention(
+                config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                config.head_dim, deg=config.power, gating=config.gating,
+                chunk_size=config.chunk_size, use_metal_kernels=use_metal)
+        else:
+            self.mixer = SoftmaxAttention(config)
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+
+    def __call__(self, x, cache=None):
+        x = x + self.mixer(self.input_layernorm(x), cache=cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class _Session:
+    """The cache behind the stateful API, plus the last sampled token, which has not been
+    fed to the model yet (the next ``generate`` call starts with it)."""
+
+    def __init__(self, cache):
+        self.cache = cache
+        self.pending = None
+
+
+class RetentionLLM(nn.Module):
+    """Token embeddings, ``num_hidden_layers`` blocks, a final RMSNorm and the output head.
+
+    ``RetentionLLM(config)`` or ``RetentionLLM(**config)``; ``use_metal=True`` asks the
+    power mixer for its fused Metal kernels (see ``PowerRetention``).
+    """
+
+    def __init__(self, config: ModelConfig | None = None, *, use_metal: bool = False, **fields):
+        super().__init__()
+        if config is None:
+            config = ModelConfig.from_dict(fields, source="RetentionLLM(**fields)")
+        elif fields:
+            raise ValueError(f"pass either a ModelConfig or its fields, not both (got {sorted(fields)})")
+        elif not isinstance(config, ModelConfig):
+            raise ValueError(f"config must be a ModelConfig, got {type(config).__name__}")
+        self.config = config
+        self.use_metal = use_metal
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [Block(config, use_metal) for _ in range(config.num_hidden_layers)]
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._initialise()
+        self._session = None
+
+    def _initialise(self, std: float = 0.02):
+        """GPT-2 / nanoGPT initialisation: N(0, 0.02) for embeddings and projections, and
+        0.02 / sqrt(2 * layers) for the projections that write into the residual stream, so
+        its variance does not grow with depth. Norm gains start at 1 and the retention gate
+        keeps its own initialisation."""
+        residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        self.embed_tokens.weight = std * mx.random.normal(self.embed_tokens.weight.shape)
+        if not self.config.tie_word_embeddings:
+            self.lm_head.weight = std * mx.random.normal(self.lm_head.weight.shape)
+        for block in self.layers:
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                linear = getattr(block.mixer, name)
+                scale = residual_std if name == "o_proj" else std
+                linear.weight = scale * mx.random.normal(linear.weight.shape)
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                linear = getattr(block.mlp, name)
+                scale = residual_std if name == "down_proj" else std
+                linear.weight = scale * mx.random.normal(linear.weight.shape)
+
+    def make_cache(self) -> list:
+        """One cache per layer: a RetentionCache (constant size) or a KVCache (grows)."""
+        return [block.mixer.make_cache() for block in self.layers]
+
+    def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must have shape (B, T), got {tuple(tokens.shape)}")
+        if cache is not None and len(cache) != len(self.layers):
+            raise ValueError(f"cache must hold one entry per layer ({len(self.layers)}), "
+                             f"got {len(cache)}: use model.make_cache()")
+        x = self.embed_tokens(tokens)
+        for i, block in enumerate(self.layers):
+            x = block(x, cache=None if cache is None else cache[i])
+        x = self.norm(x)
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.as_linear(x)
+        return self.lm_head(x)
+
+    # The stateful API: the model keeps one running sequence (or batch of sequences).
+
+    def reset_states(self):
+        """Forget the running sequence of ``generate``."""
+        self._session = None
+
+    def generate(self, prompt_tokens, max_new_tokens: int = 20, temperature: float = 0.8,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> mx.array:
+        """Continue the running sequence with ``prompt_tokens`` and sample ``max_new_tokens``.
+
+        prompt_tokens: (T,) or (B, T) integers. Returns the new tokens, (max_new_tokens,) or
+        (B, max_new_tokens). Calls continue where the previous one stopped until
+        ``reset_states()``; temperature 0 is greedy.
+        """
+        prompt = mx.array(prompt_tokens)
+        squeeze = prompt.ndim == 1
+        prompt = prompt[None] if squeeze else prompt
+        if self._session is None or self._session.pending is not None and \
+                self._session.pending.shape[0] != prompt.shape[0]:
+            self._session = _Session(self.make_cache())
+        if self._session.pending is not None:
+            prompt = mx.concatenate([self._session.pending[:, None], prompt], axis=1)
+        new = list(generate_tokens(self, prompt, self._session.cache, max_new_tokens,
+                                   temperature=temperature, top_p=top_p, top_k=top_k, seed=seed))
+        self._session.pending = new[-1] if new else self._session.pending
+        out = mx.stack(new, axis=1) if new else mx.zeros((prompt.shape[0], 0), dtype=mx.int32)
+        return out[0] if squeeze else out
+
+    # Weights on disk (mlx-lm layout: config.json, model.safetensors, tokenizer files).
+
+    def save_pretrained(self, directory, tokenizer=None, *, max_shard_bytes: int | None = None):
+        save_pretrained(self, directory, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
+
+    @classmethod
+    def from_pretrained(cls, directory, *, use_metal: bool = False) -> "RetentionLLM":
+        model = cls(read_config(directory), use_metal=use_metal)
+        model.load_weights(read_weights(model, directory))
+        return model
+
+    def load_weights(self, file_or_weights, strict: bool = True):
+        """Load a .safetensors file, a saved directory, or a list of (name, array) pairs.
+        Files are checked first: a missing, extra or mis-shaped tensor, or a truncated file,
+        raises ValueError naming it."""
+        if isinstance(file_or_weights, (str, Path)):
+            file_or_weights = read_weights(self, file_or_weights, strict=strict)
+        return super().load_weights(file_or_weights, strict=strict)

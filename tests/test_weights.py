@@ -1,0 +1,136 @@
+"""Weights on disk: bit-exact round trips (single file and shards) and clear errors."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from llm import ByteTokenizer, RetentionLLM, create_model_config, load
+from llm.weights import WEIGHTS_FILE
+
+
+@pytest.fixture
+def model():
+    mx.random.seed(0)
+    return RetentionLLM(create_model_config("ultra-tiny", vocab_size=258))
+
+
+def flat(model):
+    return dict(tree_flatten(model.parameters()))
+
+
+def assert_same_weights(a, b):
+    a, b = flat(a), flat(b)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert np.array_equal(np.array(a[name]), np.array(b[name])), name
+
+
+def test_round_trip_is_bit_exact(model, tmp_path):
+    model.save_pretrained(tmp_path / "run", tokenizer=ByteTokenizer())
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == \
+        ["config.json", "model.safetensors", "tokenizer_config.json"]
+    loaded, tokenizer = load(tmp_path / "run")
+    assert loaded.config == model.config
+    assert_same_weights(loaded, model)
+    assert tokenizer.encode("héllo") == ByteTokenizer().encode("héllo")
+    tokens = mx.array([[1, 2, 3, 4]])
+    assert np.array_equal(np.array(loaded(tokens)), np.array(model(tokens)))
+
+
+def test_sharded_round_trip(model, tmp_path):
+    model.save_pretrained(tmp_path / "run", max_shard_bytes=100_000)
+    files = sorted(p.name for p in (tmp_path / "run").iterdir())
+    shards = [f for f in files if f.startswith("model-")]
+    assert len(shards) > 2 and "model.safetensors.index.json" in files
+    index = json.loads((tmp_path / "run" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(flat(model))
+    assert_same_weights(RetentionLLM.from_pretrained(tmp_path / "run"), model)
+
+
+def test_load_weights_from_file_and_directory(model, tmp_path):
+    model.save_pretrained(tmp_path / "run")
+    for source in (tmp_path / "run" / WEIGHTS_FILE, tmp_path / "run", str(tmp_path / "run")):
+        fresh = RetentionLLM(model.config)
+        fresh.load_weights(source)
+        assert_same_weights(fresh, model)
+
+
+def test_saving_again_replaces_the_directory(model, tmp_path):
+    model.save_pretrained(tmp_path / "run", max_shard_bytes=100_000)
+    model.save_pretrained(tmp_path / "run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary leftovers
+    assert not list((tmp_path / "run").glob("model-*"))
+    assert_same_weights(RetentionLLM.from_pretrained(tmp_path / "run"), model)
+
+
+def rewrite_weights(directory, change):
+    path = directory / WEIGHTS_FILE
+    weights = dict(mx.load(str(path)))
+    change(weights)
+    mx.save_safetensors(str(path), weights)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda w: w.pop("layers.1.mlp.up_proj.weight"), r"missing tensor\(s\) \['layers.1.mlp.up_proj.weight'\]"),
+    (lambda w: w.update(extra=mx.zeros(3)), r"unexpected tensor\(s\) \['extra'\]"),
+    (lambda w: w.update({"norm.weight": mx.zeros(65)}), r"'norm.weight' .* shape \(65,\), the model expects \(64,\)"),
+], ids=["missing", "extra", "mis-shaped"])
+def test_bad_tensor_is_named(model, tmp_path, change, message):
+    model.save_pretrained(tmp_path / "run")
+    rewrite_weights(tmp_path / "run", change)
+    with pytest.raises(ValueError, match=message):
+        RetentionLLM.from_pretrained(tmp_path / "run")
+
+
+def test_truncated_file_is_named(model, tmp_path):
+    model.save_pretrained(tmp_path / "run")
+    path = tmp_path / "run" / WEIGHTS_FILE
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(ValueError, match=r"model.safetensors is truncated"):
+        RetentionLLM.from_pretrained(tmp_path / "run")
+
+
+@pytest.mark.parametrize("content", [b"", b"\x05\x00", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json!!!!!}"],
+                         ids=["empty", "short", "bad-header"])
+def test_corrupt_file_is_named(model, tmp_path, content):
+    model.save_pretrained(tmp_path / "run")
+    (tmp_path / "run" / WEIGHTS_FILE).write_bytes(content)
+    with pytest.raises(ValueError, match=r"model.safetensors (is truncated|is corrupt)"):
+        RetentionLLM.from_pretrained(tmp_path / "run")
+
+
+def test_config_that_does_not_match_the_weights(model, tmp_path):
+    model.save_pretrained(tmp_path / "run")
+    path = tmp_path / "run" / "config.json"
+    config = json.loads(path.read_text())
+    config["intermediate_size"] = 96
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"mlp.down_proj.weight.*the config does not match"):
+        RetentionLLM.from_pretrained(tmp_path / "run")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.update(hidden_dim=3), r"config.json: unknown field\(s\) \['hidden_dim'\]"),
+    (lambda c: c.pop("vocab_size"), r"config.json: missing field\(s\) \['vocab_size'\]"),
+    (lambda c: c.update(mixer="rnn"), "mixer"),
+], ids=["unknown-field", "missing-field", "bad-value"])
+def test_bad_config_is_named(model, tmp_path, edit, message):
+    model.save_pretrained(tmp_path / "run")
+    path = tmp_path / "run" / "config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        RetentionLLM.from_pretrained(tmp_path / "run")
+
+
+def test_missing_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        RetentionLLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(create_model_config("ultra-tiny").to_dict()))
+    with pytest.raises(FileNotFoundError, match="expected model.safetensors"):
+        RetentionLLM.from_pretrained(tmp_path)
