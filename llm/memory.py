@@ -121,25 +121,28 @@ def inference_estimate(config: ModelConfig, batch_size: int = 1, context: int = 
     return {"weights": weights, "state": state, "total": weights + state}
 
 
+def format_bytes(n: float) -> str:
+    return f"{n / GB:.1f} GB" if n >= 0.95 * GB else f"{n / 1e6:.1f} MB"
+
+
 def preset_table(batch_size: int = 8, seq_len: int = 1024, context: int = 8192) -> str:
-    """Markdown table of every preset with both mixers."""
-    rows = ["| preset | params | state per layer per sequence (power) | KV cache per layer at "
-            f"{context} (softmax) | inference, power, fp16, {context} ctx | training, power, fp32 "
-            f"AdamW, B={batch_size} T={seq_len} | same with checkpointing |",
+    """Markdown table of every preset: parameters, per-sequence state, inference and training."""
+    rows = ["| preset | parameters | power: state per layer per sequence | softmax: KV cache per "
+            f"layer at {context} tokens | power: inference (fp16 weights + state, batch 1) | "
+            f"power: training (fp32, AdamW, B={batch_size}, T={seq_len}) | same, checkpointing |",
             "|---|---|---|---|---|---|---|"]
     for name in PRESETS:
         power = create_model_config(name)
         softmax = create_model_config(name, mixer="softmax")
         T = min(seq_len, power.max_position_embeddings)
-        train = estimate(power, batch_size, T)
-        train_ckpt = estimate(power, batch_size, T, checkpointing=True)
+        shorter = "" if T == seq_len else f" at T={T}"
         rows.append(
             f"| {name} | {param_count(power) / 1e6:,.1f}M "
-            f"| {state_floats_per_layer(power) * 4 / 1e6:.2f} MB "
-            f"| {state_floats_per_layer(softmax, context) * 2 / 1e6:.1f} MB "
-            f"| {inference_estimate(power, 1, context)['total'] / GB:.2f} GB "
-            f"| {train.total / GB:.1f} GB{'' if T == seq_len else f' (T={T})'} "
-            f"| {train_ckpt.total / GB:.1f} GB |")
+            f"| {format_bytes(state_floats_per_layer(power) * 4)} "
+            f"| {format_bytes(state_floats_per_layer(softmax, context) * 2)} "
+            f"| {format_bytes(inference_estimate(power, 1, context)['total'])} "
+            f"| {format_bytes(estimate(power, batch_size, T).total)}{shorter} "
+            f"| {format_bytes(estimate(power, batch_size, T, checkpointing=True).total)}{shorter} |")
     return "\n".join(rows)
 
 

@@ -223,9 +223,11 @@ class RetentionLLM(nn.Module):
         prompt = mx.array(prompt_tokens)
         squeeze = prompt.ndim == 1
         prompt = prompt[None] if squeeze else prompt
-        if self._session is None or self._session.pending is not None and \
-                self._session.pending.shape[0] != prompt.shape[0]:
+        if self._session is None:
             self._session = _Session(self.make_cache())
+        elif self._session.pending is not None and self._session.pending.shape[0] != prompt.shape[0]:
+            raise ValueError(f"prompt_tokens has batch {prompt.shape[0]} but the running sequence "
+                             f"has batch {self._session.pending.shape[0]}: call reset_states() first")
         if self._session.pending is not None:
             prompt = mx.concatenate([self._session.pending[:, None], prompt], axis=1)
         new = list(generate_tokens(self, prompt, self._session.cache, max_new_tokens,

@@ -40,8 +40,9 @@ def replace_directory(build, directory) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         build(tmp)
-        for path in tmp.iterdir():
-            _fsync(path)
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                _fsync(path)
         old = None
         if directory.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
