@@ -1,5 +1,5 @@
 # Two commands do everything (both create .venv on first use and are safe to repeat):
-#   make run    set up, then run the main job
+#   make run    set up, then run the main job: train ultra-tiny on this Python's standard library
 #   make test   set up, then run the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 # Runs a command with Debian's OpenBLAS preloaded when it is installed (Linux; see README).
 FAST_BLAS := $(BIN)/python -m power_retention --
 
-.PHONY: setup run test bench clean
+.PHONY: setup run demo test bench clean
 
 setup: $(INSTALLED)
 
@@ -19,6 +19,9 @@ $(INSTALLED): pyproject.toml
 	touch $(INSTALLED)
 
 run: $(INSTALLED)
+	$(FAST_BLAS) $(BIN)/python train.py --model ultra-tiny
+
+demo: $(INSTALLED)
 	$(FAST_BLAS) $(BIN)/python demo.py
 
 test: $(INSTALLED)

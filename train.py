@@ -39,9 +39,11 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from llm import RetentionLLM, create_model_config, load_tokenizer, param_count, train_tokenizer
 from llm.config import PRESETS, describe
+from llm.memory import estimate, format_bytes
 from llm.data import (DEFAULT_DATA, BatchSampler, cache_key, documents_fingerprint, read_documents,
                       tokenize_corpus, unigram_entropy, validation_batches)
 from llm.generate import generate_tokens
+from llm.plan import DEVICE_PROFILES, RunShape, device_limits, plan_training
 from llm.tokenizer import ByteTokenizer
 from llm.weights import read_weights, replace_directory
 from power_retention.cpu_backend import reexec_with_fast_blas
@@ -77,7 +79,7 @@ class TrainConfig:
     grad_accum: int = 1             # micro-batches per optimizer step
     seq_len: int = 0                # 0: the preset's max_position_embeddings
     lr: float = 3e-3
-    warmup: int = 100
+    warmup: int = -1                # -1: min(100, steps // 10)
     min_lr: float = 3e-4
     weight_decay: float = 0.1
     grad_clip: float = 1.0
@@ -91,12 +93,19 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"
     power: int = 0                  # 0: the preset's degree
+    head_dim: int = 0               # 0: the preset's; else heads of this width at the same width
     mixer: str = ""                 # "": the preset's mixer
     val_fraction: float = 0.05
     out: str = ""
     cache_dir: str = ""
     compile: bool = True
-    inject: str = ""                # testing only: "nan:STEP,STEP..." poisons those steps' loss
+    memory_budget: float = 0.0      # GB; 0: what the machine or --device-profile allows
+    device_profile: str = ""        # plan for a named Apple Silicon machine (llm.plan.DEVICE_PROFILES)
+    degrade: bool = True            # step down the memory ladder instead of failing
+    plan: dict = dataclasses.field(default_factory=dict)  # the chosen rung, fixed for resumes
+    # Testing only: "nan:STEP,STEP" poisons those steps' loss, "oom:STEP" raises a memory
+    # error inside that step; entries separated by ";". Each fires once.
+    inject: str = ""
 
     def validate(self):
         def fail(option, message):
@@ -108,7 +117,9 @@ class TrainConfig:
                      "max_bad_steps"):
             if getattr(self, name) < 1:
                 fail(name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("seq_len", "warmup", "patience", "power"):
+        if self.warmup < 0:
+            self.warmup = min(100, self.steps // 10)
+        for name in ("seq_len", "patience", "power", "head_dim"):
             if getattr(self, name) < 0:
                 fail(name, f"must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
@@ -128,6 +139,11 @@ class TrainConfig:
             fail("power", "applies to the power mixer only, not --mixer softmax")
         if not 0 < self.val_fraction < 0.5:
             fail("val-fraction", f"must be in (0, 0.5), got {self.val_fraction}")
+        if self.memory_budget < 0:
+            fail("memory-budget", f"must be >= 0 GB, got {self.memory_budget}")
+        if self.device_profile and self.device_profile not in DEVICE_PROFILES:
+            fail("device-profile", f"unknown profile {self.device_profile!r}; known: "
+                                   f"{', '.join(DEVICE_PROFILES)}")
 
 
 # ----------------------------------------------------------------------------- model & data
@@ -157,6 +173,15 @@ def model_config(cfg: TrainConfig, vocab_size: int):
         overrides["mixer"] = cfg.mixer
     if cfg.power:
         overrides["power"] = cfg.power
+    if cfg.head_dim:
+        preset = create_model_config(cfg.model)
+        if preset.hidden_size % cfg.head_dim:
+            raise click.UsageError(f"--head-dim {cfg.head_dim} does not divide the model width "
+                                   f"{preset.hidden_size}")
+        heads = preset.hidden_size // cfg.head_dim
+        group = preset.num_attention_heads // preset.num_key_value_heads
+        overrides.update(head_dim=cfg.head_dim, num_attention_heads=heads,
+                         num_key_value_heads=max(1, heads // group))
     return create_model_config(cfg.model, **overrides)
 
 
@@ -289,18 +314,77 @@ def prepare(cfg: TrainConfig):
     return tokenizer, data
 
 
+MEMORY_ERROR_MARKERS = ("resource limit", "max_buffer_length", "out of memory", "bad_alloc",
+                        "unable to allocate", "[metal::malloc]", "insufficient memory")
+
+
+def is_memory_error(error: BaseException) -> bool:
+    return isinstance(error, MemoryError) or any(m in str(error).lower() for m in MEMORY_ERROR_MARKERS)
+
+
+def injected(cfg: TrainConfig, kind: str) -> set:
+    steps = set()
+    for entry in filter(None, cfg.inject.split(";")):
+        name, _, values = entry.partition(":")
+        if name == kind:
+            steps |= {int(v) for v in values.split(",") if v}
+    return steps
+
+
+def rung_to_plan(rung, requested: RunShape) -> dict:
+    """What a chosen rung changes, as stored in train_config.json."""
+    model_changes = {name: value for name, value in dataclasses.asdict(rung.shape.config).items()
+                     if getattr(requested.config, name) != value}
+    return {"rung": rung.name, "batch_size": rung.shape.batch_size,
+            "grad_accum": rung.shape.grad_accum, "checkpointing": rung.shape.checkpointing,
+            "method": rung.shape.method, "chunk_size": rung.shape.chunk_size,
+            "model": model_changes, "estimate_bytes": rung.total}
+
+
+def apply_plan(requested: RunShape, plan: dict) -> RunShape:
+    return requested.with_model(**plan["model"]).replace(
+        batch_size=plan["batch_size"], grad_accum=plan["grad_accum"],
+        checkpointing=plan["checkpointing"], method=plan["method"], chunk_size=plan["chunk_size"])
+
+
+def make_plan(cfg: TrainConfig, requested: RunShape, start_after: str | None = None):
+    limits = device_limits(cfg.device_profile or None, cfg.memory_budget or None)
+    plan = plan_training(requested, limits, dtype=cfg.dtype, optimizer=cfg.optimizer,
+                         degrade=cfg.degrade, start_after=start_after)
+    print(plan.table())
+    if plan.chosen is None:
+        hint = "" if cfg.degrade else " (and --no-degrade forbids stepping down)"
+        raise click.ClickException(f"the run does not fit in {limits.name}{hint}: see the table above")
+    return plan, limits
+
+
 def train(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
     mx.random.seed(cfg.seed)
     tokenizer, data = prepare(cfg)
-    config = model_config(cfg, tokenizer.vocab_size)
-    seq_len = cfg.seq_len or config.max_position_embeddings
+    requested_config = model_config(cfg, tokenizer.vocab_size)
+    seq_len = cfg.seq_len or requested_config.max_position_embeddings
+    requested = RunShape(requested_config, cfg.batch_size, cfg.grad_accum, seq_len)
+    if not cfg.plan:  # a fresh run plans; a resumed one keeps the plan it started with
+        plan, limits = make_plan(cfg, requested)
+        cfg.plan = rung_to_plan(plan.chosen, requested)
+    else:
+        limits = device_limits(cfg.device_profile or None, cfg.memory_budget or None)
+    shape = apply_plan(requested, cfg.plan)
+    config = shape.config
     model = RetentionLLM(config)
     if cfg.dtype != "float32":
         model.set_dtype(DTYPES[cfg.dtype])
     optimizer = make_optimizer(cfg)
-    sampler = BatchSampler(data.train_tokens, data.train_mask, seq_len, cfg.batch_size, cfg.seed)
-    val_batches = validation_batches(data.val_tokens, data.val_mask, seq_len, cfg.batch_size,
+    sampler = BatchSampler(data.train_tokens, data.train_mask, seq_len, shape.batch_size, cfg.seed)
+    val_batches = validation_batches(data.val_tokens, data.val_mask, seq_len, shape.batch_size,
                                      cfg.eval_batches)
+
+    def use_shape(new_shape: RunShape):
+        model.checkpointing = new_shape.checkpointing
+        model.set_retention_form(new_shape.method, new_shape.chunk_size)
+        sampler.batch_size = new_shape.batch_size
+
+    use_shape(shape)
     baseline = unigram_entropy(data.train_tokens, tokenizer.vocab_size)
 
     run = Run(cfg, resume_dir or Path(cfg.out))
@@ -325,10 +409,11 @@ def train(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
     print(f"data: {cfg.data}: {data.n_train_documents} train / {data.n_val_documents} validation "
           f"documents, {len(data.train_tokens):,} / {len(data.val_tokens):,} tokens; tokenizer "
           f"vocab {tokenizer.vocab_size}; unigram entropy {baseline:.3f} nats")
-    effective = cfg.batch_size * cfg.grad_accum
-    print(f"training: {cfg.steps} steps of {effective} x {seq_len} tokens ({cfg.batch_size} x "
-          f"{cfg.grad_accum} micro-batches), {cfg.optimizer}, lr {cfg.lr} -> {cfg.min_lr}, "
-          f"{cfg.dtype}; run directory {run.dir}")
+    effective = shape.batch_size * shape.grad_accum
+    print(f"training: {cfg.steps} steps of {effective} x {seq_len} tokens ({shape.batch_size} x "
+          f"{shape.grad_accum} micro-batches{', checkpointing' if shape.checkpointing else ''}), "
+          f"{cfg.optimizer}, lr {cfg.lr} -> {cfg.min_lr}, {cfg.dtype}; plan: {cfg.plan['rung']}; "
+          f"run directory {run.dir}")
 
     loss_and_grad = nn.value_and_grad(model, lambda m, x, y, w: loss_terms(m, x, y, w)[0])
 
@@ -347,11 +432,12 @@ def train(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
         return norm
 
     model_state = [model.state, optimizer.state]
+    uncompiled_micro_step = micro_step
     if cfg.compile:
-        micro_step = mx.compile(micro_step, inputs=model_state, outputs=model_state)
+        micro_step = mx.compile(uncompiled_micro_step, inputs=model_state, outputs=model_state)
 
-    poisoned = {int(s) for s in cfg.inject.removeprefix("nan:").split(",") if s} \
-        if cfg.inject.startswith("nan:") else set()
+    poisoned, out_of_memory = injected(cfg, "nan"), injected(cfg, "oom")
+    measured_once = False
     recent = deque(state.pop("train_losses"), maxlen=50)
     bad_in_a_row = 0
     run_start = time.perf_counter() - state["elapsed_s"]
@@ -371,16 +457,52 @@ def train(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
                  "val_ppl": math.exp(min(state["initial_val_loss"], 50))})
         print(f"eval at step 0: validation loss {state['initial_val_loss']:.4f}")
 
+    def step_down(reason: str):
+        """Re-plan below the current rung after a memory failure; the model and optimizer
+        must already be back at the last completed step."""
+        nonlocal shape, micro_step
+        print(f"MEMORY: {reason}; stepping down the ladder from '{cfg.plan['rung']}'")
+        plan, _ = make_plan(cfg, requested, start_after=cfg.plan["rung"])
+        if plan.chosen.changes_model:
+            raise click.ClickException(
+                f"after '{cfg.plan['rung']}' only rungs that change the model remain "
+                f"('{plan.chosen.name}'): restart the run with a smaller model or batch")
+        cfg.plan = rung_to_plan(plan.chosen, requested)
+        shape = apply_plan(requested, cfg.plan)
+        use_shape(shape)
+        if cfg.compile:  # the traced graph depends on the shapes and the form
+            micro_step = mx.compile(uncompiled_micro_step, inputs=model_state, outputs=model_state)
+        tmp = run.dir / "train_config.json.tmp"
+        tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+        os.replace(tmp, run.dir / "train_config.json")
+        run.log({"step": state["step"], "event": "replan", "rung": cfg.plan["rung"], "reason": reason})
+
     while state["step"] < cfg.steps:
         step = state["step"] + 1
         lr = learning_rate(cfg, step) * state["lr_scale"]
-        loss_sum, count, grads = 0.0, 0.0, None
-        for _ in range(cfg.grad_accum):
-            inputs, targets, mask = (mx.array(a) for a in sampler.next_batch())
-            part_loss, part_grads = micro_step(inputs, targets, mask)
-            grads = part_grads if grads is None else tree_map(mx.add, grads, part_grads)
-            loss_sum = loss_sum + part_loss
-            count += float(mask.sum().item())
+        # References to the state before the step (arrays are immutable: no copy is made),
+        # to return to if the step runs out of memory.
+        before = (model.trainable_parameters(), tree_map(lambda x: x, optimizer.state),
+                  sampler.state_dict())
+        try:
+            loss_sum, count, grads = 0.0, 0.0, None
+            for micro in range(shape.grad_accum):
+                inputs, targets, mask = (mx.array(a) for a in sampler.next_batch())
+                part_loss, part_grads = micro_step(inputs, targets, mask)
+                if step in out_of_memory:
+                    out_of_memory.discard(step)
+                    raise RuntimeError("[metal::malloc] Resource limit (499000) exceeded. (injected)")
+                grads = part_grads if grads is None else tree_map(mx.add, grads, part_grads)
+                loss_sum = loss_sum + part_loss
+                count += float(mask.sum().item())
+        except (RuntimeError, MemoryError) as error:
+            if not is_memory_error(error) or not cfg.degrade:
+                raise
+            model.update(before[0])
+            optimizer.state = before[1]
+            sampler.load_state_dict(before[2])
+            step_down(f"step {step} failed: {error}")
+            continue
         if step in poisoned:
             poisoned.discard(step)  # once: the step redone after a rollback is clean
             loss_sum = loss_sum * float("nan")
@@ -415,9 +537,17 @@ def train(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
         bad_in_a_row = 0
         norm = apply_update(grads, count, lr)
         mx.eval(model.parameters(), optimizer.state, norm)
+        del before
         loss_value = loss.item()
         state["step"] = step
         state["tokens"] += int(count)
+        if not measured_once:
+            # MLX's CPU backend does not enforce memory limits: measure the first step instead.
+            measured_once = True
+            measured = mx.get_peak_memory()
+            if measured > limits.memory_bytes and cfg.degrade:
+                step_down(f"measured peak {measured / 1e9:.2f} GB over the budget "
+                          f"{limits.memory_bytes / 1e9:.2f} GB")
         window_tokens += int(count)
         peak = max(peak, mx.get_peak_memory() / 1e9)
 
@@ -526,7 +656,8 @@ QUICK_TEST = dict(model="ultra-tiny", tokenizer="byte", steps=150, batch_size=16
 @click.option("--seq-len", type=int, default=TrainConfig.seq_len, show_default=True,
               help="tokens per sequence (0: the preset's max_position_embeddings)")
 @click.option("--lr", type=float, default=TrainConfig.lr, show_default=True)
-@click.option("--warmup", type=int, default=TrainConfig.warmup, show_default=True)
+@click.option("--warmup", type=int, default=TrainConfig.warmup, show_default=True,
+              help="warmup steps (-1: min(100, steps / 10))")
 @click.option("--min-lr", type=float, default=TrainConfig.min_lr, show_default=True)
 @click.option("--weight-decay", type=float, default=TrainConfig.weight_decay, show_default=True)
 @click.option("--grad-clip", type=float, default=TrainConfig.grad_clip, show_default=True)
@@ -546,7 +677,15 @@ QUICK_TEST = dict(model="ultra-tiny", tokenizer="byte", steps=150, batch_size=16
               help="degree of the power mixer (0: the preset's)")
 @click.option("--mixer", type=click.Choice(["", "power", "softmax"]), default=TrainConfig.mixer,
               help="power or softmax (default: the preset's)")
+@click.option("--head-dim", type=int, default=TrainConfig.head_dim, show_default=True,
+              help="per-head width (0: the preset's); the model width stays")
 @click.option("--val-fraction", type=float, default=TrainConfig.val_fraction, show_default=True)
+@click.option("--memory-budget", type=float, default=TrainConfig.memory_budget, show_default=True,
+              help="GB the run may use (0: what the machine or --device-profile allows)")
+@click.option("--device-profile", default=TrainConfig.device_profile,
+              help=f"plan for an Apple Silicon machine: {', '.join(DEVICE_PROFILES)}")
+@click.option("--degrade/--no-degrade", default=True, show_default=True,
+              help="step down the memory ladder instead of failing when the run does not fit")
 @click.option("--out", default="", help="run directory (default runs/MODEL-DATE)")
 @click.option("--cache-dir", default="", help="tokenizer and token cache (default "
               "$POWER_RETENTION_CACHE or ~/.cache/power-retention-mlx)")
@@ -625,6 +764,43 @@ def _checkpoint_model_dir(run_dir: Path) -> Path:
         if (directory / "config.json").is_file():
             return directory
     raise click.UsageError(f"{run_dir}: no checkpoint found (expected checkpoints/best or last)")
+
+
+@cli.command("plan")
+@click.option("--model", default=TrainConfig.model, show_default=True)
+@click.option("--batch-size", type=int, default=TrainConfig.batch_size, show_default=True)
+@click.option("--grad-accum", type=int, default=TrainConfig.grad_accum, show_default=True)
+@click.option("--seq-len", type=int, default=TrainConfig.seq_len, show_default=True)
+@click.option("--power", type=int, default=TrainConfig.power, show_default=True)
+@click.option("--head-dim", type=int, default=TrainConfig.head_dim, show_default=True)
+@click.option("--mixer", type=click.Choice(["", "power", "softmax"]), default="")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True)
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True)
+@click.option("--memory-budget", type=float, default=0.0, show_default=True)
+@click.option("--device-profile", default="")
+@click.option("--degrade/--no-degrade", default=True, show_default=True)
+def plan_command(**options):
+    """Print the memory estimate and the plan of a run, without training."""
+    cfg = TrainConfig(**options)
+    cfg.validate()
+    config = model_config(cfg, create_model_config(cfg.model).vocab_size)
+    requested = RunShape(config, cfg.batch_size, cfg.grad_accum,
+                         cfg.seq_len or config.max_position_embeddings)
+    estimate_ = estimate(config, requested.batch_size, requested.seq_len, dtype=cfg.dtype,
+                         optimizer=cfg.optimizer)
+    print(f"{cfg.model}: {describe(config)}; batch {requested.batch_size} x {requested.grad_accum} "
+          f"micro-batches, {requested.seq_len} tokens, {cfg.dtype}, {cfg.optimizer}")
+    print(f"estimate as requested ({estimate_.method} form): " + ", ".join(
+        f"{name} {format_bytes(getattr(estimate_, name))}" for name in
+        ("parameters", "gradients", "optimizer_state", "activations", "logits_and_loss", "transient"))
+        + f"; total {format_bytes(estimate_.total)}; largest buffer {estimate_.largest_buffer_name} "
+          f"{format_bytes(estimate_.largest_buffer)}; about {estimate_.live_buffers:,} live buffers")
+    plan, _ = make_plan(cfg, requested)
+    chosen = plan.chosen
+    print(f"plan: {chosen.name}: batch {chosen.shape.batch_size} x {chosen.shape.grad_accum}, "
+          f"checkpointing {'on' if chosen.shape.checkpointing else 'off'}, form {chosen.shape.method}"
+          + (f" (chunk {chosen.shape.chunk_size})" if chosen.shape.chunk_size else "")
+          + (f"; model: {describe(chosen.shape.config)}" if chosen.changes_model else ""))
 
 
 @cli.command()

@@ -10,7 +10,7 @@ nonlinearity, per token, plus the per-sequence states of the chunked form.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import click
 
@@ -39,7 +39,7 @@ class MemoryEstimate:
     largest_buffer: int
     largest_buffer_name: str
     method: str                      # the power mixer's form ("attention" / "chunked" / ...)
-    notes: list = field(default_factory=list)
+    live_buffers: int                # arrays alive at the peak (Metal limits their number)
 
     @property
     def total(self) -> int:
@@ -48,26 +48,47 @@ class MemoryEstimate:
 
 
 def _mixer_activations(config: ModelConfig, B: int, T: int, method: str, chunk_size: int) -> tuple:
-    """Floats the mixer keeps per layer for backward, and its largest single buffer (floats)."""
+    """Floats the mixer keeps per layer for backward, its largest single buffer, and the
+    extra floats its backward needs for a while (all in floats)."""
     hd, Hq, H = config.head_dim, config.num_attention_heads, config.num_key_value_heads
     projections = B * T * (Hq + 2 * H) * hd
     if config.mixer == "softmax":
         # Scores and probabilities of every head (MLX's CPU attention materialises them).
         weights = 2 * B * Hq * T * T
-        return projections + weights + B * T * Hq * hd, B * Hq * T * T
+        return projections + weights + B * T * Hq * hd, B * Hq * T * T, 0
     D = expanded_dim(hd, config.power)
     c = T if method == "attention" else min(chunk_size, T)
-    # Products, powers and decay of the in-chunk weights (one c x c block per chunk).
-    weights = 3 * B * Hq * T * c
+    # The in-chunk weights (one c x c block per chunk) and what their backward keeps: q.k,
+    # its power, the log-decay differences, their mask and exp, and the product (six copies,
+    # fitted by benchmarks/bench_memory.py: three left the attention form 17% short).
+    weights = 6 * B * Hq * T * c
     floats = projections + weights + 2 * B * T * Hq * hd  # + output and normed output
-    largest = B * Hq * T * c
+    largest, transient = B * Hq * T * c, 0
     if method != "attention" and T > c:
         n = -(-T // c)
         features = B * T * (Hq + H) * D           # phi(q) and phi(k)
-        states = 2 * n * B * H * D * (hd + 1)     # each chunk's contribution and entering state
+        states = n * B * H * D * (hd + 1)         # each chunk's own contribution [S | z]
         floats += features + states
-        largest = max(largest, B * T * Hq * D, n * B * H * D * (hd + 1))
-    return floats, largest
+        # One layer at a time, the backward recomputes the state entering every chunk and
+        # holds the features' gradients.
+        transient = states + features
+        largest = max(largest, B * T * Hq * D, states)
+    return floats, largest, transient
+
+
+def _live_buffers(config: ModelConfig, T: int, method: str, checkpointing: bool, optimizer: str) -> int:
+    """Arrays alive at the peak: each parameter with its gradient and optimizer slots, and the
+    activations of each layer (about 40 arrays, plus a few per chunk in the chunked form's
+    scan and per token in the recurrent form)."""
+    per_layer_tensors = 12 if config.mixer == "power" else 9
+    tensors = config.num_hidden_layers * per_layer_tensors + 2 + (0 if config.tie_word_embeddings else 1)
+    activations = 40
+    if config.mixer == "power" and method == "chunked":
+        activations += 8 * -(-T // config.chunk_size)
+    elif config.mixer == "power" and method == "recurrent":
+        activations += 12 * T
+    layers = 1 if checkpointing else config.num_hidden_layers
+    return tensors * (2 + OPTIMIZER_SLOTS[optimizer]) + layers * activations + config.num_hidden_layers
 
 
 def estimate(config: ModelConfig, batch_size: int, seq_len: int, dtype: str = "float32",
@@ -87,7 +108,7 @@ def estimate(config: ModelConfig, batch_size: int, seq_len: int, dtype: str = "f
     nbytes = DTYPE_BYTES[dtype]
     P = param_count(config)
 
-    mixer, mixer_largest = _mixer_activations(config, B, T, method, chunk_size)
+    mixer, mixer_largest, mixer_transient = _mixer_activations(config, B, T, method, chunk_size)
     # Norm inputs and outputs, residual, and the MLP's gate, up, silu and product.
     block = B * T * (5 * dim + 4 * config.intermediate_size)
     per_layer = (mixer + block) * 4  # the op computes in float32 whatever the dtype
@@ -102,11 +123,13 @@ def estimate(config: ModelConfig, batch_size: int, seq_len: int, dtype: str = "f
                   "embedding": config.vocab_size * dim * nbytes}
     largest_name = max(candidates, key=candidates.get)
     return MemoryEstimate(
+        live_buffers=_live_buffers(config, T, method, checkpointing, optimizer),
         parameters=P * nbytes, gradients=P * nbytes,
         optimizer_state=OPTIMIZER_SLOTS[optimizer] * P * 4,
         activations=activations, activations_per_layer=per_layer,
         logits_and_loss=3 * logits,  # logits, their softmax, and its gradient
-        transient=per_layer,         # a layer's activation gradients during its backward
+        # A layer's activation gradients during its backward, and the mixer's recomputation.
+        transient=per_layer + mixer_transient * 4,
         largest_buffer=candidates[largest_name], largest_buffer_name=largest_name,
         method=method if config.mixer == "power" else "softmax")
 

@@ -135,6 +135,16 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def _checkpointed(block, x):
+    """block(x), keeping only x for the backward pass: the block is recomputed there. The
+    parameters are explicit inputs so that their gradients flow through the checkpoint."""
+    def run(parameters, x):
+        block.update(parameters)
+        return block(x)
+
+    return mx.checkpoint(run)(block.trainable_parameters(), x)
+
+
 class _Session:
     """The cache behind the stateful API, plus the last sampled token, which has not been
     fed to the model yet (the next ``generate`` call starts with it)."""
@@ -168,6 +178,7 @@ class RetentionLLM(nn.Module):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._initialise()
         self._session = None
+        self.checkpointing = False  # recompute each block in the backward pass (mx.checkpoint)
 
     def _initialise(self, std: float = 0.02):
         """GPT-2 / nanoGPT initialisation: N(0, 0.02) for embeddings and projections, and
@@ -188,6 +199,14 @@ class RetentionLLM(nn.Module):
                 scale = residual_std if name == "down_proj" else std
                 linear.weight = scale * mx.random.normal(linear.weight.shape)
 
+    def set_retention_form(self, method: str = "auto", chunk_size: int | None = None):
+        """The form (and chunk size) every power-retention layer uses from now on."""
+        for block in self.layers:
+            if isinstance(block.mixer, PowerRetention):
+                block.mixer.method = method
+                if chunk_size is not None:
+                    block.mixer.chunk_size = chunk_size
+
     def make_cache(self) -> list:
         """One cache per layer: a RetentionCache (constant size) or a KVCache (grows)."""
         return [block.mixer.make_cache() for block in self.layers]
@@ -200,7 +219,10 @@ class RetentionLLM(nn.Module):
                              f"got {len(cache)}: use model.make_cache()")
         x = self.embed_tokens(tokens)
         for i, block in enumerate(self.layers):
-            x = block(x, cache=None if cache is None else cache[i])
+            if self.checkpointing and cache is None:
+                x = _checkpointed(block, x)
+            else:
+                x = block(x, cache=None if cache is None else cache[i])
         x = self.norm(x)
         if self.config.tie_word_embeddings:
             return self.embed_tokens.as_linear(x)

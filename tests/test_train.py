@@ -185,3 +185,78 @@ def test_existing_run_is_never_written_over(tmp_path):
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def test_plan_for_the_failing_users_case():
+    """tiny with one 256-wide head at power 2 on an 8 GB Mac: a feasible plan, and a table
+    that says why each rung tried was or was not enough."""
+    result = run([*TRAIN, "plan", "--model", "tiny", "--head-dim", "256", "--device-profile", "8gb",
+                  "--batch-size", "16", "--seq-len", "2048"])
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "1 heads of 256" in out and "memory plan for 8gb" in out
+    rows = [line for line in out.splitlines() if line.startswith("  ") and line.strip()[:2] in
+            {f"{i}." for i in range(7)}]
+    assert rows[0].split()[1:3] == ["as", "requested"] and " no " in rows[0] and ">" in rows[0]
+    assert rows[-1].rstrip().endswith("fits") and all(" no " in row for row in rows[:-1])
+    assert "plan: " in out
+
+
+def test_no_degrade_turns_a_misfit_into_an_error_with_the_table(tmp_path):
+    result = run(small_run(tmp_path, tmp_path / "run", "--memory-budget", "0.001", "--no-degrade"))
+    assert result.returncode != 0
+    assert "0. as requested" in result.stdout and "does not fit" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_small_budget_is_planned_for_and_kept_on_resume(tmp_path):
+    out = tmp_path / "run"
+    result = run(small_run(tmp_path, out, "--memory-budget", "0.004", steps=6))
+    assert result.returncode == 0, result.stderr[-2000:]
+    plan = json.loads((out / "train_config.json").read_text())["plan"]
+    assert plan["rung"] != "0. as requested" and plan["checkpointing"]
+    resumed = run([*TRAIN, "--resume", str(out), "--steps", "8"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    # The resumed run starts from the saved plan; it is not planned again from the top (it
+    # may still step further down if its measured peak is over this artificial budget).
+    assert f"plan: {plan['rung']}" in resumed.stdout and "0. as requested" not in resumed.stdout
+
+
+def test_memory_error_mid_run_steps_down_and_loses_no_step(tmp_path):
+    """An injected Metal resource-limit error at step 7: the trainer re-plans one rung down
+    (gradient checkpointing), redoes step 7 from the state before it, and every step's loss
+    equals the uninterrupted run's (checkpointing recomputes the same arithmetic)."""
+    plain = run(small_run(tmp_path, tmp_path / "plain", steps=12))
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    failing = run(small_run(tmp_path, tmp_path / "failing", "--inject", "oom:7", steps=12))
+    assert failing.returncode == 0, failing.stderr[-2000:]
+    assert "MEMORY: step 7 failed" in failing.stdout
+    plan = json.loads((tmp_path / "failing" / "train_config.json").read_text())["plan"]
+    assert plan["rung"] == "1. gradient checkpointing"
+    expected, got = losses(tmp_path / "plain"), losses(tmp_path / "failing")
+    assert sorted(got) == list(range(1, 13))
+    assert max(abs(got[s] - expected[s]) / expected[s] for s in expected) <= RESUME_TOLERANCE
+
+
+@pytest.mark.parametrize("options", [["--optimizer", "lion", "--lr", "3e-4"], ["--optimizer", "muon"],
+                                     ["--dtype", "bfloat16"], ["--mixer", "softmax"],
+                                     ["--power", "1"], ["--grad-accum", "2", "--no-compile"]],
+                         ids=["lion", "muon", "bfloat16", "softmax", "power1", "accumulate-uncompiled"])
+def test_options_train(tmp_path, options):
+    """Each optimizer, dtype and mixer trains: finite losses, and the validation loss falls."""
+    out = tmp_path / "run"
+    result = run(small_run(tmp_path, out, *options, steps=20))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_val_loss"] < summary["initial_val_loss"] - 0.3, summary
+    assert summary["skipped_steps"] == 0
+
+
+def test_legacy_command_form(tmp_path):
+    """`python train.py --mode llm --model ultra-tiny --steps N`, the form existing users type."""
+    out = tmp_path / "run"
+    args = [arg for arg in small_run(tmp_path, out, steps=8) if arg not in ("--warmup", "3")]
+    result = run([args[0], args[1], "--mode", "llm", *args[2:]])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 8
+    assert json.loads((out / "train_config.json").read_text())["warmup"] == 0  # min(100, 8 // 10)

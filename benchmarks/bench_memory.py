@@ -1,0 +1,103 @@
+"""Predicted against measured peak memory of one training step.
+
+    python benchmarks/bench_memory.py
+
+For each case: build the model, run one training step (loss, gradients, AdamW update) to
+create the optimizer state, then reset MLX's peak counter and run a second step;
+``mx.get_peak_memory()`` is the measurement, ``llm.memory.estimate`` the prediction.
+Target: every prediction within +-15%.
+"""
+
+from __future__ import annotations
+
+import click
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from common import machine_description, now, write_report
+
+from llm import RetentionLLM, create_model_config
+from llm.memory import estimate, format_bytes
+from power_retention.cpu_backend import reexec_with_fast_blas, release_freed_memory
+
+# A ~50M model: the small preset at half width and two thirds of the depth.
+MID = dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=8, head_dim=64,
+           num_hidden_layers=8, intermediate_size=1408)
+CASES = [
+    # (name, preset, overrides, batch, seq_len, method, checkpointing)
+    ("ultra-tiny attention", "ultra-tiny", {}, 16, 128, "attention", False),
+    ("ultra-tiny chunked", "ultra-tiny", {}, 16, 128, "chunked", False),
+    ("ultra-tiny softmax", "ultra-tiny", {"mixer": "softmax"}, 16, 128, None, False),
+    ("tiny attention", "tiny", {}, 4, 512, "attention", False),
+    ("tiny chunked", "tiny", {}, 4, 512, "chunked", False),
+    ("tiny chunked ckpt", "tiny", {}, 4, 512, "chunked", True),
+    ("tiny softmax", "tiny", {"mixer": "softmax"}, 4, 512, None, False),
+    ("tiny softmax ckpt", "tiny", {"mixer": "softmax"}, 4, 512, None, True),
+    ("50M attention", "small", MID, 2, 512, "attention", False),
+    ("50M chunked ckpt", "small", MID, 2, 1024, "chunked", True),
+    ("50M chunked", "small", MID, 2, 1024, "chunked", False),
+    ("50M softmax", "small", {**MID, "mixer": "softmax"}, 2, 1024, None, False),
+]
+
+
+def measure(config, batch, seq_len, method, checkpointing) -> int:
+    mx.random.seed(0)
+    model = RetentionLLM(config)
+    model.checkpointing = checkpointing
+    if method is not None:
+        model.set_retention_form(method)
+    optimizer = optim.AdamW(1e-4)
+    tokens = mx.random.randint(0, config.vocab_size, (batch, seq_len + 1))
+    step = nn.value_and_grad(model, lambda m: nn.losses.cross_entropy(
+        m(tokens[:, :-1]), tokens[:, 1:], reduction="mean"))
+    for repeat in range(2):
+        if repeat == 1:
+            mx.reset_peak_memory()
+        loss, grads = step(model)
+        optimizer.update(model, grads)
+        mx.eval(loss, model.parameters(), optimizer.state)
+        del loss, grads
+    peak = mx.get_peak_memory()
+    del model, optimizer
+    release_freed_memory()
+    return peak
+
+
+@click.command()
+@click.option("--cases", default="", help="comma-separated case names (default: all)")
+@click.option("--out", default=None, help="JSON path (default benchmarks/results/memory-DATE.json)")
+def main(cases, out):
+    reexec_with_fast_blas()
+    wanted = {c.strip() for c in cases.split(",") if c.strip()}
+    started = now()
+    machine = machine_description()
+    print(f"# training-step memory, predicted vs measured, {started:%Y-%m-%d %H:%M %Z}")
+    print(f"# machine: {machine['cpu']}, {machine['cores']} cores; MLX {machine['mlx']} on "
+          f"{machine['device']}; float32, AdamW; peak = mx.get_peak_memory() over one step")
+    header = f"{'case':<22} {'B x T':>9} {'form':>9} {'predicted':>10} {'measured':>10} {'error':>7}"
+    print(header)
+    print("-" * len(header))
+    results = []
+    for name, preset, overrides, batch, seq_len, method, checkpointing in CASES:
+        if wanted and name not in wanted:
+            continue
+        config = create_model_config(preset, **overrides)
+        predicted = estimate(config, batch, seq_len, checkpointing=checkpointing,
+                             method=method or "auto")
+        measured = measure(config, batch, seq_len, method, checkpointing)
+        error = predicted.total / measured - 1
+        results.append({"case": name, "preset": preset, "overrides": overrides, "batch": batch,
+                        "seq_len": seq_len, "method": predicted.method,
+                        "checkpointing": checkpointing, "predicted_bytes": predicted.total,
+                        "measured_bytes": measured, "relative_error": error})
+        print(f"{name:<22} {f'{batch} x {seq_len}':>9} {predicted.method:>9} "
+              f"{format_bytes(predicted.total):>10} {format_bytes(measured):>10} {100 * error:>6.1f}%",
+              flush=True)
+    worst = max(abs(r["relative_error"]) for r in results)
+    print(f"# worst error {100 * worst:.1f}% (target 15%)")
+    out = write_report("bench_memory", started, {"results": results, "worst_relative_error": worst}, out)
+    print(f"# wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
