@@ -322,13 +322,18 @@ def is_memory_error(error: BaseException) -> bool:
     return isinstance(error, MemoryError) or any(m in str(error).lower() for m in MEMORY_ERROR_MARKERS)
 
 
-def injected(cfg: TrainConfig, kind: str) -> set:
-    steps = set()
+def injected(cfg: TrainConfig, kind: str) -> Counter:
+    """How many times each step fails in the test injection (a step may be listed repeatedly)."""
+    steps = Counter()
     for entry in filter(None, cfg.inject.split(";")):
         name, _, values = entry.partition(":")
         if name == kind:
-            steps |= {int(v) for v in values.split(",") if v}
+            steps.update(int(v) for v in values.split(",") if v)
     return steps
+
+
+class ModelMustChange(Exception):
+    """Only rungs that change the model are left: the run restarts with the smaller model."""
 
 
 def rung_to_plan(rung, requested: RunShape) -> dict:
@@ -463,11 +468,9 @@ def train(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
         nonlocal shape, micro_step
         print(f"MEMORY: {reason}; stepping down the ladder from '{cfg.plan['rung']}'")
         plan, _ = make_plan(cfg, requested, start_after=cfg.plan["rung"])
-        if plan.chosen.changes_model:
-            raise click.ClickException(
-                f"after '{cfg.plan['rung']}' only rungs that change the model remain "
-                f"('{plan.chosen.name}'): restart the run with a smaller model or batch")
         cfg.plan = rung_to_plan(plan.chosen, requested)
+        if plan.chosen.changes_model:
+            raise ModelMustChange(plan.chosen.name)
         shape = apply_plan(requested, cfg.plan)
         use_shape(shape)
         if cfg.compile:  # the traced graph depends on the shapes and the form
@@ -489,8 +492,8 @@ def train(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
             for micro in range(shape.grad_accum):
                 inputs, targets, mask = (mx.array(a) for a in sampler.next_batch())
                 part_loss, part_grads = micro_step(inputs, targets, mask)
-                if step in out_of_memory:
-                    out_of_memory.discard(step)
+                if out_of_memory[step]:
+                    out_of_memory[step] -= 1
                     raise RuntimeError("[metal::malloc] Resource limit (499000) exceeded. (injected)")
                 grads = part_grads if grads is None else tree_map(mx.add, grads, part_grads)
                 loss_sum = loss_sum + part_loss
@@ -503,8 +506,8 @@ def train(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
             sampler.load_state_dict(before[2])
             step_down(f"step {step} failed: {error}")
             continue
-        if step in poisoned:
-            poisoned.discard(step)  # once: the step redone after a rollback is clean
+        if poisoned[step]:
+            poisoned[step] -= 1  # the step redone after a rollback is clean
             loss_sum = loss_sum * float("nan")
         loss = loss_sum / max(count, 1.0)
         finite = mx.isfinite(loss) & mx.all(mx.array([mx.isfinite(g).all() for _, g in tree_flatten(grads)]))
@@ -717,10 +720,23 @@ def cli(ctx, mode, resume, quick_test, **options):
             raise click.UsageError(f"--out {out} already holds a run: continue it with "
                                    f"--resume {out}, or choose another --out (nothing was written)")
         resume_dir = None
-    try:
-        summary = train(cfg, resume_dir)
-    except (ValueError, FileNotFoundError) as error:
-        raise click.ClickException(str(error)) from error
+    while True:
+        try:
+            summary = train(cfg, resume_dir)
+            break
+        except ModelMustChange as change:
+            run_dir = Path(cfg.out)
+            kept = run_dir / f"checkpoints-before-{time.strftime('%Y%m%d-%H%M%S')}"
+            kept.mkdir()
+            for name in ("checkpoints", "metrics.jsonl", "samples.jsonl"):
+                if (run_dir / name).exists():
+                    os.replace(run_dir / name, kept / name)
+            print(f"!!! MEMORY: only rungs that change the model are left; RESTARTING FROM STEP 0 "
+                  f"with '{change}' (the old checkpoints and logs are in {kept}) !!!")
+            resume_dir = run_dir  # no checkpoint there now: a fresh start that keeps the new plan
+            cfg.inject = ""  # test injections have been delivered
+        except (ValueError, FileNotFoundError) as error:
+            raise click.ClickException(str(error)) from error
     if quick_test:
         fell = summary["initial_val_loss"] - summary["best_val_loss"]
         if not fell >= 0.5:

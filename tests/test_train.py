@@ -260,3 +260,20 @@ def test_legacy_command_form(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((out / "summary.json").read_text())["steps"] == 8
     assert json.loads((out / "train_config.json").read_text())["warmup"] == 0  # min(100, 8 // 10)
+
+
+def test_memory_errors_down_to_a_model_change_restart_loudly(tmp_path):
+    """Step 3 fails at every rung that keeps the model (as requested, checkpointing, two
+    micro-batch splits, four forms: 8 failures): the trainer then narrows the heads, restarts
+    from step 0 with that model, says so, and keeps the old checkpoints and logs."""
+    out = tmp_path / "run"
+    result = run(small_run(tmp_path, out, "--inject", "oom:" + ",".join(["3"] * 8), steps=8))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "RESTARTING FROM STEP 0" in result.stdout
+    plan = json.loads((out / "train_config.json").read_text())["plan"]
+    assert plan["rung"] == "4. heads of 16 x 4" and plan["model"]["head_dim"] == 16
+    assert sorted(losses(out)) == list(range(1, 9))
+    kept = [p for p in out.iterdir() if p.name.startswith("checkpoints-before-")]
+    assert len(kept) == 1 and (kept[0] / "metrics.jsonl").is_file()
+    config = json.loads((out / "checkpoints" / "last" / "model" / "config.json").read_text())
+    assert (config["head_dim"], config["num_attention_heads"]) == (16, 4)
