@@ -45,7 +45,7 @@ from llm.data import (DEFAULT_DATA, BatchSampler, cache_key, documents_fingerpri
 from llm.generate import generate_tokens
 from llm.plan import DEVICE_PROFILES, RunShape, device_limits, plan_training
 from llm.tokenizer import ByteTokenizer
-from llm.weights import read_weights, replace_directory
+from llm.weights import read_weights, recover_directory, replace_directory
 from power_retention.cpu_backend import reexec_with_fast_blas
 
 OPTIMIZERS = ("adamw", "lion", "muon")
@@ -239,12 +239,17 @@ def load_checkpoint(directory: Path, model, optimizer) -> dict:
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluate(model, batches) -> float:
+def evaluate(model, batches, rows: int) -> float:
+    """Mean masked loss over fixed batches, ``rows`` sequences at a time (the plan's
+    micro-batch): the value does not depend on ``rows``, only the memory does."""
     total, count = 0.0, 0.0
     for inputs, targets, mask in batches:
-        loss_sum, n = loss_terms(model, mx.array(inputs), mx.array(targets), mx.array(mask))
-        total += loss_sum.item()
-        count += n.item()
+        for start in range(0, len(inputs), rows):
+            piece = slice(start, start + rows)
+            loss_sum, n = loss_terms(model, mx.array(inputs[piece]), mx.array(targets[piece]),
+                                     mx.array(mask[piece]))
+            total += loss_sum.item()
+            count += n.item()
     return total / max(count, 1.0)
 
 
@@ -381,7 +386,8 @@ def train(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
         model.set_dtype(DTYPES[cfg.dtype])
     optimizer = make_optimizer(cfg)
     sampler = BatchSampler(data.train_tokens, data.train_mask, seq_len, shape.batch_size, cfg.seed)
-    val_batches = validation_batches(data.val_tokens, data.val_mask, seq_len, shape.batch_size,
+    # From the requested batch size, so the validation set is the same whatever the plan.
+    val_batches = validation_batches(data.val_tokens, data.val_mask, seq_len, cfg.batch_size,
                                      cfg.eval_batches)
 
     def use_shape(new_shape: RunShape):
@@ -397,6 +403,8 @@ def train(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
              "evals_without_improvement": 0, "skipped_steps": 0, "rollbacks": 0,
              "elapsed_s": 0.0, "train_losses": []}
     last_dir, best_dir = run.dir / "checkpoints" / "last", run.dir / "checkpoints" / "best"
+    for directory in (last_dir, best_dir):
+        recover_directory(directory)  # a kill between a save's two renames
     if resume_dir is not None and (last_dir / "trainer_state.json").is_file():
         state.update(load_checkpoint(last_dir, model, optimizer))
         sampler.load_state_dict(state.pop("sampler"))
@@ -436,7 +444,7 @@ def train(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
         optimizer.update(model, grads)
         return norm
 
-    model_state = [model.state, optimizer.state]
+    model_state = [model.state]  # the micro-step never touches the optimizer
     uncompiled_micro_step = micro_step
     if cfg.compile:
         micro_step = mx.compile(uncompiled_micro_step, inputs=model_state, outputs=model_state)
@@ -457,7 +465,7 @@ def train(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
         save_checkpoint(directory, model, tokenizer, optimizer, saved)
 
     if state["step"] == 0:
-        state["initial_val_loss"] = evaluate(model, val_batches)
+        state["initial_val_loss"] = evaluate(model, val_batches, shape.batch_size)
         run.log({"step": 0, "val_loss": state["initial_val_loss"],
                  "val_ppl": math.exp(min(state["initial_val_loss"], 50))})
         print(f"eval at step 0: validation loss {state['initial_val_loss']:.4f}")
@@ -480,6 +488,46 @@ def train(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
         os.replace(tmp, run.dir / "train_config.json")
         run.log({"step": state["step"], "event": "replan", "rung": cfg.plan["rung"], "reason": reason})
 
+    def end_of_step(step) -> bool:
+        """Evaluate and checkpoint when due; True when the run should stop."""
+        nonlocal stop_reason
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            val_loss = evaluate(model, val_batches, shape.batch_size)
+            samples, stats = sample_continuations(model, tokenizer, data.val_tokens, step, cfg.seed)
+            for sample in samples:
+                run.log(sample, run.samples_path)
+            improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"] - cfg.min_delta
+            print(f"eval at step {step}: validation loss {val_loss:.4f} (perplexity "
+                  f"{math.exp(min(val_loss, 50)):.1f}; unigram entropy {baseline:.3f}), "
+                  f"top-token share {stats['top_token_share']:.2f}, distinct-2 "
+                  f"{stats['distinct_2']:.2f}{'  [best]' if improved else ''}")
+            print(f"  sample: {samples[1]['prompt']!r} -> {samples[1]['continuation']!r}")
+            if stats["top_token_share"] >= COLLAPSE_TOP_SHARE or stats["distinct_2"] <= COLLAPSE_DISTINCT_2:
+                print("WARNING: MODE COLLAPSE: the samples are dominated by one token "
+                      f"(top-token share {stats['top_token_share']:.2f}, distinct-2 "
+                      f"{stats['distinct_2']:.2f})")
+            evals = [r for r in _read_jsonl(run.metrics_path) if "val_loss" in r]
+            if len(evals) >= 2 and val_loss > evals[-1]["val_loss"] > evals[-2]["val_loss"] \
+                    and len(recent) > 1 and np.mean(list(recent)[-10:]) < evals[-1]["train_loss"]:
+                print("WARNING: validation loss rising while training loss falls (overfitting)")
+            run.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
+                     "train_loss": float(np.mean(list(recent)[-10:])), **stats})
+            if improved:
+                state["best_val_loss"], state["best_step"] = val_loss, step
+                state["evals_without_improvement"] = 0
+                checkpoint(best_dir)
+            else:
+                state["evals_without_improvement"] += 1
+            if cfg.patience and state["evals_without_improvement"] >= cfg.patience:
+                stop_reason = f"early stop: no improvement in {cfg.patience} evaluations"
+        if step % cfg.save_every == 0 or step % cfg.eval_every == 0 or step == cfg.steps \
+                or stop_reason != "steps":
+            checkpoint(last_dir)
+        if stop_reason != "steps":
+            print(stop_reason)
+            return True
+        return False
+
     while state["step"] < cfg.steps:
         step = state["step"] + 1
         lr = learning_rate(cfg, step) * state["lr_scale"]
@@ -497,6 +545,10 @@ def train(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
                     raise RuntimeError("[metal::malloc] Resource limit (499000) exceeded. (injected)")
                 grads = part_grads if grads is None else tree_map(mx.add, grads, part_grads)
                 loss_sum = loss_sum + part_loss
+                # Evaluated here, micro-batch by micro-batch: MLX is lazy, so this is where a
+                # step runs out of memory (inside the try), and accumulating unevaluated
+                # gradients would keep every micro-batch's activations alive at once.
+                mx.eval(loss_sum, grads)
                 count += float(mask.sum().item())
         except (RuntimeError, MemoryError) as error:
             if not is_memory_error(error) or not cfg.degrade:
@@ -536,6 +588,8 @@ def train(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
                 run.log({"step": state["step"], "event": "rollback", "lr_scale": state["lr_scale"]})
             else:
                 state["step"] = step  # the batch is dropped and the schedule moves on
+                if end_of_step(step):  # a skipped step still gets its evaluation and checkpoint
+                    break
             continue
         bad_in_a_row = 0
         norm = apply_update(grads, count, lr)
@@ -573,40 +627,7 @@ def train(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
             window_start, window_tokens = time.perf_counter(), 0
         run.log(record)
 
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            val_loss = evaluate(model, val_batches)
-            samples, stats = sample_continuations(model, tokenizer, data.val_tokens, step, cfg.seed)
-            for sample in samples:
-                run.log(sample, run.samples_path)
-            improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"] - cfg.min_delta
-            print(f"eval at step {step}: validation loss {val_loss:.4f} (perplexity "
-                  f"{math.exp(min(val_loss, 50)):.1f}; unigram entropy {baseline:.3f}), "
-                  f"top-token share {stats['top_token_share']:.2f}, distinct-2 "
-                  f"{stats['distinct_2']:.2f}{'  [best]' if improved else ''}")
-            print(f"  sample: {samples[1]['prompt']!r} -> {samples[1]['continuation']!r}")
-            if stats["top_token_share"] >= COLLAPSE_TOP_SHARE or stats["distinct_2"] <= COLLAPSE_DISTINCT_2:
-                print("WARNING: MODE COLLAPSE: the samples are dominated by one token "
-                      f"(top-token share {stats['top_token_share']:.2f}, distinct-2 "
-                      f"{stats['distinct_2']:.2f})")
-            evals = [r for r in _read_jsonl(run.metrics_path) if "val_loss" in r]
-            if len(evals) >= 2 and val_loss > evals[-1]["val_loss"] > evals[-2]["val_loss"] \
-                    and len(recent) > 1 and np.mean(list(recent)[-10:]) < evals[-1]["train_loss"]:
-                print("WARNING: validation loss rising while training loss falls (overfitting)")
-            run.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
-                     "train_loss": float(np.mean(list(recent)[-10:])), **stats})
-            if improved:
-                state["best_val_loss"], state["best_step"] = val_loss, step
-                state["evals_without_improvement"] = 0
-                checkpoint(best_dir)
-            else:
-                state["evals_without_improvement"] += 1
-            if cfg.patience and state["evals_without_improvement"] >= cfg.patience:
-                stop_reason = f"early stop: no improvement in {cfg.patience} evaluations"
-        if step % cfg.save_every == 0 or step % cfg.eval_every == 0 or step == cfg.steps \
-                or stop_reason != "steps":
-            checkpoint(last_dir)
-        if stop_reason != "steps":
-            print(stop_reason)
+        if end_of_step(step):
             break
 
     elapsed = time.perf_counter() - run_start
@@ -621,7 +642,7 @@ def train(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
     (run.dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"done ({stop_reason}): {state['step']} steps, {state['tokens']:,} tokens in "
           f"{elapsed / 60:.1f} min ({summary['tokens_per_s']:,.0f} tok/s), peak {peak:.2f} GB; "
-          f"best validation loss {state['best_val_loss']:.4f} at step {state['best_step']} "
+          f"best validation loss {state['best_val_loss'] or float('nan'):.4f} at step {state['best_step']} "
           f"(unigram entropy {baseline:.3f}); checkpoints in {run.dir / 'checkpoints'}")
     return summary
 
@@ -755,6 +776,9 @@ def _resumed_config(directory: Path, options: dict, given: set) -> tuple:
     unknown = sorted(set(saved) - set(_option_names()))
     if unknown:
         raise click.UsageError(f"--resume {directory}: train_config.json has unknown options {unknown}")
+    if "out" in given and Path(options["out"]).resolve() != directory.resolve():
+        raise click.UsageError(f"--out {options['out']} with --resume {directory}: a resumed run "
+                               f"stays in its directory (leave out --out)")
     for name in sorted(given):
         if name in RESUMABLE_OVERRIDES or name == "out":
             continue
@@ -821,7 +845,7 @@ def plan_command(**options):
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--prompt", default="", help="text to continue (default: the start of a document)")
+@click.option("--prompt", default="", help="text to continue (default: nothing, just the beginning-of-sequence token)")
 @click.option("--max-new-tokens", type=int, default=200, show_default=True)
 @click.option("--temperature", type=float, default=0.8, show_default=True)
 @click.option("--top-p", type=float, default=0.95, show_default=True)

@@ -76,7 +76,8 @@ def _mixer_activations(config: ModelConfig, B: int, T: int, method: str, chunk_s
     return floats, largest, transient
 
 
-def _live_buffers(config: ModelConfig, T: int, method: str, checkpointing: bool, optimizer: str) -> int:
+def _live_buffers(config: ModelConfig, T: int, method: str, chunk_size: int, checkpointing: bool,
+                  optimizer: str) -> int:
     """Arrays alive at the peak: each parameter with its gradient and optimizer slots, and the
     activations of each layer (about 40 arrays, plus a few per chunk in the chunked form's
     scan and per token in the recurrent form)."""
@@ -84,7 +85,7 @@ def _live_buffers(config: ModelConfig, T: int, method: str, checkpointing: bool,
     tensors = config.num_hidden_layers * per_layer_tensors + 2 + (0 if config.tie_word_embeddings else 1)
     activations = 40
     if config.mixer == "power" and method == "chunked":
-        activations += 8 * -(-T // config.chunk_size)
+        activations += 8 * -(-T // chunk_size)
     elif config.mixer == "power" and method == "recurrent":
         activations += 12 * T
     layers = 1 if checkpointing else config.num_hidden_layers
@@ -123,7 +124,7 @@ def estimate(config: ModelConfig, batch_size: int, seq_len: int, dtype: str = "f
                   "embedding": config.vocab_size * dim * nbytes}
     largest_name = max(candidates, key=candidates.get)
     return MemoryEstimate(
-        live_buffers=_live_buffers(config, T, method, checkpointing, optimizer),
+        live_buffers=_live_buffers(config, T, method, chunk_size, checkpointing, optimizer),
         parameters=P * nbytes, gradients=P * nbytes,
         optimizer_state=OPTIMIZER_SLOTS[optimizer] * P * 4,
         activations=activations, activations_per_layer=per_layer,

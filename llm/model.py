@@ -254,7 +254,8 @@ class RetentionLLM(nn.Module):
             prompt = mx.concatenate([self._session.pending[:, None], prompt], axis=1)
         new = list(generate_tokens(self, prompt, self._session.cache, max_new_tokens,
                                    temperature=temperature, top_p=top_p, top_k=top_k, seed=seed))
-        self._session.pending = new[-1] if new else self._session.pending
+        # With no new token, every token given has been fed: nothing is pending.
+        self._session.pending = new[-1] if new else None
         out = mx.stack(new, axis=1) if new else mx.zeros((prompt.shape[0], 0), dtype=mx.int32)
         return out[0] if squeeze else out
 

@@ -153,12 +153,17 @@ def _ladder(shape: RunShape):
     shape = shape.replace(checkpointing=True)
     yield "1. gradient checkpointing", shape, False
     while shape.batch_size > 1:
-        shape = shape.replace(batch_size=shape.batch_size // 2, grad_accum=shape.grad_accum * 2)
+        # Split by the batch's smallest prime factor, so the effective batch stays the same.
+        factor = next(f for f in range(2, shape.batch_size + 1) if shape.batch_size % f == 0)
+        shape = shape.replace(batch_size=shape.batch_size // factor,
+                              grad_accum=shape.grad_accum * factor)
         yield f"2. micro-batches {shape.batch_size} x {shape.grad_accum}", shape, False
     if shape.config.mixer == "power":
         for method, chunk in (("chunked", 64), ("chunked", 32), ("chunked", 16), ("attention", None)):
             yield (f"3. {method} form" + (f", chunk {chunk}" if chunk else ""),
                    shape.replace(method=method, chunk_size=chunk), False)
+        # The model-changing rungs go back to the automatic form: with smaller heads the
+        # cheapest form changes, and each rung's estimate uses it.
         while shape.config.head_dim > 16 and shape.config.head_dim % 2 == 0:
             config = shape.config
             shape = shape.with_model(head_dim=config.head_dim // 2,

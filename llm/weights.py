@@ -31,13 +31,49 @@ def _fsync(path: Path):
         os.fsync(f.fileno())
 
 
+def _fsync_directory(path: Path):
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:  # not supported on every platform
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def recover_directory(directory) -> None:
+    """Undo a replacement that a kill interrupted: if ``directory`` is missing but its
+    previous version is still parked beside it, put that back; then remove leftovers."""
+    directory = Path(directory)
+    parent = directory.parent
+    if not parent.is_dir():
+        return
+    parked = sorted(parent.glob(f".{directory.name}.old-*"))
+    if not directory.exists():
+        for old in parked:
+            if (old / "replaced").is_dir():
+                os.rename(old / "replaced", directory)
+                break
+    for leftover in [*parent.glob(f".{directory.name}.tmp-*"), *parked]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def replace_directory(build, directory) -> Path:
     """Call ``build(tmp)`` to fill a fresh temporary directory, then move it to ``directory``
-    (replacing any previous one). A crash at any point leaves either the old directory or
-    the new one complete, plus at most a hidden leftover beside it."""
+    (replacing any previous one). The previous version is parked beside it during the two
+    renames; a kill at any moment leaves the old or the new version complete, and
+    ``recover_directory`` (run here first, and by the loaders) restores the old one if the
+    kill fell between the renames."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    recover_directory(directory)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a saved model should not be
     try:
         build(tmp)
         for path in tmp.rglob("*"):
@@ -47,7 +83,13 @@ def replace_directory(build, directory) -> Path:
         if directory.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
             os.rename(directory, old / "replaced")
-        os.rename(tmp, directory)
+        try:
+            os.rename(tmp, directory)
+        except BaseException:
+            if old is not None and not directory.exists():
+                os.rename(old / "replaced", directory)
+            raise
+        _fsync_directory(directory.parent)
         if old is not None:
             shutil.rmtree(old)
     except BaseException:
@@ -94,6 +136,7 @@ def save_pretrained(model, directory, tokenizer=None, max_shard_bytes: int | Non
 
 
 def read_config(directory) -> ModelConfig:
+    recover_directory(directory)
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a saved RetentionLLM directory")

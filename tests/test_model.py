@@ -190,3 +190,11 @@ def test_stream_generate_matches_generate():
     assert last.prompt_tokens == len(tokenizer.encode("Hello, world", add_bos=True))
     assert last.prompt_tps > 0 and last.generation_tps > 0 and last.peak_memory > 0
     assert 1 <= last.generation_tokens <= 20
+
+
+def test_stateful_generate_with_no_new_tokens_feeds_everything_once():
+    model = small_model("power")
+    model.generate(mx.array([1, 2, 3]), max_new_tokens=3, temperature=0)   # 3 fed, 1 pending
+    model.generate(mx.array([5, 6]), max_new_tokens=0, temperature=0)      # pending + 2 fed
+    model.generate(mx.array([7, 8]), max_new_tokens=1, temperature=0)      # 2 fed, 1 pending
+    assert model._session.cache[0].offset == 3 + 3 + 2 + 2

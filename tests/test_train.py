@@ -277,3 +277,13 @@ def test_memory_errors_down_to_a_model_change_restart_loudly(tmp_path):
     assert len(kept) == 1 and (kept[0] / "metrics.jsonl").is_file()
     config = json.loads((out / "checkpoints" / "last" / "model" / "config.json").read_text())
     assert (config["head_dim"], config["num_attention_heads"]) == (16, 4)
+
+
+def test_a_skipped_final_step_still_evaluates_and_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    result = run(small_run(tmp_path, out, "--inject", "nan:12", "--eval-every", "100", steps=12))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "step 12: non-finite" in result.stdout and "eval at step 12" in result.stdout
+    state = json.loads((out / "checkpoints" / "last" / "trainer_state.json").read_text())
+    assert state["step"] == 12 and state["skipped_steps"] == 1
+    assert json.loads((out / "summary.json").read_text())["best_step"] == 12

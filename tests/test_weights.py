@@ -134,3 +134,34 @@ def test_missing_files_are_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(create_model_config("ultra-tiny").to_dict()))
     with pytest.raises(FileNotFoundError, match="expected model.safetensors"):
         RetentionLLM.from_pretrained(tmp_path)
+
+
+def test_a_save_killed_between_its_renames_is_recovered(model, tmp_path):
+    """The state a kill between replace_directory's two renames leaves: the target missing,
+    the previous version parked beside it, a complete new version still temporary. Loading
+    puts the previous version back and removes the leftovers."""
+    from llm.weights import recover_directory
+
+    model.save_pretrained(tmp_path / "run")
+    parked = tmp_path / ".run.old-abc123"
+    parked.mkdir()
+    (tmp_path / "run").rename(parked / "replaced")
+    (tmp_path / ".run.tmp-def456").mkdir()
+    assert not (tmp_path / "run").exists()
+    loaded = RetentionLLM.from_pretrained(tmp_path / "run")
+    assert_same_weights(loaded, model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    recover_directory(tmp_path / "run")  # nothing to do: harmless
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_saved_files_are_not_private(model, tmp_path):
+    model.save_pretrained(tmp_path / "run")
+    assert (tmp_path / "run").stat().st_mode & 0o055 == 0o055 & ~_umask()
+
+
+def _umask():
+    import os
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
