@@ -87,6 +87,23 @@ def measure(method, B, T, H, d, deg, chunk_size, repeats):
     return cell
 
 
+def auto_overhead(choice, B, T, H, d, deg, chunk_size, repeats) -> float:
+    """Forward time of "auto" over the method it chose, timed alternately in one loop so that
+    this machine's drift cancels (separate cells differ by tens of percent on a shared VM)."""
+    auto = make_case("auto", B, T, H, d, deg, chunk_size)[0]
+    chosen = make_case(choice, B, T, H, d, deg, chunk_size)[0]
+    mx.eval(auto(), chosen())
+    ratios = []
+    for _ in range(max(repeats, 5)):
+        times = []
+        for fn in (auto, chosen):
+            start = time.perf_counter()
+            mx.eval(fn())
+            times.append(time.perf_counter() - start)
+        ratios.append(times[0] / times[1])
+    return sorted(ratios)[len(ratios) // 2]
+
+
 @click.command()
 @click.option("--min-T", "min_T", default=256, show_default=True)
 @click.option("--max-T", "max_T", default=32768, show_default=True)
@@ -137,6 +154,9 @@ def main(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, memory_lim
                 row["skipped"] = f"predicted > {time_limit:g} s"
             else:
                 row.update(measure(method, B, T, H, d, deg, chunk_size, repeats))
+                if method == "auto":
+                    row["auto_over_choice"] = auto_overhead(row["auto_choice"], B, T, H, d, deg,
+                                                            chunk_size, repeats)
                 last_time[method] = row["forward_backward_s"]
                 if method == "chunked":
                     flops = chunked_flops(T, H, d, d, deg, chunk_size)
@@ -147,7 +167,8 @@ def main(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, memory_lim
             if "skipped" in row:
                 print(f"{T:>6} {method:>10} {'-':>9} {'-':>10} {'-':>7} {'-':>7}  skipped: {row['skipped']}")
             else:
-                note = f"-> {row['auto_choice']}" if method == "auto" else ""
+                note = (f"-> {row['auto_choice']} (x{row['auto_over_choice']:.2f} of it, interleaved)"
+                        if method == "auto" else "")
                 if method == "chunked":
                     note = (f"{row['forward_backward_gflops']:.1f} GFLOP/s fwd+bwd "
                             f"({100 * row['forward_backward_fraction_of_peak']:.0f}% of peak)")
