@@ -5,7 +5,9 @@ softmax attention's KV cache, on the same model otherwise.
 
 For each mixer the prompt cache is filled to each context in turn (prefill in pieces of
 2048 tokens), then single decode steps (one token in, logits out) are timed: median of
---steps after --warmup. Target: the power mixer's step at 8k within 1.3x of its step at 128.
+--steps after a warm-up step. Each timed step appends its token, so a context point's steps
+run at context .. context + steps (128 .. 149 by default), and later points start that much
+further on. Target: the power mixer's step at 8k within 1.3x of its step at 128.
 """
 
 from __future__ import annotations

@@ -69,6 +69,10 @@ def measure(config, batch, seq_len, method, checkpointing) -> int:
 def main(cases, out):
     reexec_with_fast_blas()
     wanted = {c.strip() for c in cases.split(",") if c.strip()}
+    unknown = wanted - {case[0] for case in CASES}
+    if unknown:
+        raise click.BadParameter(f"unknown case(s) {sorted(unknown)}; known: "
+                                 f"{', '.join(case[0] for case in CASES)}", param_hint="--cases")
     started = now()
     machine = machine_description()
     print(f"# training-step memory, predicted vs measured, {started:%Y-%m-%d %H:%M %Z}")

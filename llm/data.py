@@ -348,7 +348,14 @@ def tokenize_corpus(documents, tokenizer, cache_root: Path, key: str, val_fracti
 
 def split_documents(documents: list[Document], val_fraction: float,
                     seed: int) -> tuple[list[Document], list[Document]]:
-    """(train, validation) documents, each in a seeded random order (see tokenize_corpus)."""
+    """(train, validation) documents, each in a seeded random order (see tokenize_corpus).
+
+    Exact duplicates are dropped first (repeated jsonl rows, copied files): otherwise a
+    validation document could also be a training document."""
+    unique = {}
+    for doc in documents:
+        unique.setdefault((doc.text, doc.prompt_chars), doc)
+    documents = list(unique.values())
     n = len(documents)
     if n == 1:
         return _split_one(documents[0], val_fraction)
@@ -365,9 +372,11 @@ def _split_one(doc: Document, val_fraction: float) -> tuple[list[Document], list
         raise ValueError(f"the corpus is one document of {len(text)} character(s): too short to "
                          "split into training and validation text")
     target = round(len(text) * (1 - val_fraction))
-    # Cut just after a newline, the one nearest the target; without any, at the target.
+    # Cut just after a newline, the one nearest the target if it is within 10% of the text
+    # from it (a far one could leave almost nothing on one side); otherwise at the target.
     before, after = text.rfind("\n", 0, target) + 1, text.find("\n", target) + 1
-    cuts = [c for c in (before, after) if 0 < c < len(text)]
+    tolerance = max(len(text) // 10, 1)
+    cuts = [c for c in (before, after) if 0 < c < len(text) and abs(c - target) <= tolerance]
     cut = min(cuts, key=lambda c: abs(c - target)) if cuts else target
     cut = min(max(cut, 1), len(text) - 1)
     train = Document(text[:cut], min(doc.prompt_chars, cut))

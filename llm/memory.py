@@ -64,6 +64,10 @@ def _mixer_activations(config: ModelConfig, B: int, T: int, method: str, chunk_s
     weights = 6 * B * Hq * T * c
     floats = projections + weights + 2 * B * T * Hq * hd  # + output and normed output
     largest, transient = B * Hq * T * c, 0
+    if method == "recurrent":
+        # Autodiff keeps every token's state [S | z] and its features.
+        states = B * T * H * D * (hd + 1)
+        return projections + states + B * T * (Hq + H) * D, max(states // T, B * T * Hq * D), 0
     if method != "attention" and T > c:
         n = -(-T // c)
         features = B * T * (Hq + H) * D           # phi(q) and phi(k)
@@ -105,7 +109,7 @@ def estimate(config: ModelConfig, batch_size: int, seq_len: int, dtype: str = "f
     if config.mixer == "power" and method == "auto":
         method = choose_method(B=B, T=T, Hq=config.num_attention_heads,
                                H=config.num_key_value_heads, d=config.head_dim, e=config.head_dim,
-                               deg=config.power, chunk_size=chunk_size)
+                               deg=config.power, chunk_size=chunk_size, gated=config.gating)
     nbytes = DTYPE_BYTES[dtype]
     P = param_count(config)
 
@@ -126,7 +130,7 @@ def estimate(config: ModelConfig, batch_size: int, seq_len: int, dtype: str = "f
     return MemoryEstimate(
         live_buffers=_live_buffers(config, T, method, chunk_size, checkpointing, optimizer),
         parameters=P * nbytes, gradients=P * nbytes,
-        optimizer_state=OPTIMIZER_SLOTS[optimizer] * P * 4,
+        optimizer_state=OPTIMIZER_SLOTS[optimizer] * P * nbytes,  # MLX keeps them in the parameters' dtype
         activations=activations, activations_per_layer=per_layer,
         logits_and_loss=3 * logits,  # logits, their softmax, and its gradient
         # A layer's activation gradients during its backward, and the mixer's recomputation.

@@ -16,6 +16,7 @@ least loss of fidelity first, recording every rung it tried:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from dataclasses import dataclass, field
 
@@ -181,8 +182,11 @@ def _ladder(shape: RunShape):
         config = shape.config
         width = config.hidden_size // 2
         heads = max(1, config.num_attention_heads // 2)
+        # The most key/value heads (at most as many as before) that divide the query heads.
+        kv_heads = max(k for k in range(1, min(config.num_key_value_heads, heads) + 1)
+                       if heads % k == 0)
         shape = shape.with_model(hidden_size=width, num_attention_heads=heads,
-                                 num_key_value_heads=max(1, min(config.num_key_value_heads, heads)),
+                                 num_key_value_heads=kv_heads,
                                  intermediate_size=max(1, config.intermediate_size // 2))
         yield f"6. width {width}", shape, True
 
@@ -195,11 +199,10 @@ def plan_training(shape: RunShape, limits: DeviceLimits, *, dtype: str = "float3
     """
     plan = Plan(limits)
     budget = limits.memory_bytes * SAFETY_MARGIN
-    rungs = [("0. as requested", shape, False)] + (list(_ladder(shape)) if degrade else [])
-    if start_after is not None:
-        names = [name for name, _, _ in rungs]
-        rungs = rungs[names.index(start_after) + 1:] if start_after in names else []
-    for name, candidate, changes_model in rungs:
+    rungs = itertools.chain([("0. as requested", shape, False)], _ladder(shape) if degrade else [])
+    if start_after is not None:  # the rungs below the one that failed (none if it is unknown)
+        rungs = itertools.islice(itertools.dropwhile(lambda rung: rung[0] != start_after, rungs), 1, None)
+    for name, candidate, changes_model in rungs:  # lazily: rungs past the first fit are not built
         result = _estimate(candidate, dtype, optimizer)
         reasons = []
         if result.total > budget:

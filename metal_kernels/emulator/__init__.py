@@ -1,0 +1,351 @@
+"""CPU emulator for MLX ``mx.fast.metal_kernel`` bodies (for testing on Linux).
+
+``run_kernel`` wraps a kernel body the way MLX does, adapted to the C++ shim in
+``metal_shim.h``, compiles it with g++ (cached per distinct generated source)
+and runs it with the threads of each threadgroup as cooperative fibers.
+
+Wrapping follows MLX's ``write_signature`` / ``metal_kernel`` in
+ml-explore/mlx ``mlx/backend/metal/custom_kernel.cpp`` (the revision with
+``max_constant_array_size = 8`` and dtype suffixes in the kernel name, i.e. the
+0.2x/0.3x line, current as of mlx 0.32):
+
+* header first, then ``template <typename T, int N, bool B>`` if template args;
+* ``[[kernel]] void custom_kernel_<name>[_<template hash>]_<dtype suffixes>(``;
+* each input: ``const device T* name [[buffer(i)]]`` (``constant`` when it has
+  fewer than 8 elements; ``const constant T& name`` when 0-d), followed by
+  ``const constant int* name_shape``, ``const constant int64_t* name_strides``,
+  ``const constant int& name_ndim`` only if the body contains those strings;
+* each output: ``device T* name`` (``device atomic<T>*`` with atomic_outputs);
+* each Metal attribute (``uint3 thread_position_in_grid [[...]]`` etc.) only if
+  its name occurs in the body (not the header);
+* the body, then ``}``.
+
+Adaptations for the CPU: pointer parameters become bounds-checked
+``emu::ptr<T>`` objects; ``threadgroup`` variable declarations become
+``static thread_local`` storage re-poisoned (NaN / all-ones) per threadgroup;
+local ``device T* p = ...`` declarations become ``auto p = ...`` so derived
+pointers stay checked; the explicit template instantiation MLX appends is replaced by a direct call.
+
+Dtypes: numpy arrays; ``"bfloat16"`` buffers are passed/returned as uint16 bit
+patterns.  Template values may be numpy dtypes / dtype names, ints or bools.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["run_kernel", "generate_source", "EmulatorError"]
+
+_HERE = Path(__file__).resolve().parent
+_SHIM = _HERE / "metal_shim.h"
+_CACHE = Path(os.environ.get("POWER_RETENTION_EMULATOR_CACHE", Path(tempfile.gettempdir()) / "metal_emu_cache"))
+MAX_CONSTANT_ARRAY_SIZE = 8  # MLX: inputs with fewer elements go in `constant`
+
+# (MLX attribute name, Metal type) -- same list and order as MLX's metal_kernel.
+_ATTRIBUTES = [
+    ("dispatch_quadgroups_per_threadgroup", "uint"),
+    ("dispatch_simdgroups_per_threadgroup", "uint"),
+    ("dispatch_threads_per_threadgroup", "uint3"),
+    ("grid_origin", "uint3"),
+    ("grid_size", "uint3"),
+    ("quadgroup_index_in_threadgroup", "uint"),
+    ("quadgroups_per_threadgroup", "uint"),
+    ("simdgroup_index_in_threadgroup", "uint"),
+    ("simdgroups_per_threadgroup", "uint"),
+    ("thread_execution_width", "uint"),
+    ("thread_index_in_quadgroup", "uint"),
+    ("thread_index_in_simdgroup", "uint"),
+    ("thread_index_in_threadgroup", "uint"),
+    ("thread_position_in_grid", "uint3"),
+    ("thread_position_in_threadgroup", "uint3"),
+    ("threadgroup_position_in_grid", "uint3"),
+    ("threadgroups_per_grid", "uint3"),
+    ("threads_per_grid", "uint3"),
+    ("threads_per_simdgroup", "uint"),
+    ("threads_per_threadgroup", "uint3"),
+]
+
+# dtype name -> (MLX get_type_string, numpy storage dtype)
+_TYPES = {
+    "float32": ("float", np.float32),
+    "float16": ("float16_t", np.float16),
+    "bfloat16": ("bfloat16_t", np.uint16),
+    "int8": ("int8_t", np.int8),
+    "int16": ("int16_t", np.int16),
+    "int32": ("int32_t", np.int32),
+    "int64": ("int64_t", np.int64),
+    "uint8": ("uint8_t", np.uint8),
+    "uint16": ("uint16_t", np.uint16),
+    "uint32": ("uint32_t", np.uint32),
+    "uint64": ("uint64_t", np.uint64),
+    "bool": ("bool", np.bool_),
+}
+
+
+class EmulatorError(RuntimeError):
+    """Compile error, barrier/divergence violation or out-of-bounds access."""
+
+
+def _dtype_name(dt) -> str:
+    if isinstance(dt, str):
+        name = dt.replace("mlx.core.", "")
+    else:
+        name = str(dt).replace("mlx.core.", "")
+        if name not in _TYPES:
+            name = np.dtype(dt).name
+    if name == "bool_":
+        name = "bool"
+    if name not in _TYPES:
+        raise EmulatorError(f"unsupported dtype {dt!r}")
+    return name
+
+
+def _template_value(v) -> tuple[str, str]:
+    """(parameter kind, value text) as MLX's write_signature/write_template."""
+    if isinstance(v, (bool, np.bool_)):
+        return "bool", str(int(v))  # MLX streams the bool without boolalpha
+    if isinstance(v, (int, np.integer)):
+        return "int", str(int(v))
+    return "typename", _TYPES[_dtype_name(v)][0]
+
+
+_TG_DECL = re.compile(r"(?<=[;{}])(\s*)threadgroup\s+([^;(){}]*?)\s*;")
+
+
+def _rewrite_threadgroup(code: str) -> str:
+    """`threadgroup T x[N];` -> shared static storage poisoned per threadgroup.
+
+    Only statement-level declarations (after `;`, `{` or `}`) are rewritten;
+    `threadgroup T*` parameters keep the empty macro.  Declarations with
+    several declarators (`threadgroup float a[4], b[4];`) are not supported.
+    """
+
+    def sub(m):
+        decl = m.group(2)
+        name = re.match(r"^.*?(\w+)\s*(\[.*\])?\s*(=.*)?$", decl, re.S).group(1)
+        return f"{m.group(1)}static thread_local {decl}; ::emu::tg_poison(&{name}, sizeof({name}));"
+
+    return _TG_DECL.sub(sub, "{" + code)[1:]
+
+
+_PTR_DECL = re.compile(
+    r"\b(?:const\s+)?(?:device|constant)\s+(?:const\s+)?[\w:]+(?:<[^<>;]*>)?\s*\*\s*(\w+)\s*=(?!=)")
+
+
+def _rewrite_pointer_locals(code: str) -> str:
+    """`const device T* p = buf + k;` -> `auto p = buf + k;`.
+
+    Keeps pointers derived from a buffer parameter bounds-checked (they stay
+    `emu::ptr`).  Pointers declared without an initialiser, or passed to
+    helper functions taking raw `device T*`, degrade to unchecked raw pointers.
+    """
+    return _PTR_DECL.sub(r"auto \1 =", code)
+
+
+def generate_source(name, input_names, output_names, source, inputs, output_dtypes,
+                    template=None, header="", atomic_outputs=False):
+    """Return (kernel_name, template_def, wrapped C++ source, shape_infos)."""
+    template = list(template or [])
+    tvals = [(n, *_template_value(v)) for n, v in template]
+    kernel_name = "custom_kernel_" + name
+    template_def = ""
+    if tvals:
+        template_def = "<" + ", ".join(v for _, _, v in tvals) + ">"
+        h = re.sub(r"<|>|(, )", "_", template_def)[:-1]
+        kernel_name += "_" + h
+    for arr in inputs:
+        kernel_name += "_" + _TYPES[_dtype_name(arr.dtype)][0]
+        if arr.ndim == 0:
+            kernel_name += "s"
+        elif arr.size < MAX_CONSTANT_ARRAY_SIZE:
+            kernel_name += "c"
+    for dt in output_dtypes:
+        kernel_name += "_" + _TYPES[_dtype_name(dt)][0]
+
+    shape_infos = [(n + "_shape" in source, n + "_strides" in source, n + "_ndim" in source)
+                   for n in input_names]
+    attributes = [(a, t) for a, t in _ATTRIBUTES if a in source]
+
+    src = _rewrite_pointer_locals(_rewrite_threadgroup(header)) + "\n"
+    if tvals:
+        src += "template <" + ", ".join(f"{k} {n}" for n, k, _ in tvals) + ">\n"
+    params = []
+    for i, (n, arr) in enumerate(zip(input_names, inputs)):
+        t = _TYPES[_dtype_name(arr.dtype)][0]
+        loc = "constant" if arr.size < MAX_CONSTANT_ARRAY_SIZE else "device"
+        if arr.ndim == 0:
+            params.append(f"  const {loc} {t}& {n} /* [[buffer]] */")
+        else:
+            params.append(f"  const {loc} ::emu::ptr<const {t}> {n} /* const {loc} {t}* [[buffer]] */")
+            sh, st, nd = shape_infos[i]
+            if sh:
+                params.append(f"  const constant ::emu::ptr<const int> {n}_shape")
+            if st:
+                params.append(f"  const constant ::emu::ptr<const int64_t> {n}_strides")
+            if nd:
+                params.append(f"  const constant int& {n}_ndim")
+    for n, dt in zip(output_names, output_dtypes):
+        t = _TYPES[_dtype_name(dt)][0]
+        if atomic_outputs:
+            t = f"atomic<{t}>"
+        params.append(f"  device ::emu::ptr<{t}> {n} /* device {t}* [[buffer]] */")
+    for a, t in attributes:
+        params.append(f"  {t} {a} /* [[{a}]] */")
+    src += f"[[kernel]] void {kernel_name}(\n" + ",\n".join(params) + ") {\n"
+    src += _rewrite_pointer_locals(_rewrite_threadgroup(source)) + "\n}\n"
+    return kernel_name, template_def, src, shape_infos, attributes
+
+
+def _runner_source(kernel_name, template_def, kernel_src, input_names, inputs,
+                   output_names, output_dtypes, shape_infos, attributes, atomic_outputs):
+    """main(): read spec + raw buffers, run the grid, write raw outputs."""
+    L = ['#include "metal_shim.h"', "#line 1 \"kernel\"", kernel_src, "namespace {"]
+    L.append("struct Buf { std::vector<char> data; long long n; std::vector<int> shape; std::vector<int64_t> strides; int ndim; };")
+    L.append(f"Buf g_in[{max(len(inputs), 1)}]; Buf g_out[{len(output_names)}];")
+    args = []
+    for i, (n, arr) in enumerate(zip(input_names, inputs)):
+        t = _TYPES[_dtype_name(arr.dtype)][0]
+        if arr.ndim == 0:
+            args.append(f"*reinterpret_cast<const {t}*>(g_in[{i}].data.data())")
+            continue
+        args.append(f"::emu::ptr<const {t}>{{reinterpret_cast<const {t}*>(g_in[{i}].data.data()), g_in[{i}].n, 0, \"{n}\"}}")
+        sh, st, nd = shape_infos[i]
+        if sh:
+            args.append(f"::emu::ptr<const int>{{g_in[{i}].shape.data(), g_in[{i}].ndim, 0, \"{n}_shape\"}}")
+        if st:
+            args.append(f"::emu::ptr<const int64_t>{{g_in[{i}].strides.data(), g_in[{i}].ndim, 0, \"{n}_strides\"}}")
+        if nd:
+            args.append(f"g_in[{i}].ndim")
+    for i, (n, dt) in enumerate(zip(output_names, output_dtypes)):
+        t = _TYPES[_dtype_name(dt)][0]
+        if atomic_outputs:
+            t = f"atomic<{t}>"
+        args.append(f"::emu::ptr<{t}>{{reinterpret_cast<{t}*>(g_out[{i}].data.data()), g_out[{i}].n, 0, \"{n}\"}}")
+    for a, _ in attributes:
+        args.append(f"at.{a}")
+    L.append("void launch(const ::emu::ThreadAttrs& at) {")
+    L.append(f"  {kernel_name}{template_def}({', '.join(args)});")
+    L.append("}")
+    L.append("""
+void read_file(const char* path, std::vector<char>& d) {
+  FILE* f = std::fopen(path, "rb"); if (!f) ::emu::fail("cannot open buffer file");
+  if (!d.empty() && std::fread(d.data(), 1, d.size(), f) != d.size()) ::emu::fail("short buffer file");
+  std::fclose(f);
+}
+}  // namespace
+int main(int argc, char** argv) {
+  if (argc != 2) ::emu::fail("usage: runner SPEC");
+  FILE* s = std::fopen(argv[1], "r");
+  char order[16]; unsigned seed, grid[3], tg[3];
+  if (std::fscanf(s, "%15s %u %u %u %u %u %u %u", order, &seed, grid, grid + 1, grid + 2, tg, tg + 1, tg + 2) != 8) ::emu::fail("bad spec");
+  char path[4096];""")
+    L.append(f"  for (int i = 0; i < {len(inputs)}; ++i) {{")
+    L.append("""    Buf& b = g_in[i]; long long nbytes;
+    if (std::fscanf(s, "%4095s %lld %lld %d", path, &nbytes, &b.n, &b.ndim) != 4) ::emu::fail("bad spec input");
+    b.shape.resize(b.ndim); b.strides.resize(b.ndim);
+    for (int d = 0; d < b.ndim; ++d) if (std::fscanf(s, "%d", &b.shape[d]) != 1) ::emu::fail("bad spec shape");
+    for (int d = b.ndim - 1, st = 1; d >= 0; st *= b.shape[d], --d) b.strides[d] = st;  // row contiguous
+    b.data.resize(nbytes); read_file(path, b.data);
+  }""")
+    L.append(f"  for (int i = 0; i < {len(output_names)}; ++i) {{")
+    L.append("""    Buf& b = g_out[i]; long long nbytes;
+    if (std::fscanf(s, "%4095s %lld %lld", path, &nbytes, &b.n) != 3) ::emu::fail("bad spec output");
+    b.data.resize(nbytes); read_file(path, b.data);  // pre-filled by Python (NaN / sentinel / init_value)
+  }
+  std::fclose(s);
+  std::string o = order;
+  ::emu::Order ord = o == "reverse" ? ::emu::REVERSE : o == "random" ? ::emu::RANDOM : ::emu::FORWARD;
+  ::emu::run_grid(launch, grid, tg, ord, seed);""")
+    L.append(f"  for (int i = 0; i < {len(output_names)}; ++i) {{")
+    L.append("""    std::string p = std::string(argv[1]) + ".out" + std::to_string(i);
+    FILE* f = std::fopen(p.c_str(), "wb");
+    std::fwrite(g_out[i].data.data(), 1, g_out[i].data.size(), f); std::fclose(f);
+  }
+  return 0;
+}""")
+    return "\n".join(L).replace('#include "metal_shim.h"', '#include <string>\n#include "metal_shim.h"', 1)
+
+
+def _compile(kernel_label: str, cpp: str) -> Path:
+    key = hashlib.sha256((cpp + _SHIM.read_text()).encode()).hexdigest()[:24]
+    _CACHE.mkdir(parents=True, exist_ok=True)
+    exe = _CACHE / f"k_{key}"
+    if exe.exists():
+        return exe
+    src = _CACHE / f"k_{key}.cpp"
+    src.write_text(cpp)
+    tmp = _CACHE / f"k_{key}.{os.getpid()}.tmp"
+    cmd = ["g++", "-O1", "-std=c++17", "-pthread", "-Wno-attributes", f"-I{_HERE}",
+           str(src), "-o", str(tmp)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise EmulatorError(f"kernel '{kernel_label}' failed to compile:\n{r.stderr}")
+    os.replace(tmp, exe)  # atomic: concurrent sessions never see a partial binary
+    return exe
+
+
+def _fill(dtype_name: str, shape, init_value):
+    storage = _TYPES[dtype_name][1]
+    if init_value is not None:
+        if dtype_name == "bfloat16":
+            bits = np.asarray(init_value, np.float32).view(np.uint32) >> 16
+            return np.full(shape, bits, np.uint16)
+        return np.full(shape, init_value, storage)
+    if dtype_name in ("float32", "float16"):
+        return np.full(shape, np.nan, storage)
+    # bfloat NaN and integer sentinel: all-ones bytes (-1 / max value).
+    return np.full(shape, -1, np.int64).astype(storage) if storage != np.bool_ else np.zeros(shape, np.bool_)
+
+
+def run_kernel(name, input_names, output_names, source, inputs, output_shapes, output_dtypes,
+               grid, threadgroup, template=None, order="forward", header="", *,
+               init_value=None, atomic_outputs=False, seed=0):
+    """Run a Metal kernel body on the CPU; returns the outputs as numpy arrays.
+
+    ``order``: "forward", "reverse" or "random" (threadgroups and, between
+    barriers, the threads of a group run in that order; ``seed`` for random).
+    Outputs start as NaN (floats) / all-ones (integers) unless ``init_value``.
+    """
+    if order not in ("forward", "reverse", "random"):
+        raise ValueError(f"order must be forward, reverse or random, not {order!r}")
+    if not (len(input_names) == len(inputs) and len(output_names) == len(output_shapes) == len(output_dtypes)):
+        raise ValueError("names, inputs, output_shapes and output_dtypes lengths disagree")
+    inputs = [np.asarray(a) for a in inputs]
+    # (np.ascontiguousarray would turn 0-d scalars into 1-d arrays)
+    inputs = [a if a.flags.c_contiguous else a.copy() for a in inputs]
+    kname, tdef, ksrc, shape_infos, attrs = generate_source(
+        name, input_names, output_names, source, inputs, output_dtypes, template, header, atomic_outputs)
+    cpp = _runner_source(kname, tdef, ksrc, input_names, inputs, output_names, output_dtypes,
+                         shape_infos, attrs, atomic_outputs)
+    exe = _compile(name, cpp)
+    names = [_dtype_name(dt) for dt in output_dtypes]
+    with tempfile.TemporaryDirectory(prefix="metal_emu_") as d:
+        spec = [order, str(seed), *map(str, (tuple(grid) + (1, 1, 1))[:3]), *map(str, (tuple(threadgroup) + (1, 1, 1))[:3])]
+        for i, a in enumerate(inputs):
+            p = os.path.join(d, f"in{i}")
+            a.tofile(p)
+            spec += [p, str(a.nbytes), str(a.size), str(a.ndim), *map(str, a.shape)]
+        for i, (shape, dn) in enumerate(zip(output_shapes, names)):
+            p = os.path.join(d, f"out{i}")
+            o = _fill(dn, tuple(shape), init_value)
+            o.tofile(p)
+            spec += [p, str(o.nbytes), str(o.size)]
+        spec_path = os.path.join(d, "spec")
+        Path(spec_path).write_text(" ".join(spec) + "\n")
+        r = subprocess.run([str(exe), spec_path], capture_output=True, text=True)
+        if r.returncode != 0:
+            msg = "\n".join(l[len("EMU_ERROR: "):] for l in r.stderr.splitlines() if l.startswith("EMU_ERROR: "))
+            if not msg:
+                msg = f"runner exited with status {r.returncode}: {r.stderr.strip()}"
+            raise EmulatorError(f"kernel '{name}': {msg}")
+        outs = []
+        for i, (shape, dn) in enumerate(zip(output_shapes, names)):
+            outs.append(np.fromfile(spec_path + f".out{i}", _TYPES[dn][1]).reshape(tuple(shape)))
+    return outs

@@ -1,0 +1,408 @@
+// C++17 shim of the subset of the Metal Shading Language that MLX custom
+// kernel bodies use, plus the cooperative "GPU" runtime (fibers) that the
+// generated runner uses.  Everything runs on ONE OS thread: the threads of a
+// threadgroup are ucontext fibers, so a barrier or a simd collective is a
+// point where the fiber yields to the scheduler (see run_threadgroup).  That
+// makes the interleaving fully controlled (forward / reverse / random order)
+// and lets us detect early returns and lane-divergent collectives exactly.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <type_traits>
+#include <unistd.h>
+#include <ucontext.h>
+#include <vector>
+
+namespace emu {
+
+// ---------------------------------------------------------------- errors
+struct uint3_ { unsigned x, y, z; };
+// Position of the thread currently executing (for error messages).
+inline uint3_ g_cur_pos{0, 0, 0};
+inline bool g_in_kernel = false;
+
+// Errors end the process: the Python side reads the "EMU_ERROR:" line.  This
+// is simpler and safer than unwinding through suspended fibers.
+[[noreturn]] inline void fail(const char* msg) {
+  if (g_in_kernel)
+    std::fprintf(stderr, "EMU_ERROR: %s [thread_position_in_grid=(%u,%u,%u)]\n",
+                 msg, g_cur_pos.x, g_cur_pos.y, g_cur_pos.z);
+  else
+    std::fprintf(stderr, "EMU_ERROR: %s\n", msg);
+  std::fflush(stderr);
+  _exit(3);
+}
+
+// ---------------------------------------------------------------- scalars
+// g++ >= 12 supports _Float16 in C++ on x86-64: real IEEE binary16 with
+// round-to-nearest-even conversions and arithmetic rounded per operation.
+using half = _Float16;
+
+// bfloat16: storage is the top 16 bits of a float; conversion from float
+// rounds to nearest even (NaN kept quiet); arithmetic happens in float and is
+// rounded back on assignment, like Metal's bfloat.
+struct bfloat {
+  uint16_t bits;
+  bfloat() = default;
+  static uint16_t round(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // NaN
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
+    return uint16_t(u >> 16);
+  }
+  template <class T, class = std::enable_if_t<std::is_arithmetic_v<T> ||
+                                              std::is_same_v<T, half>>>
+  bfloat(T v) : bits(round(float(v))) {}
+  operator float() const {
+    uint32_t u = uint32_t(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+};
+}  // namespace emu
+
+using half = emu::half;
+using bfloat = emu::bfloat;
+using float16_t = half;    // MLX's get_type_string names
+using bfloat16_t = bfloat;
+using uint = unsigned int;
+using ushort = unsigned short;
+using uchar = unsigned char;
+using ulong = unsigned long;
+
+// ---------------------------------------------------------------- vectors
+// vec<T, N> with .x .y .z .w, elementwise arithmetic and scalar broadcast.
+template <class T, int N> struct vec;
+template <class T> struct vec<T, 2> { T x, y; T& operator[](int i) { return (&x)[i]; } const T& operator[](int i) const { return (&x)[i]; }
+  vec() = default; explicit vec(T s) : x(s), y(s) {} vec(T a, T b) : x(a), y(b) {}
+  template <class U> explicit vec(const vec<U, 2>& o) : x(T(o.x)), y(T(o.y)) {} };
+template <class T> struct vec<T, 3> { T x, y, z; T& operator[](int i) { return (&x)[i]; } const T& operator[](int i) const { return (&x)[i]; }
+  vec() = default; explicit vec(T s) : x(s), y(s), z(s) {} vec(T a, T b, T c) : x(a), y(b), z(c) {}
+  template <class U> explicit vec(const vec<U, 3>& o) : x(T(o.x)), y(T(o.y)), z(T(o.z)) {}
+  vec<T, 2> xy() const { return {x, y}; } };
+template <class T> struct vec<T, 4> { T x, y, z, w; T& operator[](int i) { return (&x)[i]; } const T& operator[](int i) const { return (&x)[i]; }
+  vec() = default; explicit vec(T s) : x(s), y(s), z(s), w(s) {} vec(T a, T b, T c, T d) : x(a), y(b), z(c), w(d) {}
+  template <class U> explicit vec(const vec<U, 4>& o) : x(T(o.x)), y(T(o.y)), z(T(o.z)), w(T(o.w)) {} };
+
+#define EMU_VEC_OP(op)                                                              \
+  template <class T, int N> vec<T, N> operator op(vec<T, N> a, const vec<T, N>& b) { \
+    for (int i = 0; i < N; ++i) a[i] = a[i] op b[i]; return a; }                    \
+  template <class T, int N> vec<T, N> operator op(vec<T, N> a, T s) {                \
+    for (int i = 0; i < N; ++i) a[i] = a[i] op s; return a; }                       \
+  template <class T, int N> vec<T, N> operator op(T s, vec<T, N> a) {                \
+    for (int i = 0; i < N; ++i) a[i] = s op a[i]; return a; }                       \
+  template <class T, int N> vec<T, N>& operator op##=(vec<T, N>& a, const vec<T, N>& b) { return a = a op b; } \
+  template <class T, int N> vec<T, N>& operator op##=(vec<T, N>& a, T s) { return a = a op s; }
+EMU_VEC_OP(+) EMU_VEC_OP(-) EMU_VEC_OP(*) EMU_VEC_OP(/)
+#undef EMU_VEC_OP
+
+using float2 = vec<float, 2>; using float3 = vec<float, 3>; using float4 = vec<float, 4>;
+using half2 = vec<half, 2>; using half4 = vec<half, 4>;
+using uint2 = vec<uint, 2>; using uint3 = vec<uint, 3>; using uint4 = vec<uint, 4>;
+using int2 = vec<int, 2>; using int3 = vec<int, 3>; using int4 = vec<int, 4>;
+
+// ---------------------------------------------------------------- metal::
+namespace metal {
+#define EMU_UNARY(name, expr)                                  \
+  inline float name(float x) { return expr; }                  \
+  inline half name(half x) { return half(name(float(x))); }    \
+  inline bfloat name(bfloat x) { return bfloat(name(float(x))); }
+EMU_UNARY(exp, std::exp(x)) EMU_UNARY(exp2, std::exp2(x)) EMU_UNARY(log, std::log(x))
+EMU_UNARY(log2, std::log2(x)) EMU_UNARY(sqrt, std::sqrt(x)) EMU_UNARY(rsqrt, 1.0f / std::sqrt(x))
+EMU_UNARY(tanh, std::tanh(x)) EMU_UNARY(floor, std::floor(x)) EMU_UNARY(ceil, std::ceil(x))
+EMU_UNARY(sin, std::sin(x)) EMU_UNARY(cos, std::cos(x))
+#undef EMU_UNARY
+inline float abs(float x) { return std::fabs(x); }
+inline half abs(half x) { return x < half(0) ? half(-x) : x; }
+inline int abs(int x) { return x < 0 ? -x : x; }
+template <class T> T max(T a, T b) { return a > b ? a : b; }  // Metal fmax NaN rules not modelled
+template <class T> T min(T a, T b) { return a < b ? a : b; }
+template <class T> T clamp(T x, T lo, T hi) { return min(max(x, lo), hi); }
+inline float fma(float a, float b, float c) { return std::fma(a, b, c); }
+inline float pow(float a, float b) { return std::pow(a, b); }
+template <class T> T select(T a, T b, bool c) { return c ? b : a; }
+template <class T> bool isnan(T x) { return std::isnan(float(x)); }
+template <class T> bool isinf(T x) { return std::isinf(float(x)); }
+// fast:: and precise:: are the same functions here (CPU libm accuracy).
+namespace fast { using metal::exp; using metal::exp2; using metal::log; using metal::sqrt;
+  using metal::rsqrt; using metal::tanh; using metal::max; using metal::min; using metal::abs; }
+namespace precise { using metal::exp; using metal::exp2; using metal::log; using metal::sqrt;
+  using metal::rsqrt; using metal::tanh; using metal::max; using metal::min; using metal::abs; }
+
+enum class mem_flags { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_texture = 4 };
+enum memory_order { memory_order_relaxed };
+template <class T> struct atomic { T v; };
+}  // namespace metal
+using namespace metal;
+
+// ---------------------------------------------------------------- runtime
+namespace emu {
+
+// Checked device/constant pointer: every element access is checked against
+// the buffer it came from; the error names the buffer and the index.
+template <class T> struct ptr {
+  T* base; long long len; long long off; const char* name;
+  template <class I> T& operator[](I i) const { return at((long long)i); }
+  T& operator*() const { return at(0); }
+  T* operator->() const { return &at(0); }
+  T& at(long long i) const {
+    long long k = off + i;
+    if (k < 0 || k >= len) {
+      char m[256];
+      std::snprintf(m, sizeof m, "out-of-bounds access to buffer '%s' at index %lld (size %lld)", name, k, len);
+      fail(m);
+    }
+    return base[k];
+  }
+  template <class I> ptr operator+(I i) const { return {base, len, off + (long long)i, name}; }
+  template <class I> ptr operator-(I i) const { return {base, len, off - (long long)i, name}; }
+  template <class I> ptr& operator+=(I i) { off += (long long)i; return *this; }
+  ptr& operator++() { ++off; return *this; }
+  // Escape hatch so `const device T* p = buf + k;` in a body still compiles;
+  // accesses through such raw pointers are NOT checked.
+  operator T*() const { return base + off; }
+  operator ptr<const T>() const { return {base, len, off, name}; }
+};
+
+enum State { RUNNABLE, AT_BARRIER, AT_SIMD, FINISHED };
+struct Fiber;
+using Resolver = void (*)(Fiber** lanes, int n);
+struct Fiber {
+  ucontext_t ctx;
+  char* stack = nullptr;
+  State state = FINISHED;
+  unsigned lin = 0;             // thread_index_in_threadgroup
+  uint3_ pos{};                 // thread_position_in_grid
+  // simd collective request: op name (for matching), input/output addresses
+  const char* op = nullptr; const void* in = nullptr; void* out = nullptr;
+  unsigned arg = 0; Resolver resolve = nullptr;
+};
+
+inline ucontext_t g_sched_ctx;
+inline Fiber* g_cur = nullptr;
+
+inline void yield_to_scheduler(State s) {
+  g_cur->state = s;
+  swapcontext(&g_cur->ctx, &g_sched_ctx);
+  g_cur_pos = g_cur->pos;  // we were resumed; g_cur was set by the scheduler
+}
+}  // namespace emu
+
+inline void threadgroup_barrier(metal::mem_flags = metal::mem_flags::mem_threadgroup) {
+  emu::yield_to_scheduler(emu::AT_BARRIER);
+}
+inline void simdgroup_barrier(metal::mem_flags = metal::mem_flags::mem_none) {}
+
+namespace emu {
+// A simd collective parks the lane with its request; once every lane of the
+// simdgroup is parked on the same op, the scheduler calls `resolve` once for
+// the whole simdgroup, which writes each lane's result.
+template <class T> T collective(const char* op, T x, unsigned arg, Resolver r) {
+  T result{};
+  g_cur->op = op; g_cur->in = &x; g_cur->out = &result; g_cur->arg = arg; g_cur->resolve = r;
+  yield_to_scheduler(AT_SIMD);
+  return result;
+}
+template <class T> const T& IN(Fiber* f) { return *static_cast<const T*>(f->in); }
+template <class T> T& OUT(Fiber* f) { return *static_cast<T*>(f->out); }
+template <class T> void r_sum(Fiber** l, int n) { T s = IN<T>(l[0]); for (int i = 1; i < n; ++i) s = s + IN<T>(l[i]); for (int i = 0; i < n; ++i) OUT<T>(l[i]) = s; }
+template <class T> void r_max(Fiber** l, int n) { T s = IN<T>(l[0]); for (int i = 1; i < n; ++i) s = metal::max(s, IN<T>(l[i])); for (int i = 0; i < n; ++i) OUT<T>(l[i]) = s; }
+template <class T> void r_min(Fiber** l, int n) { T s = IN<T>(l[0]); for (int i = 1; i < n; ++i) s = metal::min(s, IN<T>(l[i])); for (int i = 0; i < n; ++i) OUT<T>(l[i]) = s; }
+template <class T> void r_prefix_excl(Fiber** l, int n) { T s = T(0); for (int i = 0; i < n; ++i) { OUT<T>(l[i]) = s; s = s + IN<T>(l[i]); } }
+inline void check_lane(unsigned src, int n) {
+  if (src >= (unsigned)n) fail("simd shuffle/broadcast reads a lane that does not exist");
+}
+template <class T> void r_shuffle(Fiber** l, int n) { for (int i = 0; i < n; ++i) { check_lane(l[i]->arg, n); OUT<T>(l[i]) = IN<T>(l[l[i]->arg]); } }
+template <class T> void r_down(Fiber** l, int n) { for (int i = 0; i < n; ++i) { unsigned s = i + l[i]->arg; OUT<T>(l[i]) = IN<T>(l[s < (unsigned)n ? s : i]); } }
+template <class T> void r_up(Fiber** l, int n) { for (int i = 0; i < n; ++i) { int s = i - (int)l[i]->arg; OUT<T>(l[i]) = IN<T>(l[s >= 0 ? s : i]); } }
+template <class T> void r_xor(Fiber** l, int n) { for (int i = 0; i < n; ++i) { unsigned s = i ^ l[i]->arg; OUT<T>(l[i]) = IN<T>(l[s < (unsigned)n ? s : i]); } }
+}  // namespace emu
+
+template <class T> T simd_sum(T x) { return emu::collective("simd_sum", x, 0, emu::r_sum<T>); }
+template <class T> T simd_max(T x) { return emu::collective("simd_max", x, 0, emu::r_max<T>); }
+template <class T> T simd_min(T x) { return emu::collective("simd_min", x, 0, emu::r_min<T>); }
+template <class T> T simd_prefix_exclusive_sum(T x) { return emu::collective("simd_prefix_exclusive_sum", x, 0, emu::r_prefix_excl<T>); }
+template <class T> T simd_shuffle(T x, ushort lane) { return emu::collective("simd_shuffle", x, lane, emu::r_shuffle<T>); }
+template <class T> T simd_broadcast(T x, ushort lane) { return emu::collective("simd_broadcast", x, lane, emu::r_shuffle<T>); }
+template <class T> T simd_shuffle_down(T x, ushort d) { return emu::collective("simd_shuffle_down", x, d, emu::r_down<T>); }
+template <class T> T simd_shuffle_up(T x, ushort d) { return emu::collective("simd_shuffle_up", x, d, emu::r_up<T>); }
+template <class T> T simd_shuffle_xor(T x, ushort m) { return emu::collective("simd_shuffle_xor", x, m, emu::r_xor<T>); }
+
+// Atomics: fibers never run concurrently, so a plain read-modify-write is atomic.
+template <class T, class U> T atomic_fetch_add_explicit(metal::atomic<T>* a, U v, metal::memory_order) { T o = a->v; a->v = o + T(v); return o; }
+template <class T, class U> void atomic_store_explicit(metal::atomic<T>* a, U v, metal::memory_order) { a->v = T(v); }
+template <class T> T atomic_load_explicit(metal::atomic<T>* a, metal::memory_order) { return a->v; }
+
+namespace emu {
+// threadgroup variables are rewritten (by the Python generator) to
+// `static thread_local` + tg_poison(&var, sizeof var): the first thread of each
+// threadgroup that reaches the declaration fills it with 0xFF bytes (NaN for
+// every float type, -1 / UINT_MAX for integers), like uninitialised GPU memory.
+inline unsigned g_tg_generation = 0;
+struct Poisoned { void* p; unsigned gen; };
+inline std::vector<Poisoned> g_poisoned;
+inline void tg_poison(void* p, size_t n) {
+  for (auto& e : g_poisoned)
+    if (e.p == p) { if (e.gen != g_tg_generation) { std::memset(p, 0xFF, n); e.gen = g_tg_generation; } return; }
+  std::memset(p, 0xFF, n);
+  g_poisoned.push_back({p, g_tg_generation});
+}
+
+// Per-thread attribute values handed to the generated launcher.
+struct ThreadAttrs {
+  uint3 thread_position_in_grid, thread_position_in_threadgroup, threadgroup_position_in_grid,
+      threads_per_threadgroup, dispatch_threads_per_threadgroup, threadgroups_per_grid,
+      threads_per_grid, grid_size, grid_origin;
+  uint thread_index_in_threadgroup, thread_index_in_simdgroup, simdgroup_index_in_threadgroup,
+      simdgroups_per_threadgroup, dispatch_simdgroups_per_threadgroup, threads_per_simdgroup,
+      thread_execution_width, thread_index_in_quadgroup, quadgroup_index_in_threadgroup,
+      quadgroups_per_threadgroup, dispatch_quadgroups_per_threadgroup;
+};
+constexpr unsigned SIMD = 32;
+constexpr size_t STACK = 256 * 1024;
+using LaunchFn = void (*)(const ThreadAttrs&);
+inline LaunchFn g_launch;
+inline std::vector<ThreadAttrs> g_attrs;
+
+inline void trampoline(int i) {
+  g_cur_pos = {g_attrs[i].thread_position_in_grid.x, g_attrs[i].thread_position_in_grid.y,
+               g_attrs[i].thread_position_in_grid.z};
+  g_launch(g_attrs[i]);
+  g_cur->state = FINISHED;
+  swapcontext(&g_cur->ctx, &g_sched_ctx);
+}
+
+enum Order { FORWARD, REVERSE, RANDOM };
+
+// Run every thread of one threadgroup to completion, interleaving at barriers
+// and simd collectives in the requested order.
+inline void run_threadgroup(std::vector<Fiber>& fibers, int n, Order order, std::mt19937& rng) {
+  std::vector<int> idx(n);
+  for (int i = 0; i < n; ++i) {
+    Fiber& f = fibers[i];
+    if (!f.stack) f.stack = static_cast<char*>(std::malloc(STACK));
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack; f.ctx.uc_stack.ss_size = STACK; f.ctx.uc_link = nullptr;
+    makecontext(&f.ctx, (void (*)())trampoline, 1, i);
+    f.state = RUNNABLE; f.pos = {g_attrs[i].thread_position_in_grid.x, g_attrs[i].thread_position_in_grid.y,
+                                 g_attrs[i].thread_position_in_grid.z};
+    idx[i] = i;
+  }
+  if (order == REVERSE) std::reverse(idx.begin(), idx.end());
+  for (;;) {
+    if (order == RANDOM) std::shuffle(idx.begin(), idx.end(), rng);
+    for (int i : idx)
+      while (fibers[i].state == RUNNABLE) {
+        g_cur = &fibers[i]; g_cur_pos = fibers[i].pos;
+        swapcontext(&g_sched_ctx, &fibers[i].ctx);
+      }
+    // Everyone is parked or finished.  First resolve complete simd collectives.
+    bool progress = false, all_done = true;
+    for (int s0 = 0; s0 < n; s0 += SIMD) {
+      int m = std::min<int>(SIMD, n - s0);
+      Fiber* lanes[SIMD];
+      int at_simd = 0;
+      for (int j = 0; j < m; ++j) { lanes[j] = &fibers[s0 + j]; at_simd += lanes[j]->state == AT_SIMD; }
+      for (int j = 0; j < m; ++j) all_done &= lanes[j]->state == FINISHED;
+      if (at_simd == 0) continue;
+      g_cur_pos = lanes[0]->pos;
+      for (int j = 0; j < m; ++j) {
+        if (lanes[j]->state != AT_SIMD || std::strcmp(lanes[j]->op, lanes[0]->op) != 0) {
+          for (int k = 0; k < m; ++k) if (lanes[k]->state == AT_SIMD) { g_cur_pos = lanes[k]->pos; break; }
+          char msg[256];
+          std::snprintf(msg, sizeof msg, "lane-divergent simd collective: %d of %d lanes of simdgroup %d called %s",
+                        at_simd, m, s0 / (int)SIMD, lanes[0]->state == AT_SIMD ? lanes[0]->op : "a simd op");
+          fail(msg);
+        }
+      }
+      lanes[0]->resolve(lanes, m);
+      for (int j = 0; j < m; ++j) lanes[j]->state = RUNNABLE;
+      progress = true;
+    }
+    if (progress) continue;
+    if (all_done) return;
+    // Then a barrier: legal only if every thread of the group is waiting at it.
+    int finished = 0, waiting = -1;
+    for (int i = 0; i < n; ++i) {
+      if (fibers[i].state == FINISHED) ++finished; else waiting = i;
+    }
+    if (finished) {
+      g_cur_pos = fibers[waiting].pos;
+      char msg[256];
+      std::snprintf(msg, sizeof msg, "threadgroup_barrier deadlock: %d of %d threads returned while others wait at a barrier",
+                    finished, n);
+      fail(msg);
+    }
+    for (int i = 0; i < n; ++i) fibers[i].state = RUNNABLE;
+  }
+}
+
+// Run the grid: threadgroups in the requested order, threads as fibers.
+inline void run_grid(LaunchFn launch, const unsigned grid[3], const unsigned tg_in[3], Order order, unsigned seed) {
+  g_launch = launch;
+  unsigned tg[3], ngroups[3];
+  for (int d = 0; d < 3; ++d) {
+    tg[d] = std::min(tg_in[d], grid[d]);  // MLX clamps the group to the grid
+    if (tg[d] == 0) fail("empty grid or threadgroup");
+    ngroups[d] = (grid[d] + tg[d] - 1) / tg[d];
+  }
+  std::vector<uint3> groups;
+  for (unsigned z = 0; z < ngroups[2]; ++z)
+    for (unsigned y = 0; y < ngroups[1]; ++y)
+      for (unsigned x = 0; x < ngroups[0]; ++x) groups.push_back(uint3(x, y, z));
+  std::mt19937 rng(seed);
+  if (order == REVERSE) std::reverse(groups.begin(), groups.end());
+  if (order == RANDOM) std::shuffle(groups.begin(), groups.end(), rng);
+  std::vector<Fiber> fibers(tg[0] * tg[1] * tg[2]);
+  g_in_kernel = true;
+  for (const uint3& g : groups) {
+    ++g_tg_generation;
+    // Non-uniform dispatch: edge groups are smaller (threads_per_threadgroup).
+    uint3 sz(std::min(tg[0], grid[0] - g.x * tg[0]), std::min(tg[1], grid[1] - g.y * tg[1]),
+             std::min(tg[2], grid[2] - g.z * tg[2]));
+    unsigned n = sz.x * sz.y * sz.z;
+    g_attrs.assign(n, ThreadAttrs{});
+    for (unsigned z = 0; z < sz.z; ++z)
+      for (unsigned y = 0; y < sz.y; ++y)
+        for (unsigned x = 0; x < sz.x; ++x) {
+          unsigned lin = x + sz.x * (y + sz.y * z);
+          ThreadAttrs& a = g_attrs[lin];
+          a.thread_position_in_threadgroup = uint3(x, y, z);
+          a.threadgroup_position_in_grid = g;
+          a.thread_position_in_grid = uint3(g.x * tg[0] + x, g.y * tg[1] + y, g.z * tg[2] + z);
+          a.threads_per_threadgroup = sz;
+          a.dispatch_threads_per_threadgroup = uint3(tg[0], tg[1], tg[2]);
+          a.threadgroups_per_grid = uint3(ngroups[0], ngroups[1], ngroups[2]);
+          a.threads_per_grid = a.grid_size = uint3(grid[0], grid[1], grid[2]);
+          a.grid_origin = uint3(0u);
+          a.thread_index_in_threadgroup = lin;
+          a.thread_index_in_simdgroup = lin % SIMD;
+          a.simdgroup_index_in_threadgroup = lin / SIMD;
+          a.simdgroups_per_threadgroup = (n + SIMD - 1) / SIMD;
+          a.dispatch_simdgroups_per_threadgroup = (tg[0] * tg[1] * tg[2] + SIMD - 1) / SIMD;
+          a.threads_per_simdgroup = a.thread_execution_width = SIMD;
+          a.thread_index_in_quadgroup = lin % 4;
+          a.quadgroup_index_in_threadgroup = lin / 4;
+          a.quadgroups_per_threadgroup = (n + 3) / 4;
+          a.dispatch_quadgroups_per_threadgroup = (tg[0] * tg[1] * tg[2] + 3) / 4;
+        }
+    run_threadgroup(fibers, n, order, rng);
+  }
+  g_in_kernel = false;
+}
+}  // namespace emu
+
+// Metal address-space keywords carry no meaning on the CPU.  Defined last so
+// that the standard headers above are not affected.
+#define device
+#define constant
+#define thread
+#define threadgroup
+#define METAL_FUNC inline
