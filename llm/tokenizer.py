@@ -211,6 +211,9 @@ class StreamingDetokenizer:
 
     def __init__(self, tokenizer):
         self._decode = tokenizer.decode
+        # bos and eos decode to nothing; held among the bytes of a character they would count
+        # towards its 4 ids and split it.
+        self._special = {tokenizer.bos_id, tokenizer.eos_id}
         self.reset()
 
     def reset(self) -> None:
@@ -219,6 +222,8 @@ class StreamingDetokenizer:
         self._read = 0  # segments that last_segment has already returned
 
     def add_token(self, token: int) -> None:
+        if token in self._special:
+            return
         self._pending.append(token)
         text = self._decode(self._pending)
         if not text.endswith("\ufffd"):
