@@ -151,7 +151,7 @@ def _rewrite_pointer_locals(code: str) -> str:
 
 def generate_source(name, input_names, output_names, source, inputs, output_dtypes,
                     template=None, header="", atomic_outputs=False):
-    """Return (kernel_name, template_def, wrapped C++ source, shape_infos)."""
+    """Return (kernel_name, template_def, wrapped C++ source, shape_infos, attributes)."""
     template = list(template or [])
     tvals = [(n, *_template_value(v)) for n, v in template]
     kernel_name = "custom_kernel_" + name

@@ -40,8 +40,19 @@ inline bool g_in_kernel = false;
 
 // ---------------------------------------------------------------- scalars
 // g++ >= 12 supports _Float16 in C++ on x86-64: real IEEE binary16 with
-// round-to-nearest-even conversions and arithmetic rounded per operation.
+// round-to-nearest-even conversions and arithmetic rounded per operation. clang before 15
+// has no _Float16 on x86; EMU_SYNTAX_ONLY (the clang syntax check, which never runs the
+// code) then stands float in for it.
+#if defined(EMU_SYNTAX_ONLY) && !defined(__FLT16_MAX__)
+struct half {  // a distinct type, so the half overloads below stay distinct
+  float value;
+  half() = default;
+  half(float x) : value(x) {}
+  operator float() const { return value; }
+};
+#else
 using half = _Float16;
+#endif
 
 // bfloat16: storage is the top 16 bits of a float; conversion from float
 // rounds to nearest even (NaN kept quiet); arithmetic happens in float and is
