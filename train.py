@@ -23,11 +23,9 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import click

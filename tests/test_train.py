@@ -1,7 +1,6 @@
 """train.py end to end, in real subprocesses: quick test, kill and resume, guards, errors."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
