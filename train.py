@@ -427,25 +427,18 @@ def train(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
           f"run directory {run.dir}")
 
     loss_and_grad = nn.value_and_grad(model, lambda m, x, y, w: loss_terms(m, x, y, w)[0])
-
-    def micro_step(inputs, targets, mask):
-        loss_sum, grads = loss_and_grad(model, inputs, targets, mask)
-        return loss_sum, grads
-
-    def apply_update(grads, count, lr):
-        grads = tree_map(lambda g: g / count, grads)
-        if cfg.grad_clip > 0:
-            grads, norm = optim.clip_grad_norm(grads, cfg.grad_clip)
-        else:
-            norm = optim.clip_grad_norm(grads, float("inf"))[1]
-        set_learning_rate(optimizer, cfg, lr)
-        optimizer.update(model, grads)
-        return norm
-
     model_state = [model.state]  # the micro-step never touches the optimizer
-    uncompiled_micro_step = micro_step
-    if cfg.compile:
-        micro_step = mx.compile(uncompiled_micro_step, inputs=model_state, outputs=model_state)
+
+    def build_micro_step():
+        """(sum of the micro-batch's token losses, its gradients); compiled for the current
+        plan (the traced graph depends on the shapes and the retention form)."""
+        def micro_step(inputs, targets, mask):
+            return loss_and_grad(model, inputs, targets, mask)
+
+        return mx.compile(micro_step, inputs=model_state, outputs=model_state) if cfg.compile \
+            else micro_step
+
+    micro_step = build_micro_step()
 
     poisoned, out_of_memory = injected(cfg, "nan"), injected(cfg, "oom")
     measured_once = False
@@ -479,8 +472,7 @@ def train(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
             raise ModelMustChange(plan.chosen.name)
         shape = apply_plan(requested, cfg.plan)
         use_shape(shape)
-        if cfg.compile:  # the traced graph depends on the shapes and the form
-            micro_step = mx.compile(uncompiled_micro_step, inputs=model_state, outputs=model_state)
+        micro_step = build_micro_step()
         tmp = run.dir / "train_config.json.tmp"
         tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
         os.replace(tmp, run.dir / "train_config.json")
@@ -536,8 +528,9 @@ def train(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
         try:
             loss_sum, count, grads = 0.0, 0.0, None
             for micro in range(shape.grad_accum):
-                inputs, targets, mask = (mx.array(a) for a in sampler.next_batch())
-                part_loss, part_grads = micro_step(inputs, targets, mask)
+                batch = sampler.next_batch()
+                count += float(batch[2].sum())  # counted tokens, from the host-side mask
+                part_loss, part_grads = micro_step(*(mx.array(a) for a in batch))
                 if out_of_memory[step]:
                     out_of_memory[step] -= 1
                     raise RuntimeError("[metal::malloc] Resource limit (499000) exceeded. (injected)")
@@ -547,7 +540,6 @@ def train(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
                 # step runs out of memory (inside the try), and accumulating unevaluated
                 # gradients would keep every micro-batch's activations alive at once.
                 mx.eval(loss_sum, grads)
-                count += float(mask.sum().item())
         except (RuntimeError, MemoryError) as error:
             if not is_memory_error(error) or not cfg.degrade:
                 raise
@@ -560,8 +552,11 @@ def train(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
             poisoned[step] -= 1  # the step redone after a rollback is clean
             loss_sum = loss_sum * float("nan")
         loss = loss_sum / max(count, 1.0)
-        finite = mx.isfinite(loss) & mx.all(mx.array([mx.isfinite(g).all() for _, g in tree_flatten(grads)]))
-        if not finite.item():
+        # The global norm, which clipping needs anyway, is non-finite exactly when a gradient
+        # entry is (or when finite ones are so large that their squares overflow: skipped too).
+        grads, norm = optim.clip_grad_norm(tree_map(lambda g: g / max(count, 1.0), grads),
+                                           cfg.grad_clip or float("inf"))
+        if not (mx.isfinite(loss) & mx.isfinite(norm)).item():
             state["skipped_steps"] += 1
             bad_in_a_row += 1
             print(f"step {step}: non-finite loss or gradient, step skipped "
@@ -590,8 +585,9 @@ def train(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
                     break
             continue
         bad_in_a_row = 0
-        norm = apply_update(grads, count, lr)
-        mx.eval(model.parameters(), optimizer.state, norm)
+        set_learning_rate(optimizer, cfg, lr)
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state)
         del before
         loss_value = loss.item()
         state["step"] = step
@@ -661,30 +657,55 @@ QUICK_TEST = dict(model="ultra-tiny", tokenizer="byte", steps=150, batch_size=16
                   warmup=15, eval_every=50, save_every=50, eval_batches=8, patience=0)
 
 
+# The options that shape a run's memory: shared by training and `train.py plan`.
+RUN_SHAPE_OPTIONS = [
+    click.option("--model", default=TrainConfig.model, show_default=True,
+                 help=f"preset: {', '.join(PRESETS)}"),
+    click.option("--batch-size", type=int, default=TrainConfig.batch_size, show_default=True,
+                 help="sequences per micro-batch"),
+    click.option("--grad-accum", type=int, default=TrainConfig.grad_accum, show_default=True,
+                 help="micro-batches per optimizer step"),
+    click.option("--seq-len", type=int, default=TrainConfig.seq_len, show_default=True,
+                 help="tokens per sequence (0: the preset's max_position_embeddings)"),
+    click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=TrainConfig.optimizer,
+                 show_default=True),
+    click.option("--dtype", type=click.Choice(list(DTYPES)), default=TrainConfig.dtype, show_default=True),
+    click.option("--power", type=int, default=TrainConfig.power, show_default=True,
+                 help="degree of the power mixer (0: the preset's)"),
+    click.option("--mixer", type=click.Choice(["", "power", "softmax"]), default=TrainConfig.mixer,
+                 help="power or softmax (default: the preset's)"),
+    click.option("--head-dim", type=int, default=TrainConfig.head_dim, show_default=True,
+                 help="per-head width (0: the preset's); the model width stays"),
+    click.option("--memory-budget", type=float, default=TrainConfig.memory_budget, show_default=True,
+                 help="GB the run may use (0: what the machine or --device-profile allows)"),
+    click.option("--device-profile", default=TrainConfig.device_profile,
+                 help=f"plan for an Apple Silicon machine: {', '.join(DEVICE_PROFILES)}"),
+    click.option("--degrade/--no-degrade", default=True, show_default=True,
+                 help="step down the memory ladder instead of failing when the run does not fit"),
+]
+
+
+def run_shape_options(command):
+    for option in reversed(RUN_SHAPE_OPTIONS):
+        command = option(command)
+    return command
+
+
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@run_shape_options
 @click.option("--mode", type=click.Choice(["llm"]), default="llm", help="what to train (only llm)")
-@click.option("--model", default=TrainConfig.model, show_default=True,
-              help=f"preset: {', '.join(PRESETS)}")
 @click.option("--data", default=TrainConfig.data, show_default=True,
               help="stdlib (this Python's standard library source), a text file, a directory or "
                    "glob, a .jsonl file (text, or prompt/completion), or synthetic:mqar / synthetic:copy")
 @click.option("--tokenizer", default=TrainConfig.tokenizer, show_default=True,
               help="auto (train SentencePiece at the preset's vocab, cached), byte, or a directory")
 @click.option("--steps", type=int, default=TrainConfig.steps, show_default=True)
-@click.option("--batch-size", type=int, default=TrainConfig.batch_size, show_default=True,
-              help="sequences per micro-batch")
-@click.option("--grad-accum", type=int, default=TrainConfig.grad_accum, show_default=True,
-              help="micro-batches per optimizer step")
-@click.option("--seq-len", type=int, default=TrainConfig.seq_len, show_default=True,
-              help="tokens per sequence (0: the preset's max_position_embeddings)")
 @click.option("--lr", type=float, default=TrainConfig.lr, show_default=True)
 @click.option("--warmup", type=int, default=TrainConfig.warmup, show_default=True,
               help="warmup steps (-1: min(100, steps / 10))")
 @click.option("--min-lr", type=float, default=TrainConfig.min_lr, show_default=True)
 @click.option("--weight-decay", type=float, default=TrainConfig.weight_decay, show_default=True)
 @click.option("--grad-clip", type=float, default=TrainConfig.grad_clip, show_default=True)
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=TrainConfig.optimizer,
-              show_default=True)
 @click.option("--eval-every", type=int, default=TrainConfig.eval_every, show_default=True)
 @click.option("--eval-batches", type=int, default=TrainConfig.eval_batches, show_default=True)
 @click.option("--save-every", type=int, default=TrainConfig.save_every, show_default=True)
@@ -694,20 +715,7 @@ QUICK_TEST = dict(model="ultra-tiny", tokenizer="byte", steps=150, batch_size=16
 @click.option("--max-bad-steps", type=int, default=TrainConfig.max_bad_steps, show_default=True,
               help="non-finite steps in a row before rolling back")
 @click.option("--seed", type=int, default=TrainConfig.seed, show_default=True)
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default=TrainConfig.dtype, show_default=True)
-@click.option("--power", type=int, default=TrainConfig.power, show_default=True,
-              help="degree of the power mixer (0: the preset's)")
-@click.option("--mixer", type=click.Choice(["", "power", "softmax"]), default=TrainConfig.mixer,
-              help="power or softmax (default: the preset's)")
-@click.option("--head-dim", type=int, default=TrainConfig.head_dim, show_default=True,
-              help="per-head width (0: the preset's); the model width stays")
 @click.option("--val-fraction", type=float, default=TrainConfig.val_fraction, show_default=True)
-@click.option("--memory-budget", type=float, default=TrainConfig.memory_budget, show_default=True,
-              help="GB the run may use (0: what the machine or --device-profile allows)")
-@click.option("--device-profile", default=TrainConfig.device_profile,
-              help=f"plan for an Apple Silicon machine: {', '.join(DEVICE_PROFILES)}")
-@click.option("--degrade/--no-degrade", default=True, show_default=True,
-              help="step down the memory ladder instead of failing when the run does not fit")
 @click.option("--out", default="", help="run directory (default runs/MODEL-DATE)")
 @click.option("--cache-dir", default="", help="tokenizer and token cache (default "
               "$POWER_RETENTION_CACHE or ~/.cache/power-retention-mlx)")
@@ -805,18 +813,7 @@ def _checkpoint_model_dir(run_dir: Path) -> Path:
 
 
 @cli.command("plan")
-@click.option("--model", default=TrainConfig.model, show_default=True)
-@click.option("--batch-size", type=int, default=TrainConfig.batch_size, show_default=True)
-@click.option("--grad-accum", type=int, default=TrainConfig.grad_accum, show_default=True)
-@click.option("--seq-len", type=int, default=TrainConfig.seq_len, show_default=True)
-@click.option("--power", type=int, default=TrainConfig.power, show_default=True)
-@click.option("--head-dim", type=int, default=TrainConfig.head_dim, show_default=True)
-@click.option("--mixer", type=click.Choice(["", "power", "softmax"]), default="")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True)
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True)
-@click.option("--memory-budget", type=float, default=0.0, show_default=True)
-@click.option("--device-profile", default="")
-@click.option("--degrade/--no-degrade", default=True, show_default=True)
+@run_shape_options
 def plan_command(**options):
     """Print the memory estimate and the plan of a run, without training."""
     cfg = TrainConfig(**options)
