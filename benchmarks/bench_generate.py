@@ -16,7 +16,7 @@ import time
 
 import click
 import mlx.core as mx
-from common import machine_description, median_seconds, now, write_report
+from common import machine_description, machine_line, median_seconds, now, write_report
 
 from llm import RetentionLLM, create_model_config
 from power_retention.cpu_backend import reexec_with_fast_blas
@@ -41,8 +41,7 @@ def main(preset, contexts, steps, out):
     started = now()
     machine = machine_description()
     print(f"# decode step benchmark, {started:%Y-%m-%d %H:%M %Z}; model {preset}, batch 1, fp32")
-    print(f"# machine: {machine['cpu']}, {machine['cores']} cores; MLX {machine['mlx']} on "
-          f"{machine['device']}; BLAS: {machine['blas']}")
+    print(f"# machine: {machine_line(machine)}")
     print(f"# median of {steps} single-token steps after a warm-up step, at each context")
     header = f"{'mixer':>8} {'context':>8} {'step ms':>9} {'tokens/s':>9} {'cache MB':>9} {'vs first':>9}"
     print(header)

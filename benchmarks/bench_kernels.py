@@ -15,9 +15,10 @@ import sys
 import click
 import mlx.core as mx
 import numpy as np
-from common import machine_description, now, write_report
+from common import machine_description, machine_line, now, write_report
 
 from llm import create_model_config
+from metal_kernels.emulated import decode_step
 from power_retention import RetentionState, expanded_dim
 from power_retention.recurrent import recurrent_step
 
@@ -30,9 +31,6 @@ def relative_error(actual, expected) -> float:
 
 
 def decode_case(preset: str, order: str, seed: int = 0) -> dict:
-    from metal_kernels.emulator import run_kernel
-    from metal_kernels.sources import header, kernel_body
-
     config = create_model_config(preset)
     d, Hq, H = config.head_dim, config.num_attention_heads, config.num_key_value_heads
     deg, B = config.power, 1
@@ -44,13 +42,8 @@ def decode_case(preset: str, order: str, seed: int = 0) -> dict:
     log_g = (-0.01 * rng.random((B, H))).astype(np.float32)
     S = rng.standard_normal((B, H, D, d)).astype(np.float32)
     z = np.abs(rng.standard_normal((B, H, D))).astype(np.float32)
-    y, S_out, z_out = run_kernel(
-        "decode_step", ["q", "k", "v", "decay", "S", "z"], ["y", "S_out", "z_out"],
-        kernel_body("decode_step"), [q, k, v, np.exp(log_g), S, z],
-        [(B, Hq, d), S.shape, z.shape], [np.float32] * 3, grid=(B * H * d, 1, 1),
-        threadgroup=(d, 1, 1), header=header("sympow"), order=order,
-        template=[("DEG", deg), ("DIM", d), ("E", d), ("G", Hq // H), ("FEATURES", D),
-                  ("NORMALIZE", True)])
+    y, S_out, z_out = decode_step(q, k, v, np.exp(log_g), S, z, deg=deg, normalize=True,
+                                  order=order)
     expected_y, expected = recurrent_step(mx.array(q), mx.array(k), mx.array(v), mx.array(log_g),
                                           RetentionState(mx.array(S), mx.array(z)), deg=deg,
                                           normalize=True)
@@ -65,7 +58,7 @@ def decode_case(preset: str, order: str, seed: int = 0) -> dict:
 def main(out):
     started = now()
     machine = machine_description()
-    print(f"# Metal kernels vs the MLX path, {started:%Y-%m-%d %H:%M %Z}; {machine['cpu']}")
+    print(f"# Metal kernels vs the MLX path, {started:%Y-%m-%d %H:%M %Z}; {machine_line(machine)}")
     if sys.platform == "darwin" and mx.metal.is_available():
         print("# this Mac has Metal, but the kernels are not dispatched from MLX yet: timings "
               "will come with the dispatch; correctness below is from the emulator")

@@ -14,7 +14,7 @@ import click
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from common import machine_description, now, write_report
+from common import machine_description, machine_line, now, write_report
 
 from llm import RetentionLLM, create_model_config
 from llm.memory import estimate, format_bytes
@@ -76,8 +76,8 @@ def main(cases, out):
     started = now()
     machine = machine_description()
     print(f"# training-step memory, predicted vs measured, {started:%Y-%m-%d %H:%M %Z}")
-    print(f"# machine: {machine['cpu']}, {machine['cores']} cores; MLX {machine['mlx']} on "
-          f"{machine['device']}; float32, AdamW; peak = mx.get_peak_memory() over one step")
+    print(f"# machine: {machine_line(machine)}; float32, AdamW; peak = mx.get_peak_memory() "
+          f"over one step")
     header = f"{'case':<22} {'B x T':>9} {'form':>9} {'predicted':>10} {'measured':>10} {'error':>7}"
     print(header)
     print("-" * len(header))

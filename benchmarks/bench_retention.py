@@ -15,7 +15,7 @@ import time
 
 import click
 import mlx.core as mx
-from common import machine_description, median_seconds, now, write_report
+from common import machine_description, machine_line, median_seconds, now, write_report
 
 from power_retention import expanded_dim, power_retention
 from power_retention.cpu_backend import reexec_with_fast_blas, release_freed_memory
@@ -124,8 +124,7 @@ def main(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, memory_lim
     peak = matmul_gflops()
     started = now()
     print(f"# power retention benchmark, {started:%Y-%m-%d %H:%M %Z}")
-    print(f"# machine: {machine['cpu']}, {machine['cores']} cores; MLX {machine['mlx']} on "
-          f"{machine['device']}; BLAS: {machine['blas']}")
+    print(f"# machine: {machine_line(machine)}")
     print(f"# fp32 matmul peak (2048^3): {peak:.1f} GFLOP/s")
     print(f"# B={B} H={H} d={d} deg={deg} D={expanded_dim(d, deg)} chunk_size={chunk_size}; "
           f"median of {repeats} after a warm-up; peak memory in GB")

@@ -31,6 +31,12 @@ def machine_description() -> dict:
             "mlx": mx.__version__, "device": str(device), "blas": loaded_blas()}
 
 
+def machine_line(machine: dict) -> str:
+    """The machine in one line, for the head of a benchmark's table."""
+    return (f"{machine['cpu']}, {machine['cores']} cores; MLX {machine['mlx']} on "
+            f"{machine['device']}; BLAS: {machine['blas']}")
+
+
 def now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 

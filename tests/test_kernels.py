@@ -14,7 +14,8 @@ if shutil.which("g++") is None:
 
 os.environ.setdefault("POWER_RETENTION_EMULATOR_CACHE",
                       os.path.join(tempfile.gettempdir(), "power-retention-emulator-tests"))
-from metal_kernels.emulator import run_kernel  # noqa: E402
+from metal_kernels.emulated import (DECODE_INPUTS, DECODE_OUTPUTS, decode_step,  # noqa: E402
+                                    decode_step_template)
 from metal_kernels.sources import header, kernel_body  # noqa: E402
 from power_retention import RetentionState, expanded_dim  # noqa: E402
 from power_retention.recurrent import recurrent_step  # noqa: E402
@@ -24,20 +25,13 @@ ORDERS = ["forward", "reverse", "random"]
 
 
 def decode_step_kernel(q, k, v, log_g, state, deg, normalize, order="forward"):
-    """One decode step through the kernel: the arrays as the MLX path takes them."""
-    B, Hq, d = q.shape
-    H, e = k.shape[1], v.shape[-1]
-    D = expanded_dim(d, deg)
+    """One decode step through the kernel, from the arrays the MLX path takes."""
+    B, H, D, e = k.shape[0], k.shape[1], expanded_dim(q.shape[-1], deg), v.shape[-1]
     decay = np.ones((B, H), np.float32) if log_g is None else np.exp(np.array(log_g))
     S = np.zeros((B, H, D, e), np.float32) if state is None else np.array(state.S)
     z = np.zeros((B, H, D), np.float32) if state is None else np.array(state.z)
-    inputs = [np.array(q), np.array(k), np.array(v), decay.astype(np.float32), S, z]
-    y, S_out, z_out = run_kernel(
-        "decode_step", ["q", "k", "v", "decay", "S", "z"], ["y", "S_out", "z_out"],
-        kernel_body("decode_step"), inputs, [(B, Hq, e), S.shape, z.shape], [np.float32] * 3,
-        grid=(B * H * e, 1, 1), threadgroup=(e, 1, 1), header=header("sympow"), order=order,
-        template=[("DEG", deg), ("DIM", d), ("E", e), ("G", Hq // H), ("FEATURES", D),
-                  ("NORMALIZE", normalize)])
+    y, S_out, z_out = decode_step(np.array(q), np.array(k), np.array(v), decay, S, z, deg=deg,
+                                  normalize=normalize, order=order)
     return y, RetentionState(mx.array(S_out), mx.array(z_out))
 
 
@@ -99,12 +93,12 @@ def test_kernel_passes_a_clang_syntax_check(deg, tmp_path):
     from metal_kernels.emulator import _SHIM, _runner_source, generate_source
 
     d, e, D = 8, 8, expanded_dim(8, deg)
-    names, outputs = ["q", "k", "v", "decay", "S", "z"], ["y", "S_out", "z_out"]
+    names, outputs = DECODE_INPUTS, DECODE_OUTPUTS
     inputs = [np.zeros(n, np.float32) for n in (2 * d, d, e, 1, D * e, D)]
     wrapped = generate_source(
         "decode_step", names, outputs, kernel_body("decode_step"), inputs, [np.float32] * 3,
         header=header("sympow"),
-        template=[("DEG", deg), ("DIM", d), ("E", e), ("G", 2), ("FEATURES", D), ("NORMALIZE", True)])
+        template=decode_step_template(d=d, e=e, groups=2, deg=deg, normalize=True))
     kernel_name, template_def, source, shape_infos, attributes = wrapped
     # The whole program the emulator builds, so that the template is instantiated and checked.
     path = tmp_path / "kernel.cpp"

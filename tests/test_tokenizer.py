@@ -432,11 +432,4 @@ def test_streaming_text_and_reset():
 def test_streaming_ignores_special_ids_inside_a_character():
     tokenizer = ByteTokenizer()
     ids = [0xF0, tokenizer.bos_id, 0x9F, 0x8E, tokenizer.eos_id, 0x89]
-    detokenizer = StreamingDetokenizer(tokenizer)
-    segments = []
-    for token in ids:
-        detokenizer.add_token(token)
-        segments.append(detokenizer.last_segment)
-    detokenizer.finalize()
-    segments.append(detokenizer.last_segment)
-    assert "".join(segments) == tokenizer.decode(ids) == "\U0001F389"
+    assert "".join(stream(tokenizer, ids)) == tokenizer.decode(ids) == "\U0001F389"
