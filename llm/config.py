@@ -7,10 +7,10 @@ saved config.json reads like any other model's.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from dataclasses import dataclass, fields
 
 from power_retention.sympow import expanded_dim
+from power_retention.checks import is_integer
 
 MIXERS = ("power", "softmax")
 
@@ -38,7 +38,7 @@ class ModelConfig:
         for field in fields(self):
             if field.type in ("int", int):
                 value = getattr(self, field.name)
-                if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                if not is_integer(value) or value < 1:
                     raise ValueError(f"ModelConfig.{field.name} must be a positive integer, "
                                      f"got {value!r}")
         if self.mixer not in MIXERS:

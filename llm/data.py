@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from power_retention.checks import is_integer
+
 DEFAULT_DATA = "stdlib"
 SYNTHETIC_PREFIX = "synthetic:"
 META_FILE = "meta.json"
@@ -229,9 +231,9 @@ def synthetic_documents(name: str, n_documents: int = 4000, seed: int = 0) -> li
     if name not in _SYNTHETIC:
         raise ValueError(f"unknown synthetic data {name!r}: expected one of "
                          f"{', '.join(SYNTHETIC_PREFIX + n for n in SYNTHETIC_NAMES)}")
-    if not _is_int(n_documents) or n_documents < 1:
+    if not is_integer(n_documents) or n_documents < 1:
         raise ValueError(f"n_documents must be an integer >= 1, got {n_documents!r}")
-    if not _is_int(seed) or seed < 0:
+    if not is_integer(seed) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     rng = np.random.default_rng(seed)
     return [_SYNTHETIC[name](rng) for _ in range(n_documents)]
@@ -302,12 +304,12 @@ def tokenize_corpus(documents, tokenizer, cache_root: Path, key: str, val_fracti
     for k, doc in enumerate(documents):
         if not isinstance(doc, Document):
             raise ValueError(f"documents[{k}] must be a Document, got {type(doc).__name__}")
-        if not _is_int(doc.prompt_chars) or not 0 <= doc.prompt_chars <= len(doc.text):
+        if not is_integer(doc.prompt_chars) or not 0 <= doc.prompt_chars <= len(doc.text):
             raise ValueError(f"documents[{k}].prompt_chars must be in [0, len(text)] = "
                              f"[0, {len(doc.text)}], got {doc.prompt_chars!r}")
     if not isinstance(val_fraction, numbers.Real) or not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
-    if not _is_int(seed) or seed < 0:
+    if not is_integer(seed) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     if not isinstance(key, str) or not key or {"/", os.sep} & set(key) or key.startswith("."):
         raise ValueError(f"key must be a directory name (see cache_key), got {key!r}")
@@ -425,7 +427,7 @@ def _load_cache(cache_dir: Path, settings: dict) -> TokenizedData | None:
         files = {"tokens": (cache_dir / f"{split}.bin", dtype),
                  "mask": (cache_dir / f"{split}.mask.bin", np.dtype(np.uint8))}
         for name, (path, file_dtype) in files.items():
-            if not _is_int(n) or n < 2 or not path.is_file() \
+            if not is_integer(n) or n < 2 or not path.is_file() \
                     or path.stat().st_size != n * file_dtype.itemsize:
                 return None
             arrays[f"{split}_{name}"] = np.memmap(path, dtype=file_dtype, mode="r", shape=(n,))
@@ -460,7 +462,7 @@ def _check_stream(tokens, mask, name: str):
 
 def _check_positive(**values):
     for name, value in values.items():
-        if not _is_int(value) or value < 1:
+        if not is_integer(value) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
@@ -476,7 +478,7 @@ class BatchSampler:
     def __init__(self, tokens, mask, seq_len: int, batch_size: int, seed: int):
         _check_stream(tokens, mask, "training")
         _check_positive(seq_len=seq_len, batch_size=batch_size)
-        if not _is_int(seed) or seed < 0:
+        if not is_integer(seed) or seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
         if len(tokens) < seq_len + 1:
             raise ValueError(f"the training split has {len(tokens)} tokens, but one sequence of "
@@ -522,7 +524,7 @@ class BatchSampler:
                                  f"sampler has {name}={getattr(self, name)!r}: it was saved for "
                                  "other data or settings")
         epoch, index = state.get("epoch"), state.get("index")
-        if not _is_int(epoch) or epoch < 0 or not _is_int(index) \
+        if not is_integer(epoch) or epoch < 0 or not is_integer(index) \
                 or not 0 <= index < self.windows_per_epoch:
             raise ValueError(f"the saved sampler state needs epoch >= 0 and index in [0, "
                              f"{self.windows_per_epoch}), got epoch={epoch!r}, index={index!r}")
@@ -568,6 +570,3 @@ def unigram_entropy(tokens, vocab_size) -> float:
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

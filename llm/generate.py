@@ -14,6 +14,8 @@ from typing import Iterator
 
 import mlx.core as mx
 
+from power_retention.checks import is_integer
+
 from .tokenizer import StreamingDetokenizer
 
 
@@ -27,7 +29,7 @@ def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0):
         raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
     if not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
+    if not is_integer(top_k) or top_k < 0:
         raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
 
     if temperature == 0:
@@ -57,8 +59,7 @@ def generate_tokens(model, prompt: mx.array, cache: list, max_new_tokens: int, *
 
     The last token yielded has not been fed to the model (the caller feeds it, or not).
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
-            or max_new_tokens < 0:
+    if not is_integer(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if prompt.ndim != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt must hold at least one token, shape (B, T >= 1); "

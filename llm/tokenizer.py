@@ -24,6 +24,8 @@ from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
+from power_retention.checks import is_integer
+
 CONFIG_FILE = "tokenizer_config.json"
 MODEL_FILE = "tokenizer.model"
 
@@ -163,12 +165,12 @@ def train_tokenizer(inputs, vocab_size: int, *, model_type: str = "bpe",
     """
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
-    if not _is_int(vocab_size) or vocab_size < MIN_VOCAB_SIZE:
+    if not is_integer(vocab_size) or vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(f"vocab_size must be an integer >= {MIN_VOCAB_SIZE} (256 byte pieces, "
                          f"unk, bos, eos and at least one character), got {vocab_size!r}")
-    if not _is_int(max_sentences) or max_sentences < 1:
+    if not is_integer(max_sentences) or max_sentences < 1:
         raise ValueError(f"max_sentences must be an integer >= 1, got {max_sentences!r}")
-    if not _is_int(seed) or not 0 <= seed < 2**32:
+    if not is_integer(seed) or not 0 <= seed < 2**32:
         raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
 
     sentences = _reservoir_sample(_sentences(inputs), max_sentences, random.Random(seed))
@@ -288,9 +290,6 @@ def _check_ids(ids, vocab_size: int) -> list[int]:
         raise ValueError(f"ids must be in [0, {vocab_size}), got {bad}")
     return ids
 
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _write_config(directory, kind: str, tokenizer) -> None:

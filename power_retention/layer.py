@@ -11,12 +11,12 @@
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from .checks import is_integer
 from .ops import METHODS, power_retention, power_retention_step
 from .state import RetentionState
 from .sympow import check_degree, expanded_dim
@@ -40,7 +40,7 @@ def _warn_no_kernels_once():
 def _positive_int(name, value, allow_none=True):
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if not is_integer(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, "
                          f"got {value!r}")
     return int(value)

@@ -12,6 +12,7 @@ import numbers
 
 import mlx.core as mx
 
+from .checks import is_integer
 from .chunk import chunk_power_retention
 from .recurrent import recurrent_power_retention, recurrent_step
 from .state import RetentionState
@@ -178,7 +179,7 @@ def power_retention(q, k, v, log_g=None, *, deg=2, scale=None, method="auto", ch
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+    if not is_integer(chunk_size) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     out_dtype = q.dtype if isinstance(q, mx.array) else None
     q, k, v, log_g, deg, initial_state = _validate(q, k, v, log_g, deg, scale, normalize,

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import itertools
 import math
-import numbers
 from functools import lru_cache
 
 import mlx.core as mx
 import numpy as np
 
+from .checks import is_integer
+
 
 def check_degree(deg) -> int:
     """Return ``deg`` as an int, or raise ValueError unless it is an integer >= 1."""
-    if isinstance(deg, bool) or not isinstance(deg, numbers.Integral):
+    if not is_integer(deg):
         raise ValueError(f"deg must be an integer >= 1, got {deg!r} ({type(deg).__name__})")
     if deg < 1:
         raise ValueError(f"deg must be an integer >= 1, got {deg}")
@@ -28,7 +29,7 @@ def check_degree(deg) -> int:
 def expanded_dim(d: int, deg: int) -> int:
     """Number of symmetric power features D = C(d + deg - 1, deg) of a d-vector."""
     deg = check_degree(deg)
-    if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1:
+    if not is_integer(d) or d < 1:
         raise ValueError(f"d must be an integer >= 1, got {d!r}")
     return math.comb(int(d) + deg - 1, deg)
 
