@@ -283,10 +283,10 @@ def sample_continuations(model, tokenizer, val_tokens, step: int, seed: int) -> 
 # ----------------------------------------------------------------------------- the run
 
 class Run:
-    """A training run: its directory, its state, and everything that writes to it."""
+    """A training run's directory and the logs written to it."""
 
-    def __init__(self, cfg: TrainConfig, directory: Path):
-        self.cfg, self.dir = cfg, directory
+    def __init__(self, directory: Path):
+        self.dir = directory
         self.metrics_path = directory / "metrics.jsonl"
         self.samples_path = directory / "samples.jsonl"
 
@@ -396,7 +396,7 @@ def train(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
     use_shape(shape)
     baseline = unigram_entropy(data.train_tokens, tokenizer.vocab_size)
 
-    run = Run(cfg, resume_dir or Path(cfg.out))
+    run = Run(resume_dir or Path(cfg.out))
     state = {"step": 0, "tokens": 0, "lr_scale": 1.0, "best_val_loss": None, "best_step": None,
              "evals_without_improvement": 0, "skipped_steps": 0, "rollbacks": 0,
              "elapsed_s": 0.0, "train_losses": []}

@@ -27,19 +27,19 @@ MAX_SHARD_BYTES = 5 * 2**30  # as mlx-lm
 
 
 def _fsync(path: Path):
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_directory(path: Path):
+    """Flush a file, or a directory's entries (after renames), to disk. Directories cannot be
+    opened or synced on every platform; their sync is then skipped."""
     try:
         descriptor = os.open(path, os.O_RDONLY)
-    except OSError:  # not supported on every platform
-        return
+    except OSError:
+        if path.is_dir():
+            return
+        raise
     try:
         os.fsync(descriptor)
     except OSError:
-        pass
+        if not path.is_dir():
+            raise
     finally:
         os.close(descriptor)
 
@@ -89,7 +89,7 @@ def replace_directory(build, directory) -> Path:
             if old is not None and not directory.exists():
                 os.rename(old / "replaced", directory)
             raise
-        _fsync_directory(directory.parent)
+        _fsync(directory.parent)
         if old is not None:
             shutil.rmtree(old)
     except BaseException:
