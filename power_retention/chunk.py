@@ -118,8 +118,8 @@ def chunk_power_retention(q, k, v, log_g, *, deg, chunk_size, initial_state, ret
             k = k * mx.exp((l[..., -1:] - l) / deg)[..., None]
             q = q * mx.exp(l / deg)[..., None]
         # Each chunk's own contribution [S | z], decayed to the chunk's end.
-        # Features along axis -2 give (D, c) directly: transposing the (c, D) result would copy.
-        chunk_S1 = (sympow(k.swapaxes(-1, -2), deg, axis=-2) @ v1)[:, :, :, 0]
+        # The transposed features are a view: BLAS reads it as a transposed operand.
+        chunk_S1 = (sympow(k, deg).swapaxes(-1, -2) @ v1)[:, :, :, 0]
         if initial_state is None:
             S1 = mx.zeros(chunk_S1.shape[1:], dtype=chunk_S1.dtype)
         else:

@@ -101,6 +101,28 @@ def _sympow2_forward(x, axis):
     return mx.concatenate(features, axis=axis)
 
 
+@lru_cache(maxsize=16)
+def _skew_matrix(d: int, dtype) -> mx.array:
+    """(shifts * d, d) 0/1 matrix sending entry (r, i) to column (i + r + 1) mod d."""
+    shifts = (d - 1) // 2
+    rows = np.arange(shifts * d)
+    matrix = np.zeros((shifts * d, d), dtype=np.float64)
+    matrix[rows, (rows % d + rows // d + 1) % d] = 1.0
+    return mx.array(matrix).astype(dtype)
+
+
+def _skewed_row_sum(left, axis):
+    """sum_r left[r, (j - r - 1) mod d] for the rows axis r just before ``axis``."""
+    d = left.shape[axis]
+    skew = _skew_matrix(d, left.dtype)
+    flat = list(left.shape)
+    flat[axis - 1:axis + 1] = [flat[axis - 1] * d]
+    left = left.reshape(flat)
+    if axis == left.ndim:  # features on the last axis: (..., shifts * d) @ (shifts * d, d)
+        return left @ skew
+    return mx.moveaxis(skew.T @ mx.moveaxis(left, axis - 1, -2), -2, axis - 1)
+
+
 def _sympow2_backward(x, cotangent, axis):
     """d phi / d x contracted with the cotangent, without differentiating a strided view
     (MLX's vjp of as_strided is a scatter, twenty times slower than these products)."""
@@ -111,12 +133,11 @@ def _sympow2_backward(x, cotangent, axis):
         g = _slice(cotangent, axis, d, d + shifts * d).reshape(_split_axis(x.shape, axis, shifts, d))
         # x_i as the left factor of sqrt2 x_i x_{i+r}:
         grad = grad + _SQRT2 * (g * _rolled_rows(x, axis)).sum(axis=axis)
-        # x_{i+r} as the right factor: row r of g * x (shift r + 1), rolled forward by r + 1.
-        # (Summing one strided view of all rolled rows is a slow general reduction in MLX;
-        # a roll per row costs two passes over the rows in total.)
+        # x_{i+r} as the right factor: row r of g * x, shifted forward by r + 1 and summed
+        # over rows. That skewed sum is a fixed 0/1 linear map, so one matmul does it (a
+        # roll per row costs about 3x more, a strided view of all rows 4x).
         left = g * mx.expand_dims(x * _SQRT2, axis)
-        for row in range(shifts):
-            grad = grad + mx.roll(mx.take(left, row, axis=axis), row + 1, axis=axis)
+        grad = grad + _skewed_row_sum(left, axis + 1)
     if d % 2 == 0:
         half = d // 2
         g = _slice(cotangent, axis, d + shifts * d, None) * _SQRT2

@@ -71,3 +71,27 @@ def test_sympow_along_second_to_last_axis_is_the_transpose(d, deg):
     x = mx.random.normal((3, d, 7))
     assert_close("sympow(axis=-2)", sympow(x, deg, axis=-2),
                  sympow(x.swapaxes(-1, -2), deg).swapaxes(-1, -2), 0.0)
+
+
+@pytest.mark.parametrize("axis", [-1, -2, 0])
+@pytest.mark.parametrize("d", [1, 2, 3, 5, 8, 64])
+def test_sympow_gradient_matches_central_differences(d, axis):
+    # sum(phi(x) * w) is quadratic in x at degree 2, so central differences with a unit step
+    # are exact up to float64 rounding: an independent check of the hand-written vjp.
+    x = mx.random.normal((d, 3, 2) if axis == 0 else (3, d, 2) if axis == -2 else (2, 3, d))
+    x = x.astype(mx.float64)
+    weights = mx.random.normal(sympow(x, 2, axis=axis).shape).astype(mx.float64)
+
+    def loss(x):
+        return (sympow(x, 2, axis=axis) * weights).sum()
+
+    flat = np.array(x).reshape(-1)
+    differences = np.empty_like(flat)
+    for i in range(flat.size):
+        step = np.zeros_like(flat)
+        step[i] = 1.0
+        plus, minus = (loss(mx.array((flat + s).reshape(x.shape), dtype=mx.float64)).item()
+                       for s in (step, -step))
+        differences[i] = (plus - minus) / 2
+    assert_close(f"d sympow / dx (axis {axis})", mx.grad(loss)(x), differences.reshape(x.shape),
+                 1e-12)
