@@ -2,15 +2,16 @@
 
     python benchmarks/bench_kernels.py
 
-Timing the kernels needs a Mac, and their dispatch from PowerRetention is not written yet,
-so for now this reports correctness everywhere: each kernel runs through the CPU emulator
-(metal_kernels/emulator) at the head shapes of the presets ultra-tiny to 1b and is compared
-with the MLX path (relative error, fp32), in forward, reverse and random thread order.
+Correctness everywhere: the fused decode kernel runs through the same dispatch code as on a
+Mac, on the CPU emulator (metal_kernels/emulator), at the head shapes of the presets
+ultra-tiny to 1b, in forward, reverse and random thread order, against the MLX path
+(relative error, fp32). Timing needs Metal: on a Mac this also times one decode step per
+preset, kernel against MLX path, and the state bytes it moves against the time taken.
 """
 
 from __future__ import annotations
 
-import sys
+import time
 
 import click
 import mlx.core as mx
@@ -18,9 +19,8 @@ import numpy as np
 from common import machine_description, machine_line, now, write_report
 
 from llm import create_model_config
-from metal_kernels.emulated import decode_step
-from power_retention import RetentionState, expanded_dim
-from power_retention.recurrent import recurrent_step
+from metal_kernels import dispatch
+from power_retention import RetentionState, expanded_dim, power_retention_step
 
 PRESETS = ("ultra-tiny", "tiny", "small", "medium", "1b")
 
@@ -30,27 +30,55 @@ def relative_error(actual, expected) -> float:
     return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-300))
 
 
-def decode_case(preset: str, order: str, seed: int = 0) -> dict:
+def step_inputs(preset: str, seed: int = 0):
+    """One decode step's inputs at the preset's head shape (batch 1, one layer)."""
     config = create_model_config(preset)
-    d, Hq, H = config.head_dim, config.num_attention_heads, config.num_key_value_heads
-    deg, B = config.power, 1
+    d, Hq, H, deg = config.head_dim, config.num_attention_heads, config.num_key_value_heads, config.power
     D = expanded_dim(d, deg)
     rng = np.random.default_rng(seed)
-    q = (rng.standard_normal((B, Hq, d)) / np.sqrt(d)).astype(np.float32)
-    k = rng.standard_normal((B, H, d)).astype(np.float32)
-    v = rng.standard_normal((B, H, d)).astype(np.float32)
-    log_g = (-0.01 * rng.random((B, H))).astype(np.float32)
-    S = rng.standard_normal((B, H, D, d)).astype(np.float32)
-    z = np.abs(rng.standard_normal((B, H, D))).astype(np.float32)
-    y, S_out, z_out = decode_step(q, k, v, np.exp(log_g), S, z, deg=deg, normalize=True,
-                                  order=order)
-    expected_y, expected = recurrent_step(mx.array(q), mx.array(k), mx.array(v), mx.array(log_g),
-                                          RetentionState(mx.array(S), mx.array(z)), deg=deg,
-                                          normalize=True)
-    return {"kernel": "decode_step", "preset": preset, "head_dim": d, "query_heads": Hq,
-            "kv_heads": H, "deg": deg, "order": order,
-            "error_y": relative_error(y, expected_y), "error_S": relative_error(S_out, expected.S),
-            "error_z": relative_error(z_out, expected.z)}
+
+    def normal(*shape):
+        return mx.array(rng.standard_normal(shape).astype(np.float32))
+
+    state = RetentionState(normal(1, H, D, d), mx.abs(normal(1, H, D)))
+    log_g = mx.array(-0.01 * rng.random((1, H)).astype(np.float32))
+    return config, (normal(1, Hq, d), normal(1, H, d), normal(1, H, d), log_g, state)
+
+
+def correctness_case(preset: str, order: str) -> dict:
+    config, inputs = step_inputs(preset)
+    dispatch.set_backend("emulator", order=order)
+    y, state = dispatch.decode_step(*inputs, deg=config.power)
+    expected_y, expected = power_retention_step(*inputs, deg=config.power)
+    return {"kernel": "decode_step", "preset": preset, "head_dim": config.head_dim,
+            "query_heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
+            "deg": config.power, "order": order, "error_y": relative_error(y, expected_y),
+            "error_S": relative_error(state.S, expected.S),
+            "error_z": relative_error(state.z, expected.z)}
+
+
+def median_step_seconds(step, inputs, deg, repeats=50) -> float:
+    for _ in range(5):
+        mx.eval(step(*inputs, deg=deg))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(step(*inputs, deg=deg))
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def timing_case(preset: str) -> dict:
+    """One layer's decode step on Metal: kernel vs MLX path, and the state bytes the kernel
+    must move (read S and z, write them back) per second of its time."""
+    config, inputs = step_inputs(preset)
+    dispatch.set_backend("metal")
+    kernel = median_step_seconds(dispatch.decode_step, inputs, config.power)
+    mlx_path = median_step_seconds(power_retention_step, inputs, config.power)
+    state_bytes = 2 * 4 * sum(s.size for s in inputs[-1])
+    return {"preset": preset, "kernel_s": kernel, "mlx_path_s": mlx_path,
+            "speedup": mlx_path / kernel, "state_bytes": state_bytes,
+            "kernel_state_gb_per_s": state_bytes / kernel / 1e9}
 
 
 @click.command()
@@ -59,9 +87,14 @@ def main(out):
     started = now()
     machine = machine_description()
     print(f"# Metal kernels vs the MLX path, {started:%Y-%m-%d %H:%M %Z}; {machine_line(machine)}")
-    if sys.platform == "darwin" and mx.metal.is_available():
-        print("# this Mac has Metal, but the kernels are not dispatched from MLX yet: timings "
-              "will come with the dispatch; correctness below is from the emulator")
+    timings = []
+    if mx.metal.is_available():
+        print(f"{'preset':<11} {'kernel ms':>10} {'MLX ms':>8} {'speedup':>8} {'state GB/s':>11}")
+        for preset in PRESETS:
+            row = timing_case(preset)
+            timings.append(row)
+            print(f"{preset:<11} {1e3 * row['kernel_s']:>10.3f} {1e3 * row['mlx_path_s']:>8.3f} "
+                  f"{row['speedup']:>8.2f} {row['kernel_state_gb_per_s']:>11.1f}", flush=True)
     else:
         print("# no Metal here: timings need a Mac; correctness from the CPU emulator")
     header = f"{'kernel':<12} {'preset':<11} {'d':>3} {'Hq/H':>6} {'order':>8} {'err y':>9} {'err S':>9} {'err z':>9}"
@@ -70,14 +103,15 @@ def main(out):
     results = []
     for preset in PRESETS:
         for order in ("forward", "reverse", "random"):
-            row = decode_case(preset, order)
+            row = correctness_case(preset, order)
             results.append(row)
             print(f"{row['kernel']:<12} {preset:<11} {row['head_dim']:>3} "
                   f"{row['query_heads']:>3}/{row['kv_heads']:<2} {order:>8} {row['error_y']:>9.1e} "
                   f"{row['error_S']:>9.1e} {row['error_z']:>9.1e}", flush=True)
     worst = max(max(r["error_y"], r["error_S"], r["error_z"]) for r in results)
     print(f"# worst relative error {worst:.1e} (bound: 1e-5 for fp32)")
-    out = write_report("bench_kernels", started, {"results": results, "worst_relative_error": worst}, out)
+    out = write_report("bench_kernels", started, {"results": results, "timings": timings,
+                                                  "worst_relative_error": worst}, out)
     print(f"# wrote {out}")
 
 

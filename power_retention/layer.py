@@ -28,13 +28,20 @@ INITIAL_GATE = 0.999
 _warned_no_kernels = False
 
 
-def _warn_no_kernels_once():
+def _kernel_dispatch():
+    """``metal_kernels.dispatch`` when the kernels run on this machine, else None (after one
+    warning per process)."""
+    # Imported on use: the kernels package builds on this one.
+    from metal_kernels import dispatch
+
     global _warned_no_kernels
+    if dispatch.backend() is not None:
+        return dispatch
     if not _warned_no_kernels:
         _warned_no_kernels = True
-        warnings.warn("use_metal_kernels=True: the fused Metal kernels are not available in this "
-                      "version; PowerRetention runs on the pure-MLX path (same results).",
-                      stacklevel=3)
+        warnings.warn("use_metal_kernels=True: Metal is not available on this machine; "
+                      "PowerRetention runs on the MLX path (same results).", stacklevel=3)
+    return None
 
 
 def _positive_int(name, value, allow_none=True):
@@ -114,8 +121,9 @@ class PowerRetention(nn.Module):
         chunk_size, method: passed to ``power_retention``; "auto" picks the cheapest form.
         normalize: divide by the sum of weights; default True for even deg, False for odd.
         scale: the query scale (only matters when normalize=False); default 1/sqrt(head_dim).
-        use_metal_kernels: accepted for the fused Metal kernels; until they exist the layer warns
-            once and uses the MLX path.
+        use_metal_kernels: decode single tokens (a cache and T == 1) with the fused Metal
+            kernel (``metal_kernels``); where Metal is absent, warn once and use the MLX path.
+            Gradients through the kernel are those of the MLX path.
 
     The output of each head goes through an RMS norm (one learnable gain of head_dim entries,
     shared by the heads, as flash-linear-attention's linear-attention layers do) before the
@@ -178,8 +186,7 @@ class PowerRetention(nn.Module):
     def __call__(self, x: mx.array, cache: RetentionCache | None = None) -> mx.array:
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (B, T, dim={self.dim}), got {tuple(x.shape)}")
-        if self.use_metal_kernels:
-            _warn_no_kernels_once()
+        kernels = _kernel_dispatch() if self.use_metal_kernels else None
         B, T, _ = x.shape
         q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
@@ -191,7 +198,8 @@ class PowerRetention(nn.Module):
             y = power_retention(q, k, v, log_g, method=self.method, chunk_size=self.chunk_size,
                                 **options)
         elif T == 1:
-            y, cache.retention_state = power_retention_step(
+            step = power_retention_step if kernels is None else kernels.decode_step
+            y, cache.retention_state = step(
                 q[:, 0], k[:, 0], v[:, 0], None if log_g is None else log_g[:, 0],
                 cache.retention_state, **options)
             y = y[:, None]

@@ -87,8 +87,9 @@ def _check_array(name, x, ndim, layout, has_time):
         raise ValueError(f"{name} must have shape {_describe(layout, has_time)}, got {tuple(x.shape)}")
 
 
-def _validate(q, k, v, log_g, deg, scale, normalize, initial_state, has_time):
-    """Check everything, then return the inputs with a time axis, in the compute dtype."""
+def prepare_inputs(q, k, v, log_g, deg, scale, normalize, initial_state, has_time):
+    """Check everything, then return the inputs with a time axis, in the compute dtype, q
+    prepared (scaled, or divided by its largest entry when normalized): what every form takes."""
     deg = check_degree(deg)
     if normalize and deg % 2:
         raise ValueError(f"normalize=True needs an even deg (odd powers give negative weights and "
@@ -182,8 +183,8 @@ def power_retention(q, k, v, log_g=None, *, deg=2, scale=None, method="auto", ch
     if not is_integer(chunk_size) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     out_dtype = q.dtype if isinstance(q, mx.array) else None
-    q, k, v, log_g, deg, initial_state = _validate(q, k, v, log_g, deg, scale, normalize,
-                                                   initial_state, has_time=True)
+    q, k, v, log_g, deg, initial_state = prepare_inputs(q, k, v, log_g, deg, scale, normalize,
+                                                        initial_state, has_time=True)
     B, T, Hq, d = q.shape
     if method == "auto":
         method = choose_method(B=B, T=T, Hq=Hq, H=k.shape[2], d=d, e=v.shape[-1], deg=deg,
@@ -204,8 +205,8 @@ def power_retention_step(q, k, v, log_g, state, *, deg=2, scale=None, normalize=
     """One token: q (B, Hq, d), k (B, H, d), v (B, H, e), log_g (B, H) or None; state None
     starts an empty sequence. Returns y (B, Hq, e) in q's dtype and the new RetentionState."""
     out_dtype = q.dtype if isinstance(q, mx.array) else None
-    q, k, v, log_g, deg, state = _validate(q, k, v, log_g, deg, scale, normalize, state,
-                                           has_time=False)
+    q, k, v, log_g, deg, state = prepare_inputs(q, k, v, log_g, deg, scale, normalize, state,
+                                                has_time=False)
     y, state = recurrent_step(q[:, 0], k[:, 0], v[:, 0], None if log_g is None else log_g[:, 0],
                               state, deg=deg, normalize=normalize)
     return y.astype(out_dtype), state

@@ -93,27 +93,6 @@ def test_cache_state_round_trips():
     assert_close("continued", layer(x[:, 9:], cache=copy), layer(x[:, 9:], cache=cache), 0.0)
 
 
-def test_metal_kernels_flag_warns_once_and_falls_back():
-    """In a fresh process, so that no earlier test has used the warning up."""
-    code = (
-        "import warnings, mlx.core as mx\n"
-        "from power_retention import PowerRetention\n"
-        "x = mx.random.normal((1, 8, 16))\n"
-        "plain = PowerRetention(16, num_heads=2)\n"
-        "fast = PowerRetention(16, num_heads=2, use_metal_kernels=True)\n"
-        "fast.update(plain.parameters())\n"
-        "with warnings.catch_warnings(record=True) as caught:\n"
-        "    warnings.simplefilter('always')\n"
-        "    ys = [fast(x) for _ in range(3)]\n"
-        "print(len(caught), str(caught[0].message))\n"
-        "print(float(mx.abs(ys[0] - plain(x)).max()))\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    count_and_message, difference = result.stdout.strip().splitlines()
-    assert count_and_message.startswith("1 ") and "Metal" in count_and_message
-    assert float(difference) == 0.0
-
-
 @pytest.mark.parametrize("kwargs,message", [
     (dict(dim=30, num_heads=4), "divisible by num_heads"),
     (dict(dim=32, num_heads=4, num_kv_heads=3), "multiple of num_kv_heads"),

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["run_kernel", "generate_source", "EmulatorError"]
+__all__ = ["metal_kernel", "run_kernel", "check_syntax", "generate_source", "EmulatorError"]
 
 _HERE = Path(__file__).resolve().parent
 _SHIM = _HERE / "metal_shim.h"
@@ -150,8 +150,10 @@ def _rewrite_pointer_locals(code: str) -> str:
 
 
 def generate_source(name, input_names, output_names, source, inputs, output_dtypes,
-                    template=None, header="", atomic_outputs=False):
-    """Return (kernel_name, template_def, wrapped C++ source, shape_infos, attributes)."""
+                    template=None, header="", atomic_outputs=False, input_dtypes=None):
+    """Return (kernel_name, template_def, wrapped C++ source, shape_infos, attributes).
+    ``input_dtypes`` overrides the inputs' numpy dtypes (bfloat16 travels as uint16)."""
+    input_dtypes = [a.dtype for a in inputs] if input_dtypes is None else input_dtypes
     template = list(template or [])
     tvals = [(n, *_template_value(v)) for n, v in template]
     kernel_name = "custom_kernel_" + name
@@ -160,8 +162,8 @@ def generate_source(name, input_names, output_names, source, inputs, output_dtyp
         template_def = "<" + ", ".join(v for _, _, v in tvals) + ">"
         h = re.sub(r"<|>|(, )", "_", template_def)[:-1]
         kernel_name += "_" + h
-    for arr in inputs:
-        kernel_name += "_" + _TYPES[_dtype_name(arr.dtype)][0]
+    for arr, dt in zip(inputs, input_dtypes):
+        kernel_name += "_" + _TYPES[_dtype_name(dt)][0]
         if arr.ndim == 0:
             kernel_name += "s"
         elif arr.size < MAX_CONSTANT_ARRAY_SIZE:
@@ -177,8 +179,8 @@ def generate_source(name, input_names, output_names, source, inputs, output_dtyp
     if tvals:
         src += "template <" + ", ".join(f"{k} {n}" for n, k, _ in tvals) + ">\n"
     params = []
-    for i, (n, arr) in enumerate(zip(input_names, inputs)):
-        t = _TYPES[_dtype_name(arr.dtype)][0]
+    for i, (n, arr, dt) in enumerate(zip(input_names, inputs, input_dtypes)):
+        t = _TYPES[_dtype_name(dt)][0]
         loc = "constant" if arr.size < MAX_CONSTANT_ARRAY_SIZE else "device"
         if arr.ndim == 0:
             params.append(f"  const {loc} {t}& {n} /* [[buffer]] */")
@@ -203,15 +205,15 @@ def generate_source(name, input_names, output_names, source, inputs, output_dtyp
     return kernel_name, template_def, src, shape_infos, attributes
 
 
-def _runner_source(kernel_name, template_def, kernel_src, input_names, inputs,
+def _runner_source(kernel_name, template_def, kernel_src, input_names, inputs, input_dtypes,
                    output_names, output_dtypes, shape_infos, attributes, atomic_outputs):
     """main(): read spec + raw buffers, run the grid, write raw outputs."""
     L = ['#include "metal_shim.h"', "#line 1 \"kernel\"", kernel_src, "namespace {"]
     L.append("struct Buf { std::vector<char> data; long long n; std::vector<int> shape; std::vector<int64_t> strides; int ndim; };")
     L.append(f"Buf g_in[{max(len(inputs), 1)}]; Buf g_out[{len(output_names)}];")
     args = []
-    for i, (n, arr) in enumerate(zip(input_names, inputs)):
-        t = _TYPES[_dtype_name(arr.dtype)][0]
+    for i, (n, arr, dt) in enumerate(zip(input_names, inputs, input_dtypes)):
+        t = _TYPES[_dtype_name(dt)][0]
         if arr.ndim == 0:
             args.append(f"*reinterpret_cast<const {t}*>(g_in[{i}].data.data())")
             continue
@@ -306,12 +308,14 @@ def _fill(dtype_name: str, shape, init_value):
 
 def run_kernel(name, input_names, output_names, source, inputs, output_shapes, output_dtypes,
                grid, threadgroup, template=None, order="forward", header="", *,
-               init_value=None, atomic_outputs=False, seed=0):
+               init_value=None, atomic_outputs=False, seed=0, input_dtypes=None):
     """Run a Metal kernel body on the CPU; returns the outputs as numpy arrays.
 
     ``order``: "forward", "reverse" or "random" (threadgroups and, between
     barriers, the threads of a group run in that order; ``seed`` for random).
     Outputs start as NaN (floats) / all-ones (integers) unless ``init_value``.
+    ``input_dtypes``: the inputs' dtypes where the numpy storage differs ("bfloat16" inputs
+    are uint16 bit patterns).
     """
     if order not in ("forward", "reverse", "random"):
         raise ValueError(f"order must be forward, reverse or random, not {order!r}")
@@ -320,9 +324,12 @@ def run_kernel(name, input_names, output_names, source, inputs, output_shapes, o
     inputs = [np.asarray(a) for a in inputs]
     # (np.ascontiguousarray would turn 0-d scalars into 1-d arrays)
     inputs = [a if a.flags.c_contiguous else a.copy() for a in inputs]
+    input_dtypes = [a.dtype for a in inputs] if input_dtypes is None else input_dtypes
     kname, tdef, ksrc, shape_infos, attrs = generate_source(
-        name, input_names, output_names, source, inputs, output_dtypes, template, header, atomic_outputs)
-    cpp = _runner_source(kname, tdef, ksrc, input_names, inputs, output_names, output_dtypes,
+        name, input_names, output_names, source, inputs, output_dtypes, template, header,
+        atomic_outputs, input_dtypes)
+    cpp = _runner_source(kname, tdef, ksrc, input_names, inputs, input_dtypes,
+                         output_names, output_dtypes,
                          shape_infos, attrs, atomic_outputs)
     exe = _compile(name, cpp)
     names = [_dtype_name(dt) for dt in output_dtypes]
@@ -349,3 +356,66 @@ def run_kernel(name, input_names, output_names, source, inputs, output_shapes, o
         for i, (shape, dn) in enumerate(zip(output_shapes, names)):
             outs.append(np.fromfile(spec_path + f".out{i}", _TYPES[dn][1]).reshape(tuple(shape)))
     return outs
+
+
+def _to_numpy(x) -> np.ndarray:
+    import mlx.core as mx
+
+    if isinstance(x, mx.array):
+        return np.array(x.view(mx.uint16) if x.dtype == mx.bfloat16 else x)
+    return np.asarray(x)
+
+
+def _to_mlx(x: np.ndarray, dtype):
+    import mlx.core as mx
+
+    out = mx.array(x)
+    return out.view(mx.bfloat16) if _dtype_name(dtype) == "bfloat16" else out
+
+
+def metal_kernel(name, input_names, output_names, source, header="", ensure_row_contiguous=True,
+                 atomic_outputs=False, compile_options=None, *, order="forward", seed=0):
+    """The emulator's ``mx.fast.metal_kernel``: same arguments, and the returned kernel takes
+    the same call arguments (mlx arrays in, mlx arrays out), so dispatch code written for
+    Metal runs unchanged on the CPU. ``order`` and ``seed`` are as in ``run_kernel``;
+    ``compile_options`` (Metal's math mode) has no CPU counterpart: IEEE math throughout."""
+    if not ensure_row_contiguous:
+        raise EmulatorError("the emulator passes every input row contiguous "
+                            "(ensure_row_contiguous=False is not emulated)")
+
+    def kernel(*, inputs, output_shapes, output_dtypes, grid, threadgroup, template=None,
+               init_value=None, verbose=False, stream=None):
+        outputs = run_kernel(name, list(input_names), list(output_names), source,
+                             [_to_numpy(x) for x in inputs], [tuple(s) for s in output_shapes],
+                             list(output_dtypes), grid, threadgroup, template, order, header,
+                             init_value=init_value, atomic_outputs=atomic_outputs, seed=seed,
+                             input_dtypes=[x.dtype for x in inputs])
+        return [_to_mlx(out, dtype) for out, dtype in zip(outputs, output_dtypes)]
+
+    return kernel
+
+
+def check_syntax(name, input_names, output_names, source, header="", *, inputs, output_dtypes,
+                 template=None, compiler="clang++", **launch):
+    """Compile the program ``run_kernel`` would build with another compiler, syntax only (the
+    template instantiated, nothing run): catches what g++ lets through. Takes the kernel's
+    definition and the call arguments of ``metal_kernel`` (grid and the rest are ignored).
+    Raises EmulatorError with the compiler's message."""
+    arrays = [_to_numpy(x) for x in inputs]
+    dtypes = [x.dtype for x in inputs]
+    wrapped = generate_source(name, list(input_names), list(output_names), source, arrays,
+                              list(output_dtypes), template, header, False, dtypes)
+    kernel_name, template_def, kernel_source, shape_infos, attributes = wrapped
+    program = _runner_source(kernel_name, template_def, kernel_source, list(input_names), arrays,
+                             dtypes, list(output_names), list(output_dtypes), shape_infos,
+                             attributes, False)
+    with tempfile.TemporaryDirectory(prefix="metal_emu_") as d:
+        path = Path(d) / "kernel.cpp"
+        path.write_text(program)
+        # EMU_SYNTAX_ONLY: a stand-in half type where the compiler has no _Float16 (clang 14).
+        result = subprocess.run([compiler, "-fsyntax-only", "-std=c++17", "-Wno-attributes",
+                                 "-DEMU_SYNTAX_ONLY", f"-I{_HERE}", str(path)],
+                                capture_output=True, text=True)
+    if result.returncode != 0:
+        raise EmulatorError(f"kernel '{name}' fails {compiler}'s syntax check:\n"
+                            f"{result.stderr[-3000:]}")

@@ -1,22 +1,69 @@
-// The degree-2 symmetric power feature p of a d-vector, in the order of
-// power_retention.sympow: the d squares, then for r = 1 .. (d - 1) / 2 the products
-// x_i x_{(i + r) mod d} (i = 0 .. d - 1), then for even d the products x_i x_{i + d/2}
-// (i < d / 2); every product of two different indices is weighted by sqrt(2).
-inline void sym2_feature(int p, int d, thread int& i, thread int& j, thread float& w) {
-    if (p < d) {
-        i = p;
-        j = p;
-        w = 1.0f;
-        return;
+// Symmetric power features of a DIM-vector, visited in the order of power_retention.sympow,
+// one at a time, so that a kernel never stores the D = C(DIM + DEG - 1, DEG) features:
+//   DEG 1: x_i.
+//   DEG 2: the squares x_i^2, then for r = 1 .. (DIM - 1) / 2 the products x_i x_{(i + r) mod DIM}
+//          (i = 0 .. DIM - 1), then for even DIM the products x_i x_{i + DIM/2} (i < DIM / 2);
+//          products of two different entries weighted by sqrt(2).
+//   DEG >= 3: the multisets i_1 <= ... <= i_DEG in lexicographic order, weighted by
+//          sqrt(DEG! / prod(m!)) with m the repeat counts.
+// Usage: FeatureCursor<DEG, DIM> f; (feature 0) ... f.advance(); (feature 1) ...
+// f.value(x) reads x (any indexable: device, threadgroup or thread memory) at the feature's
+// indices.
+template <int DEG, int DIM>
+struct FeatureCursor {
+    int index[DEG];
+    int shift;  // DEG 2: r, the distance between the two indices (0 for the squares)
+    float weight;
+
+    FeatureCursor() {
+        for (int t = 0; t < DEG; ++t) {
+            index[t] = 0;
+        }
+        shift = 0;
+        weight = 1.0f;
     }
-    int rest = p - d;
-    int shifts = (d - 1) / 2;
-    if (rest < shifts * d) {
-        i = rest % d;
-        j = (i + rest / d + 1) % d;
-    } else {
-        i = rest - shifts * d;
-        j = i + d / 2;
+
+    void advance() {
+        if (DEG == 1) {
+            index[0] += 1;
+        } else if (DEG == 2) {
+            int row_length = 2 * shift == DIM ? DIM / 2 : DIM;
+            index[0] += 1;
+            if (index[0] == row_length) {
+                index[0] = 0;
+                shift += 1;
+            }
+            index[1] = (index[0] + shift) % DIM;
+            weight = shift == 0 ? 1.0f : 1.41421356237309515f;
+        } else {
+            int t = DEG - 1;
+            while (t > 0 && index[t] == DIM - 1) {
+                --t;
+            }
+            index[t] += 1;
+            for (int u = t + 1; u < DEG; ++u) {
+                index[u] = index[t];
+            }
+            float factorial_product = 1.0f;
+            float run = 1.0f;
+            for (int u = 1; u < DEG; ++u) {
+                run = index[u] == index[u - 1] ? run + 1.0f : 1.0f;
+                factorial_product *= run;
+            }
+            float factorial = 1.0f;
+            for (int u = 2; u <= DEG; ++u) {
+                factorial *= float(u);
+            }
+            weight = metal::sqrt(factorial / factorial_product);
+        }
     }
-    w = 1.41421356237309515f;
-}
+
+    template <typename X>
+    float value(X x) const {
+        float product = weight;
+        for (int t = 0; t < DEG; ++t) {
+            product *= float(x[index[t]]);
+        }
+        return product;
+    }
+};

@@ -1,0 +1,129 @@
+"""Kernel registry and dispatch: the fused Metal kernels where Metal exists, the MLX path
+elsewhere, and the CPU emulator on request (how Linux runs this very dispatch code).
+
+Each kernel is built once: at import on a machine with Metal, on first use for the emulator.
+Template arguments (dtype, degree, head widths) are picked per call; MLX compiles one
+pipeline per distinct set. Every kernel call is an ``mx.custom_function`` whose vjp is the
+vjp of the MLX path, so gradients through the kernels are those of the MLX path.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import mlx.core as mx
+
+from power_retention.ops import power_retention_step, prepare_inputs
+from power_retention.recurrent import recurrent_step
+from power_retention.state import RetentionState
+from power_retention.sympow import expanded_dim
+
+from . import emulator
+from .sources import header, kernel_body
+
+BACKENDS = ("metal", "emulator")
+# name: (input names, output names, helper headers)
+KERNELS = {
+    "decode_step": (("q", "k", "v", "decay", "S", "z"), ("y", "S_out", "z_out"), ("sympow",)),
+}
+KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+# Metal's limits on every Apple GPU MLX supports.
+MAX_THREADS_PER_THREADGROUP = 1024
+MAX_THREADGROUP_BYTES = 32 * 1024
+
+
+def _build(factory, **options) -> dict:
+    return {name: factory(name=name, input_names=list(inputs), output_names=list(outputs),
+                          source=kernel_body(name), header=header(*headers), **options)
+            for name, (inputs, outputs, headers) in KERNELS.items()}
+
+
+_backend = "metal" if mx.metal.is_available() else None
+_kernels = _build(mx.fast.metal_kernel) if _backend == "metal" else {}
+
+
+def set_backend(name: str | None, **emulator_options) -> None:
+    """Run the kernels on "metal", on the CPU "emulator" (slow; for tests: options are
+    ``order`` and ``seed`` of ``emulator.run_kernel``), or not at all (None: the MLX path)."""
+    global _backend, _kernels
+    if name not in (*BACKENDS, None):
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
+    if name == "metal" and not mx.metal.is_available():
+        raise ValueError("backend 'metal' needs a Mac with Metal; this machine has none")
+    if emulator_options and name != "emulator":
+        raise ValueError(f"options {sorted(emulator_options)} apply to the emulator only")
+    _backend = name
+    _kernels = {"metal": lambda: _build(mx.fast.metal_kernel),
+                "emulator": lambda: _build(emulator.metal_kernel, **emulator_options),
+                None: dict}[name]()
+
+
+def backend() -> str | None:
+    """Where the kernels run now: "metal", "emulator" or None (they do not: MLX path)."""
+    return _backend
+
+
+def _kernel_dtype(*arrays):
+    """The one dtype the kernels read the arrays in, or None if they cannot."""
+    dtypes = {a.dtype for a in arrays}
+    dtype = dtypes.pop() if len(dtypes) == 1 else None
+    return dtype if dtype in KERNEL_DTYPES else None
+
+
+def decode_launch(q, k, v, log_g, S, z, *, deg: int, normalize: bool) -> dict:
+    """The decode kernel's call arguments (inputs, template, grid, threadgroup, outputs) for
+    prepared inputs (see ``_decode_function``)."""
+    B, Hq, d = q.shape
+    H, e = k.shape[1], v.shape[-1]
+    return dict(
+        inputs=[q, k, v, mx.exp(log_g), S, z],
+        template=[("T", k.dtype), ("DEG", deg), ("DIM", d), ("E", e), ("G", Hq // H),
+                  ("FEATURES", expanded_dim(d, deg)), ("NORMALIZE", normalize)],
+        grid=(B * H * e, 1, 1), threadgroup=(e, 1, 1),
+        output_shapes=[(B, Hq, e), S.shape, z.shape],
+        output_dtypes=[k.dtype, mx.float32, mx.float32])
+
+
+@lru_cache(maxsize=None)
+def _decode_function(deg: int, normalize: bool):
+    """The fused step on prepared inputs: q (B, Hq, d) float32, k (B, H, d), v (B, H, e) in
+    one dtype, log_g (B, H), S, z float32 -> y (in k's dtype), S, z."""
+
+    def mlx_path(q, k, v, log_g, S, z):
+        y, state = recurrent_step(q, k.astype(q.dtype), v.astype(q.dtype), log_g,
+                                  RetentionState(S, z), deg=deg, normalize=normalize)
+        return y.astype(k.dtype), state.S, state.z
+
+    @mx.custom_function
+    def step(q, k, v, log_g, S, z):
+        return tuple(_kernels["decode_step"](**decode_launch(q, k, v, log_g, S, z, deg=deg,
+                                                             normalize=normalize)))
+
+    @step.vjp
+    def step_vjp(primals, cotangents, outputs):
+        cotangents = [mx.zeros_like(o) if c is None else c for c, o in zip(cotangents, outputs)]
+        return tuple(mx.vjp(mlx_path, list(primals), cotangents)[1])
+
+    return step
+
+
+def decode_step(q, k, v, log_g, state, *, deg=2, scale=None, normalize=True):
+    """``power_retention_step`` (same arguments and results) through the fused decode kernel
+    when one runs here and takes these inputs (float32, float16 or bfloat16 q, k, v of one
+    dtype; value width <= 1024); otherwise the MLX path."""
+    fits = (isinstance(q, mx.array) and q.ndim == 3 and isinstance(v, mx.array) and v.ndim == 3
+            and v.shape[-1] <= MAX_THREADS_PER_THREADGROUP
+            and 4 * (q.shape[1] + 1) * q.shape[2] <= MAX_THREADGROUP_BYTES)
+    dtype = _kernel_dtype(q, k, v) if fits else None
+    if _backend is None or dtype is None:
+        return power_retention_step(q, k, v, log_g, state, deg=deg, scale=scale,
+                                    normalize=normalize)
+    q, _, _, log_g, deg, state = prepare_inputs(q, k, v, log_g, deg, scale, normalize, state,
+                                                has_time=False)
+    B, H, d, e = k.shape[0], k.shape[1], k.shape[2], v.shape[-1]
+    if state is None:
+        D = expanded_dim(d, deg)
+        state = RetentionState(mx.zeros((B, H, D, e)), mx.zeros((B, H, D)))
+    log_g = mx.zeros((B, H)) if log_g is None else log_g[:, 0]
+    y, S, z = _decode_function(deg, bool(normalize))(q[:, 0], k, v, log_g, *state)
+    return y, RetentionState(S, z)
