@@ -2,11 +2,12 @@
 
     python benchmarks/bench_kernels.py
 
-Correctness everywhere: the fused decode kernel runs through the same dispatch code as on a
-Mac, on the CPU emulator (metal_kernels/emulator), at the head shapes of the presets
-ultra-tiny to 1b, in forward, reverse and random thread order, against the MLX path
-(relative error, fp32). Timing needs Metal: on a Mac this also times one decode step per
-preset, kernel against MLX path, and the state bytes it moves against the time taken.
+Correctness everywhere: the kernels run through the same dispatch code as on a Mac, on the
+CPU emulator (metal_kernels/emulator), at the head shapes of the presets ultra-tiny to 1b, in
+forward, reverse and random thread order, against the MLX path (relative error, fp32): the
+fused decode step, and a 133-token prefill in chunks of 64 from a non-empty state. Timing
+needs Metal: on a Mac this also times, per preset and for one layer, a decode step (kernel
+against MLX path, and the state bytes it moves per second) and a 4096-token prefill.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from common import machine_description, machine_line, now, write_report
 
 from llm import create_model_config
 from metal_kernels import dispatch
-from power_retention import RetentionState, expanded_dim, power_retention_step
+from power_retention import RetentionState, expanded_dim, power_retention, power_retention_step
 
 PRESETS = ("ultra-tiny", "tiny", "small", "medium", "1b")
 
@@ -57,6 +58,27 @@ def correctness_case(preset: str, order: str) -> dict:
             "error_z": relative_error(state.z, expected.z)}
 
 
+def prefill_case(preset: str, order: str, T: int = 133, seed: int = 0) -> dict:
+    config = create_model_config(preset)
+    d, Hq, H, deg = config.head_dim, config.num_attention_heads, config.num_key_value_heads, config.power
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape):
+        return mx.array(rng.standard_normal(shape).astype(np.float32))
+
+    q, k, v = normal(1, T, Hq, d), normal(1, T, H, d), normal(1, T, H, d)
+    log_g = mx.array(-0.01 * rng.random((1, T, H)).astype(np.float32))
+    _, state = power_retention(q[:, :9], k[:, :9], v[:, :9], deg=deg, return_state=True)
+    options = dict(deg=deg, method="chunked", chunk_size=64, initial_state=state, return_state=True)
+    dispatch.set_backend("emulator", order=order)
+    y, final = dispatch.power_retention(q, k, v, log_g, **options)
+    expected_y, expected = power_retention(q, k, v, log_g, **options)
+    return {"kernel": "prefill", "preset": preset, "head_dim": d, "query_heads": Hq,
+            "kv_heads": H, "deg": deg, "order": order, "error_y": relative_error(y, expected_y),
+            "error_S": relative_error(final.S, expected.S),
+            "error_z": relative_error(final.z, expected.z)}
+
+
 def median_step_seconds(step, inputs, deg, repeats=50) -> float:
     for _ in range(5):
         mx.eval(step(*inputs, deg=deg))
@@ -76,9 +98,20 @@ def timing_case(preset: str) -> dict:
     kernel = median_step_seconds(dispatch.decode_step, inputs, config.power)
     mlx_path = median_step_seconds(power_retention_step, inputs, config.power)
     state_bytes = 2 * 4 * sum(s.size for s in inputs[-1])
+    q, k, v = (mx.random.normal((1, 4096, heads, config.head_dim))
+               for heads in (config.num_attention_heads, config.num_key_value_heads,
+                             config.num_key_value_heads))
+
+    def prefill(run):
+        return lambda *_, deg: run(q, k, v, deg=deg, method="chunked")
+
+    prefill_kernel = median_step_seconds(prefill(dispatch.power_retention), (), config.power, 5)
+    prefill_mlx = median_step_seconds(prefill(power_retention), (), config.power, 5)
     return {"preset": preset, "kernel_s": kernel, "mlx_path_s": mlx_path,
             "speedup": mlx_path / kernel, "state_bytes": state_bytes,
-            "kernel_state_gb_per_s": state_bytes / kernel / 1e9}
+            "kernel_state_gb_per_s": state_bytes / kernel / 1e9,
+            "prefill_tokens_per_s_kernel": 4096 / prefill_kernel,
+            "prefill_tokens_per_s_mlx": 4096 / prefill_mlx}
 
 
 @click.command()
@@ -89,21 +122,25 @@ def main(out):
     print(f"# Metal kernels vs the MLX path, {started:%Y-%m-%d %H:%M %Z}; {machine_line(machine)}")
     timings = []
     if mx.metal.is_available():
-        print(f"{'preset':<11} {'kernel ms':>10} {'MLX ms':>8} {'speedup':>8} {'state GB/s':>11}")
+        print("# one layer, batch 1: decode step; prefill of 4096 tokens (tokens/s)")
+        print(f"{'preset':<11} {'kernel ms':>10} {'MLX ms':>8} {'speedup':>8} {'state GB/s':>11} "
+              f"{'prefill kernel':>15} {'prefill MLX':>12}")
         for preset in PRESETS:
             row = timing_case(preset)
             timings.append(row)
             print(f"{preset:<11} {1e3 * row['kernel_s']:>10.3f} {1e3 * row['mlx_path_s']:>8.3f} "
-                  f"{row['speedup']:>8.2f} {row['kernel_state_gb_per_s']:>11.1f}", flush=True)
+                  f"{row['speedup']:>8.2f} {row['kernel_state_gb_per_s']:>11.1f} "
+                  f"{row['prefill_tokens_per_s_kernel']:>15.0f} "
+                  f"{row['prefill_tokens_per_s_mlx']:>12.0f}", flush=True)
     else:
         print("# no Metal here: timings need a Mac; correctness from the CPU emulator")
     header = f"{'kernel':<12} {'preset':<11} {'d':>3} {'Hq/H':>6} {'order':>8} {'err y':>9} {'err S':>9} {'err z':>9}"
     print(header)
     print("-" * len(header))
     results = []
-    for preset in PRESETS:
-        for order in ("forward", "reverse", "random"):
-            row = correctness_case(preset, order)
+    for case in (correctness_case, prefill_case):
+        for preset, order in ((p, o) for p in PRESETS for o in ("forward", "reverse", "random")):
+            row = case(preset, order)
             results.append(row)
             print(f"{row['kernel']:<12} {preset:<11} {row['head_dim']:>3} "
                   f"{row['query_heads']:>3}/{row['kv_heads']:<2} {order:>8} {row['error_y']:>9.1e} "

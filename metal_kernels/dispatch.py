@@ -13,10 +13,10 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-from power_retention.ops import power_retention_step, prepare_inputs
+from power_retention.ops import power_retention_step, prepare_inputs, run_power_retention
 from power_retention.recurrent import recurrent_step
 from power_retention.state import RetentionState
-from power_retention.sympow import expanded_dim
+from power_retention.sympow import expanded_dim, sympow
 
 from . import emulator
 from .sources import header, kernel_body
@@ -25,11 +25,16 @@ BACKENDS = ("metal", "emulator")
 # name: (input names, output names, helper headers)
 KERNELS = {
     "decode_step": (("q", "k", "v", "decay", "S", "z"), ("y", "S_out", "z_out"), ("sympow",)),
+    "chunk_states": (("k", "v1"), ("S1",), ("sympow",)),
+    "query_states": (("q", "S1"), ("out",), ("sympow",)),
 }
 KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 # Metal's limits on every Apple GPU MLX supports.
 MAX_THREADS_PER_THREADGROUP = 1024
 MAX_THREADGROUP_BYTES = 32 * 1024
+# Prefill tiles: features per threadgroup pass, queries per threadgroup.
+FEATURE_TILE = 64
+QUERY_ROWS = 16
 
 
 def _build(factory, **options) -> dict:
@@ -127,3 +132,104 @@ def decode_step(q, k, v, log_g, state, *, deg=2, scale=None, normalize=True):
     log_g = mx.zeros((B, H)) if log_g is None else log_g[:, 0]
     y, S, z = _decode_function(deg, bool(normalize))(q[:, 0], k, v, log_g, *state)
     return y, RetentionState(S, z)
+
+
+def _single(cotangents):
+    return cotangents[0] if isinstance(cotangents, (list, tuple)) else cotangents
+
+
+def chunk_states_launch(k, v1, *, deg: int) -> dict:
+    """Call arguments of the chunk_states kernel: k (N, c, d), v1 (N, c, e + 1) float32."""
+    N, C, d = k.shape
+    E1, D = v1.shape[-1], expanded_dim(d, deg)
+    tile = max(1, min(FEATURE_TILE, MAX_THREADGROUP_BYTES // (4 * C)))
+    return dict(inputs=[k, v1],
+                template=[("DEG", deg), ("DIM", d), ("C", C), ("E1", E1), ("FEATURES", D),
+                          ("TILE", tile)],
+                grid=(N * E1, -(-D // tile), 1), threadgroup=(E1, 1, 1),
+                output_shapes=[(N, D, E1)], output_dtypes=[mx.float32])
+
+
+def query_states_launch(q, S1, *, deg: int) -> dict:
+    """Call arguments of the query_states kernel: q (N * G, c, d), S1 (N, D, e + 1) float32."""
+    NG, C, d = q.shape
+    N, D, E1 = S1.shape
+    rows = min(QUERY_ROWS, C)
+    return dict(inputs=[q, S1],
+                template=[("DEG", deg), ("DIM", d), ("C", C), ("E1", E1), ("FEATURES", D),
+                          ("TILE", FEATURE_TILE), ("ROWS", rows), ("G", NG // N)],
+                grid=(NG * E1, -(-C // rows), 1), threadgroup=(E1, 1, 1),
+                output_shapes=[(NG, C, E1)], output_dtypes=[mx.float32])
+
+
+@lru_cache(maxsize=None)
+def _chunk_states_function(deg: int):
+    def mlx_path(k, v1):
+        return sympow(k, deg).swapaxes(-1, -2) @ v1
+
+    @mx.custom_function
+    def chunk_states(k, v1):
+        return _kernels["chunk_states"](**chunk_states_launch(k, v1, deg=deg))[0]
+
+    @chunk_states.vjp
+    def chunk_states_vjp(primals, cotangents, output):
+        return tuple(mx.vjp(mlx_path, list(primals), [_single(cotangents)])[1])
+
+    return chunk_states
+
+
+@lru_cache(maxsize=None)
+def _query_states_function(deg: int):
+    def mlx_path(q, S1):
+        N, (NG, C, d) = S1.shape[0], q.shape
+        reads = sympow(q.reshape(N, NG // N, C, d), deg) @ S1[:, None]
+        return reads.reshape(NG, C, -1)
+
+    @mx.custom_function
+    def query_states(q, S1):
+        return _kernels["query_states"](**query_states_launch(q, S1, deg=deg))[0]
+
+    @query_states.vjp
+    def query_states_vjp(primals, cotangents, output):
+        return tuple(mx.vjp(mlx_path, list(primals), [_single(cotangents)])[1])
+
+    return query_states
+
+
+def chunk_states(k, v1, deg: int):
+    """Each chunk's own [S | z]: k (n, B, H, c, d), v1 (n, B, H, c, e + 1) -> (n, B, H, D, e + 1)."""
+    n, B, H, C, d = k.shape
+    S1 = _chunk_states_function(deg)(k.reshape(-1, C, d), v1.reshape(-1, C, v1.shape[-1]))
+    return S1.reshape(n, B, H, *S1.shape[1:])
+
+
+def read_states(q, states, deg: int):
+    """What each query reads from the state entering its chunk: q (n, B, H, G, c, d), states
+    (n, B, H, D, e + 1) -> (n, B, H, G, c, e + 1)."""
+    n, B, H, G, C, d = q.shape
+    D, E1 = states.shape[-2:]
+    out = _query_states_function(deg)(q.reshape(-1, C, d), states.reshape(-1, D, E1))
+    return out.reshape(n, B, H, G, C, E1)
+
+
+def power_retention(q, k, v, log_g=None, *, deg=2, scale=None, method="auto", chunk_size=64,
+                    initial_state=None, return_state=False, normalize=True):
+    """``power_retention`` (same arguments and results) with the chunked form's state
+    products on the prefill kernels when they run here and fit (value width < 1024, a chunk's
+    features in threadgroup memory); otherwise the MLX path. The recurrent form, and the
+    attention form without states, have no kernel."""
+    fits = (isinstance(v, mx.array) and v.ndim == 4
+            and v.shape[-1] + 1 <= MAX_THREADS_PER_THREADGROUP
+            and 4 * min(chunk_size, v.shape[1]) <= MAX_THREADGROUP_BYTES
+            and mx.float64 not in (q.dtype, k.dtype, v.dtype))
+    kernels = _ChunkKernels if _backend is not None and fits else None
+    return run_power_retention(q, k, v, log_g, deg=deg, scale=scale, method=method,
+                               chunk_size=chunk_size, initial_state=initial_state,
+                               return_state=return_state, normalize=normalize,
+                               state_kernels=kernels)
+
+
+class _ChunkKernels:
+    """The chunked form's state products on the prefill kernels."""
+    chunk_states = staticmethod(chunk_states)
+    read_states = staticmethod(read_states)

@@ -80,8 +80,9 @@ def _scan_chunks_vjp(primals, cotangents, outputs):
 
 
 def chunk_power_retention(q, k, v, log_g, *, deg, chunk_size, initial_state, return_state,
-                          normalize):
-    """y (B, T, Hq, e) and the final RetentionState (None unless return_state)."""
+                          normalize, state_kernels=None):
+    """y (B, T, Hq, e) and the final RetentionState (None unless return_state).
+    ``state_kernels``: fused kernels for the two state products (see ``run_power_retention``)."""
     B, T, Hq, d = q.shape
     H, e = k.shape[2], v.shape[-1]
     G = Hq // H
@@ -118,13 +119,20 @@ def chunk_power_retention(q, k, v, log_g, *, deg, chunk_size, initial_state, ret
             k = k * mx.exp((l[..., -1:] - l) / deg)[..., None]
             q = q * mx.exp(l / deg)[..., None]
         # Each chunk's own contribution [S | z], decayed to the chunk's end.
-        # The transposed features are a view: BLAS reads it as a transposed operand.
-        chunk_S1 = (sympow(k, deg).swapaxes(-1, -2) @ v1)[:, :, :, 0]
+        if state_kernels is None:
+            # The transposed features are a view: BLAS reads it as a transposed operand.
+            chunk_S1 = (sympow(k, deg).swapaxes(-1, -2) @ v1)[:, :, :, 0]
+        else:
+            chunk_S1 = state_kernels.chunk_states(k[:, :, :, 0], v1[:, :, :, 0], deg)
         if initial_state is None:
             S1 = mx.zeros(chunk_S1.shape[1:], dtype=chunk_S1.dtype)
         else:
             S1 = mx.concatenate([initial_state.S, initial_state.z[..., None]], axis=-1)
-        reads, S1 = _scan_chunks(sympow(q, deg), chunk_S1, chunk_decay, S1)
+        if state_kernels is None:
+            reads, S1 = _scan_chunks(sympow(q, deg), chunk_S1, chunk_decay, S1)
+        else:
+            entering, S1 = _states_entering_chunks(chunk_S1, chunk_decay, S1)
+            reads = state_kernels.read_states(q, mx.stack(entering), deg)
         out = out + reads
         if return_state:
             final_state = RetentionState(S1[..., :e], S1[..., e])

@@ -121,9 +121,10 @@ class PowerRetention(nn.Module):
         chunk_size, method: passed to ``power_retention``; "auto" picks the cheapest form.
         normalize: divide by the sum of weights; default True for even deg, False for odd.
         scale: the query scale (only matters when normalize=False); default 1/sqrt(head_dim).
-        use_metal_kernels: decode single tokens (a cache and T == 1) with the fused Metal
-            kernel (``metal_kernels``); where Metal is absent, warn once and use the MLX path.
-            Gradients through the kernel are those of the MLX path.
+        use_metal_kernels: run on the fused Metal kernels (``metal_kernels``): one-token
+            steps on the decode kernel, the chunked form's state products on the prefill
+            kernels; where Metal is absent, warn once and use the MLX path. Gradients through
+            the kernels are those of the MLX path.
 
     The output of each head goes through an RMS norm (one learnable gain of head_dim entries,
     shared by the heads, as flash-linear-attention's linear-attention layers do) before the
@@ -193,18 +194,19 @@ class PowerRetention(nn.Module):
         v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
         log_g = nn.log_sigmoid(self.gate_proj(x)) if self.gating else None
         options = dict(deg=self.power, scale=self.scale, normalize=self.normalize)
+        sequence = power_retention if kernels is None else kernels.power_retention
+        step = power_retention_step if kernels is None else kernels.decode_step
 
         if cache is None:
-            y = power_retention(q, k, v, log_g, method=self.method, chunk_size=self.chunk_size,
-                                **options)
+            y = sequence(q, k, v, log_g, method=self.method, chunk_size=self.chunk_size,
+                         **options)
         elif T == 1:
-            step = power_retention_step if kernels is None else kernels.decode_step
             y, cache.retention_state = step(
                 q[:, 0], k[:, 0], v[:, 0], None if log_g is None else log_g[:, 0],
                 cache.retention_state, **options)
             y = y[:, None]
         else:
-            y, cache.retention_state = power_retention(
+            y, cache.retention_state = sequence(
                 q, k, v, log_g, method=self.method, chunk_size=self.chunk_size,
                 initial_state=cache.retention_state, return_state=True, **options)
         if cache is not None:

@@ -178,6 +178,17 @@ def power_retention(q, k, v, log_g=None, *, deg=2, scale=None, method="auto", ch
     chunks of ``chunk_size``, a state across them; linear in T), "recurrent" (one token at a
     time), or "auto" (the cheapest by ``estimated_seconds``).
     """
+    return run_power_retention(q, k, v, log_g, deg=deg, scale=scale, method=method,
+                               chunk_size=chunk_size, initial_state=initial_state,
+                               return_state=return_state, normalize=normalize)
+
+
+def run_power_retention(q, k, v, log_g=None, *, deg=2, scale=None, method="auto", chunk_size=64,
+                        initial_state=None, return_state=False, normalize=True,
+                        state_kernels=None):
+    """``power_retention``, with the chunked and attention forms' two state products done by
+    ``state_kernels`` when given (``chunk_states`` and ``read_states``: see
+    ``metal_kernels.dispatch``)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
     if not is_integer(chunk_size) or chunk_size < 1:
@@ -196,7 +207,7 @@ def power_retention(q, k, v, log_g=None, *, deg=2, scale=None, method="auto", ch
         y, state = chunk_power_retention(q, k, v, log_g, deg=deg,
                                          chunk_size=T if method == "attention" else chunk_size,
                                          initial_state=initial_state, return_state=return_state,
-                                         normalize=normalize)
+                                         normalize=normalize, state_kernels=state_kernels)
     y = y.astype(out_dtype)
     return (y, state) if return_state else y
 

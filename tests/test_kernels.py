@@ -18,7 +18,7 @@ os.environ.setdefault("POWER_RETENTION_EMULATOR_CACHE",
 from metal_kernels import dispatch, emulator  # noqa: E402
 from metal_kernels.sources import header, kernel_body  # noqa: E402
 from power_retention import PowerRetention, RetentionState, expanded_dim  # noqa: E402
-from power_retention import power_retention_step  # noqa: E402
+from power_retention import power_retention, power_retention_step  # noqa: E402
 from tests.helpers import FP32_TOLERANCE, STATE_FORM_DEG4_TOLERANCE, assert_close  # noqa: E402
 
 # Half-precision outputs are rounded once from the fp32 result: half an ulp of the output.
@@ -129,16 +129,81 @@ def test_gradients_through_the_kernel_are_the_mlx_paths(emulated):
         assert_close(f"d{name}", a, b, FP32_TOLERANCE)
 
 
-def test_layer_decodes_through_the_kernel(emulated):
-    """PowerRetention(use_metal_kernels=True): a prefill, then one-token steps on the kernel."""
+# (deg, normalize), (B, T, Hq, H, d, e), chunk size, with an initial state: chunk lengths
+# 1 and odd ones, a padded last chunk, several feature tiles (d = 16: 136 features in tiles of
+# 64) and query blocks (40 queries in blocks of 16), grouped queries.
+PREFILL_CASES = {
+    "deg2-gqa-c8": ((2, True), (2, 20, 4, 2, 8, 8), 8, False),
+    "deg2-d16-e33-c40-state": ((2, True), (1, 70, 2, 1, 16, 33), 40, True),
+    "deg2-odd-d7-e5-c5-state": ((2, False), (1, 23, 3, 1, 7, 5), 5, True),
+    "deg1-c1": ((1, False), (1, 6, 2, 2, 6, 3), 1, True),
+    "deg3-c3": ((3, False), (1, 10, 1, 1, 4, 4), 3, False),
+    "deg4-c4-state": ((4, True), (1, 19, 2, 1, 5, 4), 4, True),
+}
+
+
+def prefill_inputs(B, T, Hq, H, d, e, deg, normalize, with_state, seed=6):
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape):
+        return mx.array(rng.standard_normal(shape).astype(np.float32))
+
+    q, k, v = normal(B, T, Hq, d), normal(B, T, H, d), normal(B, T, H, e)
+    log_g = mx.array(-0.1 * rng.random((B, T, H)).astype(np.float32))
+    state = None
+    if with_state:
+        _, state = power_retention(normal(B, 9, Hq, d), normal(B, 9, H, d), normal(B, 9, H, e),
+                                   deg=deg, normalize=normalize, return_state=True)
+    return q, k, v, log_g, state
+
+
+@pytest.mark.parametrize("degree,shape,chunk_size,with_state", PREFILL_CASES.values(),
+                         ids=PREFILL_CASES.keys())
+def test_prefill_matches_mlx_path(kernels, degree, shape, chunk_size, with_state):
+    deg, normalize = degree
+    q, k, v, log_g, state = prefill_inputs(*shape, deg, normalize, with_state)
+    options = dict(deg=deg, normalize=normalize, method="chunked", chunk_size=chunk_size,
+                   initial_state=state, return_state=True)
+    expected_y, expected = power_retention(q, k, v, log_g, **options)
+    y, final = kernels.power_retention(q, k, v, log_g, **options)
+    tolerance = STATE_FORM_DEG4_TOLERANCE if deg >= 3 else FP32_TOLERANCE
+    assert_close("y", y, expected_y, tolerance)
+    assert_close("S", final.S, expected.S, FP32_TOLERANCE)
+    assert_close("z", final.z, expected.z, FP32_TOLERANCE)
+
+
+@pytest.mark.parametrize("case", ["deg2-d16-e33-c40-state", "deg4-c4-state"])
+def test_prefill_gradients_are_the_mlx_paths(emulated, case):
+    (deg, normalize), shape, chunk_size, with_state = PREFILL_CASES[case]
+    q, k, v, log_g, state = prefill_inputs(*shape, deg, normalize, with_state)
+
+    def gradients(run):
+        def loss(q, k, v, log_g):
+            y = run(q, k, v, log_g, deg=deg, normalize=normalize, method="chunked",
+                    chunk_size=chunk_size, initial_state=state)
+            return (y * y).sum()
+        return mx.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, log_g)
+
+    tolerance = STATE_FORM_DEG4_TOLERANCE if deg >= 3 else FP32_TOLERANCE
+    for name, actual, expected in zip("q k v log_g".split(), gradients(emulated.power_retention),
+                                      gradients(power_retention)):
+        assert_close(f"d{name}", actual, expected, tolerance)
+
+
+def test_layer_runs_on_the_kernels(emulated):
+    """PowerRetention(use_metal_kernels=True): a whole sequence and a prefill on the prefill
+    kernels, then one-token steps on the decode kernel."""
     mx.random.seed(5)
-    plain = PowerRetention(32, num_heads=4, num_kv_heads=2)
-    fast = PowerRetention(32, num_heads=4, num_kv_heads=2, use_metal_kernels=True)
+    plain = PowerRetention(32, num_heads=4, num_kv_heads=2, chunk_size=4, method="chunked")
+    fast = PowerRetention(32, num_heads=4, num_kv_heads=2, chunk_size=4, method="chunked",
+                          use_metal_kernels=True)
     fast.update(plain.parameters())
-    x = mx.random.normal((2, 7, 32))
+    x = mx.random.normal((2, 10, 32))
+    assert_close("sequence", fast(x), plain(x), FP32_TOLERANCE)
     plain_cache, fast_cache = plain.make_cache(), fast.make_cache()
-    assert_close("prefill", fast(x[:, :4], fast_cache), plain(x[:, :4], plain_cache), 0.0)
-    for t in range(4, 7):
+    assert_close("prefill", fast(x[:, :7], fast_cache), plain(x[:, :7], plain_cache),
+                 FP32_TOLERANCE)
+    for t in range(7, 10):
         assert_close(f"token {t}", fast(x[:, t:t + 1], fast_cache),
                      plain(x[:, t:t + 1], plain_cache), FP32_TOLERANCE)
 
@@ -172,18 +237,27 @@ def test_set_backend_rejects_unknown_names():
             dispatch.set_backend("metal")
 
 
+def kernel_launches(deg, dtype):
+    """(kernel name, call arguments) of every kernel, as the dispatch calls them."""
+    q, k, v, log_g, state = random_step_inputs(1, 4, 2, 8, 8, deg, dtype=dtype)
+    yield "decode_step", dispatch.decode_launch(q.astype(mx.float32), k, v, log_g, *state,
+                                                deg=deg, normalize=deg % 2 == 0)
+    if dtype == mx.float32:  # the prefill kernels take the op's fp32 compute arrays
+        keys, v1, S1 = mx.zeros((6, 16, 8)), mx.zeros((6, 16, 9)), mx.zeros((3, state.S.shape[2], 9))
+        yield "chunk_states", dispatch.chunk_states_launch(keys, v1, deg=deg)
+        yield "query_states", dispatch.query_states_launch(keys, S1, deg=deg)
+
+
 @pytest.mark.skipif(shutil.which("clang++") is None, reason="clang++ not installed")
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("deg", [1, 2, 4])
-def test_decode_kernel_passes_a_clang_syntax_check(deg, dtype):
-    """The kernel as the dispatch calls it, wrapped as MLX wraps it, compiles under clang as
-    well as g++ (against the Metal shim)."""
-    q, k, v, log_g, state = random_step_inputs(1, 4, 2, 8, 8, deg, dtype=dtype)
-    launch = dispatch.decode_launch(q.astype(mx.float32), k, v, log_g, *state, deg=deg,
-                                    normalize=deg % 2 == 0)
-    inputs, outputs, headers = dispatch.KERNELS["decode_step"]
-    emulator.check_syntax("decode_step", inputs, outputs, kernel_body("decode_step"),
-                          header(*headers), **launch)
+def test_kernels_pass_a_clang_syntax_check(deg, dtype):
+    """Every kernel as the dispatch calls it, wrapped as MLX wraps it, compiles under clang
+    as well as g++ (against the Metal shim)."""
+    for name, launch in kernel_launches(deg, dtype):
+        inputs, outputs, headers = dispatch.KERNELS[name]
+        emulator.check_syntax(name, inputs, outputs, kernel_body(name), header(*headers),
+                              **launch)
 
 
 def test_metal_flag_without_metal_warns_once_and_falls_back():
@@ -208,3 +282,22 @@ def test_metal_flag_without_metal_warns_once_and_falls_back():
     else:
         assert count_and_message.startswith("1 ") and "Metal is not available" in count_and_message
     assert float(difference) == 0.0
+
+
+def test_language_model_generates_the_same_tokens_on_the_kernels(emulated):
+    """RetentionLLM(use_metal=True): prefill and greedy decoding through the kernels pick the
+    tokens the MLX path picks, with logits equal to fp32 rounding."""
+    from llm import RetentionLLM, create_model_config
+
+    config = create_model_config("ultra-tiny", chunk_size=8)
+    mx.random.seed(7)
+    plain = RetentionLLM(config)
+    fast = RetentionLLM(config, use_metal=True)
+    fast.update(plain.parameters())
+    prompt = mx.random.randint(0, config.vocab_size, (1, 13))
+    assert_close("logits", fast(prompt), plain(prompt), FP32_TOLERANCE)
+    tokens = {}
+    for name, model in (("plain", plain), ("fast", fast)):
+        model.reset_states()
+        tokens[name] = model.generate(prompt[0], max_new_tokens=6, temperature=0.0).tolist()
+    assert tokens["fast"] == tokens["plain"]

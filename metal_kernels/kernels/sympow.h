@@ -7,8 +7,8 @@
 //   DEG >= 3: the multisets i_1 <= ... <= i_DEG in lexicographic order, weighted by
 //          sqrt(DEG! / prod(m!)) with m the repeat counts.
 // Usage: FeatureCursor<DEG, DIM> f; (feature 0) ... f.advance(); (feature 1) ...
-// f.value(x) reads x (any indexable: device, threadgroup or thread memory) at the feature's
-// indices.
+// or f.seek(p) to jump to feature p. f.value(x) reads x (any indexable: device, threadgroup
+// or thread memory) at the feature's indices.
 template <int DEG, int DIM>
 struct FeatureCursor {
     int index[DEG];
@@ -21,6 +21,44 @@ struct FeatureCursor {
         }
         shift = 0;
         weight = 1.0f;
+    }
+
+    // Multisets of size k drawn from n values: C(n + k - 1, k).
+    static int multisets(int n, int k) {
+        int count = 1;
+        for (int u = 1; u <= k; ++u) {
+            count = count * (n + u - 1) / u;  // exact: a running binomial coefficient
+        }
+        return count;
+    }
+
+    void seek(int p) {
+        if (DEG == 1) {
+            index[0] = p;
+            return;
+        }
+        if (DEG == 2) {
+            shift = p < DIM ? 0 : 1 + (p - DIM) / DIM;
+            index[0] = p - DIM * shift;  // row r starts at feature DIM * r
+            index[1] = (index[0] + shift) % DIM;
+            weight = shift == 0 ? 1.0f : 1.41421356237309515f;
+            return;
+        }
+        // Unrank in lexicographic order: at each position take the smallest value a whose
+        // block of completions (multisets of the remaining size from values >= a) holds p.
+        int low = 0;
+        for (int t = 0; t < DEG; ++t) {
+            int a = low;
+            int block = multisets(DIM - a, DEG - t - 1);
+            while (p >= block) {
+                p -= block;
+                a += 1;
+                block = multisets(DIM - a, DEG - t - 1);
+            }
+            index[t] = a;
+            low = a;
+        }
+        set_weight();
     }
 
     void advance() {
@@ -44,18 +82,22 @@ struct FeatureCursor {
             for (int u = t + 1; u < DEG; ++u) {
                 index[u] = index[t];
             }
-            float factorial_product = 1.0f;
-            float run = 1.0f;
-            for (int u = 1; u < DEG; ++u) {
-                run = index[u] == index[u - 1] ? run + 1.0f : 1.0f;
-                factorial_product *= run;
-            }
-            float factorial = 1.0f;
-            for (int u = 2; u <= DEG; ++u) {
-                factorial *= float(u);
-            }
-            weight = metal::sqrt(factorial / factorial_product);
+            set_weight();
         }
+    }
+
+    void set_weight() {
+        float factorial_product = 1.0f;
+        float run = 1.0f;
+        for (int u = 1; u < DEG; ++u) {
+            run = index[u] == index[u - 1] ? run + 1.0f : 1.0f;
+            factorial_product *= run;
+        }
+        float factorial = 1.0f;
+        for (int u = 2; u <= DEG; ++u) {
+            factorial *= float(u);
+        }
+        weight = metal::sqrt(factorial / factorial_product);
     }
 
     template <typename X>
