@@ -1,4 +1,5 @@
-"""Metal kernels against the MLX path: the dispatch code runs them through the CPU emulator."""
+"""Metal kernels against the MLX path, through the dispatch code: on real Metal where there is
+one, and on the CPU emulator (which compiles kernels with g++) in every thread order."""
 
 import os
 import shutil
@@ -10,9 +11,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-if shutil.which("g++") is None:
-    pytest.skip("g++ not available (the emulator compiles kernels with it)", allow_module_level=True)
-
 os.environ.setdefault("POWER_RETENTION_EMULATOR_CACHE",
                       os.path.join(tempfile.gettempdir(), "power-retention-emulator-tests"))
 from metal_kernels import dispatch, emulator  # noqa: E402
@@ -21,25 +19,34 @@ from power_retention import PowerRetention, RetentionState, expanded_dim  # noqa
 from power_retention import power_retention, power_retention_step  # noqa: E402
 from tests.helpers import FP32_TOLERANCE, STATE_FORM_DEG4_TOLERANCE, assert_close  # noqa: E402
 
+HAS_METAL = mx.metal.is_available()
+BACKENDS = ([("emulator", order) for order in ("forward", "reverse", "random")]
+            if shutil.which("g++") else []) + ([("metal", None)] if HAS_METAL else [])
+if not BACKENDS:
+    pytest.skip("neither Metal nor g++ (the emulator compiles kernels with it)",
+                allow_module_level=True)
+
 # Half-precision outputs are rounded once from the fp32 result: half an ulp of the output.
 OUTPUT_ROUNDING = {mx.float16: 2.0**-11, mx.bfloat16: 2.0**-8}
 
 
-@pytest.fixture(params=["forward", "reverse", "random"])
-def kernels(request):
-    """The dispatch with its kernels on the emulator, threads run in the given order."""
+def _on_backend(name, order=None):
     previous = dispatch.backend()
-    dispatch.set_backend("emulator", order=request.param)
+    dispatch.set_backend(name, **({"order": order} if order else {}))
     yield dispatch
     dispatch.set_backend(previous)
+
+
+@pytest.fixture(params=BACKENDS, ids=[order or name for name, order in BACKENDS])
+def kernels(request):
+    """The dispatch on each backend here: the emulator in each thread order, Metal."""
+    yield from _on_backend(*request.param)
 
 
 @pytest.fixture
-def emulated():
-    previous = dispatch.backend()
-    dispatch.set_backend("emulator")
-    yield dispatch
-    dispatch.set_backend(previous)
+def on_kernels():
+    """The dispatch on Metal where there is one, else on the emulator."""
+    yield from _on_backend(*BACKENDS[-1])
 
 
 def random_step_inputs(B, Hq, H, d, e, deg, dtype=mx.float32, seed=0):
@@ -79,27 +86,27 @@ def test_decode_step_matches_mlx_path(kernels, B, Hq, H, d, e, deg, normalize):
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("deg", [2, 4], ids=["deg2", "deg4"])
-def test_half_precision_inputs_match_mlx_path(emulated, dtype, deg):
+def test_half_precision_inputs_match_mlx_path(on_kernels, dtype, deg):
     """The kernel reads half-precision q, k, v into fp32, keeps the fp32 state and rounds y
     once: the same arithmetic as the MLX path, so the two differ by that rounding at most."""
     q, k, v, log_g, state = random_step_inputs(2, 4, 2, 8, 16, deg, dtype=dtype, seed=3)
     expected_y, expected = power_retention_step(q, k, v, log_g, state, deg=deg)
-    y, new_state = emulated.decode_step(q, k, v, log_g, state, deg=deg)
+    y, new_state = on_kernels.decode_step(q, k, v, log_g, state, deg=deg)
     assert y.dtype == dtype
     assert_close("y", y, expected_y, OUTPUT_ROUNDING[dtype], norm="max")
     assert_close("S", new_state.S, expected.S, FP32_TOLERANCE)
     assert_close("z", new_state.z, expected.z, FP32_TOLERANCE)
 
 
-def test_first_token_returns_its_value(emulated):
+def test_first_token_returns_its_value(on_kernels):
     """y = (w v) / w for the token's own weight w, however small w is: one rounding of a
     product and one of a quotient, at most an ulp from v."""
     q, k, v, _, _ = random_step_inputs(1, 2, 2, 8, 8, 2, seed=1)
-    y, _ = emulated.decode_step(q * 1e-3, k, v, None, None)
+    y, _ = on_kernels.decode_step(q * 1e-3, k, v, None, None)
     assert_close("y", y, v, 2.0**-22, norm="max")
 
 
-def test_tokens_in_sequence_match_the_mlx_path(emulated):
+def test_tokens_in_sequence_match_the_mlx_path(on_kernels):
     """Eight steps from an empty state, each feeding the kernel its own previous state."""
     rng = np.random.default_rng(2)
     B, Hq, H, d, e, T = 1, 2, 1, 8, 8, 8
@@ -108,13 +115,13 @@ def test_tokens_in_sequence_match_the_mlx_path(emulated):
     kernel_state = mlx_state = None
     for t in range(T):
         args = (q[:, t], k[:, t], v[:, t], log_g[:, t])
-        y, kernel_state = emulated.decode_step(*args, kernel_state)
+        y, kernel_state = on_kernels.decode_step(*args, kernel_state)
         expected, mlx_state = power_retention_step(*args, mlx_state)
         assert_close(f"y at step {t}", y, expected, FP32_TOLERANCE)
     assert_close("final S", kernel_state.S, mlx_state.S, FP32_TOLERANCE)
 
 
-def test_gradients_through_the_kernel_are_the_mlx_paths(emulated):
+def test_gradients_through_the_kernel_are_the_mlx_paths(on_kernels):
     q, k, v, log_g, state = random_step_inputs(1, 4, 2, 8, 8, 2, seed=4)
 
     def loss(step):
@@ -124,7 +131,7 @@ def test_gradients_through_the_kernel_are_the_mlx_paths(emulated):
         return mx.grad(value, argnums=tuple(range(6)))
 
     expected = loss(power_retention_step)(q, k, v, log_g, *state)
-    actual = loss(emulated.decode_step)(q, k, v, log_g, *state)
+    actual = loss(on_kernels.decode_step)(q, k, v, log_g, *state)
     for name, a, b in zip(["q", "k", "v", "log_g", "S", "z"], actual, expected):
         assert_close(f"d{name}", a, b, FP32_TOLERANCE)
 
@@ -173,7 +180,7 @@ def test_prefill_matches_mlx_path(kernels, degree, shape, chunk_size, with_state
 
 
 @pytest.mark.parametrize("case", ["deg2-d16-e33-c40-state", "deg4-c4-state"])
-def test_prefill_gradients_are_the_mlx_paths(emulated, case):
+def test_prefill_gradients_are_the_mlx_paths(on_kernels, case):
     (deg, normalize), shape, chunk_size, with_state = PREFILL_CASES[case]
     q, k, v, log_g, state = prefill_inputs(*shape, deg, normalize, with_state)
 
@@ -185,12 +192,12 @@ def test_prefill_gradients_are_the_mlx_paths(emulated, case):
         return mx.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, log_g)
 
     tolerance = STATE_FORM_DEG4_TOLERANCE if deg >= 3 else FP32_TOLERANCE
-    for name, actual, expected in zip("q k v log_g".split(), gradients(emulated.power_retention),
+    for name, actual, expected in zip("q k v log_g".split(), gradients(on_kernels.power_retention),
                                       gradients(power_retention)):
         assert_close(f"d{name}", actual, expected, tolerance)
 
 
-def test_layer_runs_on_the_kernels(emulated):
+def test_layer_runs_on_the_kernels(on_kernels):
     """PowerRetention(use_metal_kernels=True): a whole sequence and a prefill on the prefill
     kernels, then one-token steps on the decode kernel."""
     mx.random.seed(5)
@@ -220,12 +227,12 @@ def test_without_kernels_the_dispatch_is_the_mlx_path():
     assert_close("y", actual[0], expected[0], 0.0)
 
 
-def test_inputs_the_kernel_cannot_take_go_to_the_mlx_path(emulated):
+def test_inputs_the_kernel_cannot_take_go_to_the_mlx_path(on_kernels):
     """float64 has no Metal type: the step runs on the MLX path (exactly its result)."""
     q, k, v, log_g, state = random_step_inputs(1, 2, 1, 4, 4, 2)
     q, k, v = (x.astype(mx.float64) for x in (q, k, v))
     state = RetentionState(*(s.astype(mx.float64) for s in state))
-    assert_close("y", emulated.decode_step(q, k, v, log_g, state)[0],
+    assert_close("y", on_kernels.decode_step(q, k, v, log_g, state)[0],
                  power_retention_step(q, k, v, log_g, state)[0], 0.0)
 
 
@@ -248,7 +255,8 @@ def kernel_launches(deg, dtype):
         yield "query_states", dispatch.query_states_launch(keys, S1, deg=deg)
 
 
-@pytest.mark.skipif(shutil.which("clang++") is None, reason="clang++ not installed")
+@pytest.mark.skipif(shutil.which("clang++") is None or not shutil.which("g++"),
+                    reason="clang++ and the emulator's g++ needed")
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("deg", [1, 2, 4])
 def test_kernels_pass_a_clang_syntax_check(deg, dtype):
@@ -284,7 +292,7 @@ def test_metal_flag_without_metal_warns_once_and_falls_back():
     assert float(difference) == 0.0
 
 
-def test_language_model_generates_the_same_tokens_on_the_kernels(emulated):
+def test_language_model_generates_the_same_tokens_on_the_kernels(on_kernels):
     """RetentionLLM(use_metal=True): prefill and greedy decoding through the kernels pick the
     tokens the MLX path picks, with logits equal to fp32 rounding."""
     from llm import RetentionLLM, create_model_config
