@@ -11,7 +11,8 @@ if shutil.which("g++") is None:
     pytest.skip("g++ not available", allow_module_level=True)
 
 os.environ.setdefault("POWER_RETENTION_EMULATOR_CACHE", os.path.join(tempfile.gettempdir(), "metal_emu_test_cache"))
-from metal_kernels.emulator import EmulatorError, generate_source, run_kernel  # noqa: E402
+from metal_kernels.emulator import (  # noqa: E402
+    EmulatorError, check_syntax, generate_source, run_kernel)
 
 ORDERS = ["forward", "reverse", "random"]
 
@@ -208,3 +209,110 @@ def test_out_of_range_read_through_derived_pointer_reported():
     with pytest.raises(EmulatorError, match=r"'inp' at index 32 \(size 32\).*\(3,0,0\)"):
         run_kernel("oob_read", ["inp"], ["out"], src, [np.ones(32, np.float32)], [(4,)],
                    [np.float32], grid=(4, 1, 1), threadgroup=(4, 1, 1))
+
+
+SWIZZLE = """
+    uint i = thread_position_in_grid.x;
+    const device float* pa = a + 4 * i;
+    const device float* pb = b + 4 * i;
+    float4 p = float4(pa[0], pa[1], pa[2], pa[3]);
+    float4 q = float4(pb[0], pb[1], pb[2], pb[3]);
+    float4 r[ROWS];
+    r[0] = p.wzyx;
+    r[1] = p.bgra;
+    r[2] = float4(p.zx, q.yw);
+    r[3] = float4(p.xyz + q.zyx, 0.0f);
+    r[4] = float4(p.xy * 2.0f, 1.5f, p.w);
+    r[5] = float4(3.0f - p.yx, q.zw / 2.0f);
+    float4 w = p;
+    w.wx = q.xy;
+    w.gb = float2(7.0f, 8.0f);
+    r[6] = w;
+    float4 c = q;
+    c.xy += p.zw;
+    c.zw *= 2.0f;
+    c -= 1.0f;
+    c.yzx /= float3(2.0f, 4.0f, 8.0f);
+    r[7] = c;
+    r[8] = float4(float3(q.wz, 2.0f), -1.0f);
+    float3 t = float3(p.x, q.yz);
+    float2 s = float2(0.5f);
+    r[9] = float4(t.zyx * s.r, s.g);
+    r[10] = float4(dot(p.xy, q.yx), dot(p.xyz, q.zyx), dot(p, q), length(p.zw));
+    r[11] = float4(normalize(p.xyz), length(float3(p.wzy)));
+    half4 hv = half4(h[4 * i], h[4 * i + 1], h[4 * i + 2], h[4 * i + 3]);
+    half2 hs = hv.yx * half(2) + hv.zw;
+    hv.xz = hv.zx;
+    r[12] = float4(float2(hs), float(dot(hv.xy, hv.zw)), float(hv.a));
+    r[13] = float4(float2(half2(p.xy)), float2(p.yx) - float2(q.x));
+    for (int k = 0; k < ROWS; ++k) {
+        for (int j = 0; j < 4; ++j) {
+            out[(i * ROWS + k) * 4 + j] = r[k][j];
+        }
+    }
+""".replace("ROWS", "14")
+
+
+def _swizzle_reference(p, q, h):
+    """What SWIZZLE computes, per row of p, q (float32) and h (float16), from numpy."""
+    x, y, z, w = p.T
+    qx, qy, qz, qw = q.T
+    one = np.ones_like(x)
+    rows = [
+        p[:, ::-1],
+        p[:, [2, 1, 0, 3]],
+        np.stack([z, x, qy, qw], 1),
+        np.stack([x + qz, y + qy, z + qx, 0 * one], 1),
+        np.stack([x * 2, y * 2, 1.5 * one, w], 1),
+        np.stack([3 - y, 3 - x, qz / 2, qw / 2], 1),
+        np.stack([qy, 7 * one, 8 * one, qx], 1),
+        np.stack([(qx + z - 1) / 8, (qy + w - 1) / 2, (qz * 2 - 1) / 4, qw * 2 - 1], 1),
+        np.stack([qw, qz, 2 * one, -one], 1),
+        np.stack([qz * 0.5, qy * 0.5, x * 0.5, 0.5 * one], 1),
+        np.stack([x * qy + y * qx, x * qz + y * qy + z * qx, (p * q).sum(1),
+                  np.sqrt(z * z + w * w)], 1),
+        np.concatenate([p[:, :3] / np.linalg.norm(p[:, :3], axis=1, keepdims=True),
+                        np.linalg.norm(p[:, 1:], axis=1, keepdims=True)], 1),
+        np.stack([h[:, 1] * 2 + h[:, 2], h[:, 0] * 2 + h[:, 3],
+                  h[:, 2] * h[:, 0] + h[:, 1] * h[:, 3], h[:, 3]], 1).astype(np.float32),
+        np.stack([x.astype(np.float16), y.astype(np.float16), y - qx, x - qx], 1),
+    ]
+    return np.stack(rows, 1).astype(np.float32)
+
+
+def test_vector_swizzles_constructors_and_geometry_match_numpy():
+    """Swizzle reads (xyzw and rgba), writes, compound assignment, arithmetic with vectors,
+    swizzles and scalars, Metal's constructors, dot / length / normalize, half vectors."""
+    n = 6
+    rng = np.random.default_rng(1)
+    p = rng.standard_normal((n, 4)).astype(np.float32)
+    q = rng.standard_normal((n, 4)).astype(np.float32)
+    h = (rng.integers(-8, 9, (n, 4)) / 4).astype(np.float16)  # half arithmetic below is exact
+    (out,) = run_kernel("swizzle", ["a", "b", "h"], ["out"], SWIZZLE, [p, q, h], [(n, 14, 4)],
+                        [np.float32], grid=(n, 1, 1), threadgroup=(n, 1, 1))
+    ref = _swizzle_reference(p, q, h)
+    # float32, rounded per operation on both sides; the tolerance is for np.linalg.norm, which
+    # sums differently from length().
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(out[:, 12], ref[:, 12])  # exact half values
+
+
+@pytest.mark.skipif(shutil.which("clang++") is None, reason="clang++ not installed")
+def test_swizzle_kernel_passes_a_clang_syntax_check():
+    """The same kernel compiles under clang too (the union of swizzle members, the macros)."""
+    arrays = [np.zeros((6, 4), np.float32)] * 2 + [np.zeros((6, 4), np.float16)]
+    check_syntax("swizzle", ["a", "b", "h"], ["out"], SWIZZLE, inputs=arrays,
+                 output_dtypes=[np.float32])
+
+
+@pytest.mark.parametrize("statement, message", [
+    ("v.xx = float2(1.0f, 2.0f);", "may not repeat a component"),  # no repeats when written
+    ("float2 u = v.xg;", "no member named"),  # Metal: xyzw and rgba do not mix
+    ("float2 u = v.xy; u.z = 1.0f;", "no member named"),  # a float2 has no third component
+    ("float4 u = half4(v);", "conversion from"),  # element types convert explicitly only
+])
+def test_invalid_vector_code_fails_to_compile(statement, message):
+    src = f"float4 v = float4(a[0]); {statement} out[0] = v.x;"
+    with pytest.raises(EmulatorError, match=message):
+        run_kernel("bad_vector", ["a"], ["out"], src, [np.zeros(8, np.float32)], [(1,)],
+                   [np.float32], grid=(1, 1, 1), threadgroup=(1, 1, 1))

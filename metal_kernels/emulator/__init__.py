@@ -26,6 +26,12 @@ Adaptations for the CPU: pointer parameters become bounds-checked
 local ``device T* p = ...`` declarations become ``auto p = ...`` so derived
 pointers stay checked; the explicit template instantiation MLX appends is replaced by a direct call.
 
+The shim implements the part of the Metal Shading Language that kernel bodies use: half
+(``_Float16``) and bfloat scalars; ``vec<T, N>`` vectors (float2..4, half2..4, bfloat2..4,
+int2..4, uint2..4) with Metal's swizzles (``v.zyx``, ``c.rg``, read and assigned), arithmetic,
+constructors (``float4(v.xy, 0.0f, 1.0f)``) and dot / length / normalize; the metal:: math
+functions; simd collectives, barriers and relaxed atomics.
+
 Dtypes: numpy arrays; ``"bfloat16"`` buffers are passed/returned as uint16 bit
 patterns.  Template values may be numpy dtypes / dtype names, ints or bools.
 """

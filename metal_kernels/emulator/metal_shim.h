@@ -89,33 +89,201 @@ using uchar = unsigned char;
 using ulong = unsigned long;
 
 // ---------------------------------------------------------------- vectors
-// vec<T, N> with .x .y .z .w, elementwise arithmetic and scalar broadcast.
+// vec<T, N> (N = 2, 3, 4) as Metal has it: components .x .y .z .w and .r .g .b .a;
+// swizzles of 2 to 4 letters of one spelling (`v.zyx`, `c.bgra`), read as a vector and
+// assigned component-wise; []; + - * / (and += ...) with vectors, swizzles and scalars;
+// Metal's constructors; Metal's sizes and alignments (sizeof(float3) == 16).
+//
+// C++ has no properties, so every swizzle is a data member: the components share an
+// anonymous union with one emu::swizzle<T, N, I...> per name, an object laid over the whole
+// vector that knows which indices it stands for.  Reading a union member other than the
+// one last written is type punning that g++ and clang define (as are the anonymous structs
+// that give .x and .r).  Not modelled: swizzling a swizzle (`v.xy.x`: write
+// `float2(v.xy).x`); `auto s = v.xy;` keeps a proxy holding a copy of the whole vector.
 template <class T, int N> struct vec;
-template <class T> struct vec<T, 2> { T x, y; T& operator[](int i) { return (&x)[i]; } const T& operator[](int i) const { return (&x)[i]; }
-  vec() = default; explicit vec(T s) : x(s), y(s) {} vec(T a, T b) : x(a), y(b) {}
-  template <class U> explicit vec(const vec<U, 2>& o) : x(T(o.x)), y(T(o.y)) {} };
-template <class T> struct vec<T, 3> { T x, y, z; T& operator[](int i) { return (&x)[i]; } const T& operator[](int i) const { return (&x)[i]; }
-  vec() = default; explicit vec(T s) : x(s), y(s), z(s) {} vec(T a, T b, T c) : x(a), y(b), z(c) {}
-  template <class U> explicit vec(const vec<U, 3>& o) : x(T(o.x)), y(T(o.y)), z(T(o.z)) {}
-  vec<T, 2> xy() const { return {x, y}; } };
-template <class T> struct vec<T, 4> { T x, y, z, w; T& operator[](int i) { return (&x)[i]; } const T& operator[](int i) const { return (&x)[i]; }
-  vec() = default; explicit vec(T s) : x(s), y(s), z(s), w(s) {} vec(T a, T b, T c, T d) : x(a), y(b), z(c), w(d) {}
-  template <class U> explicit vec(const vec<U, 4>& o) : x(T(o.x)), y(T(o.y)), z(T(o.z)), w(T(o.w)) {} };
 
-#define EMU_VEC_OP(op)                                                              \
-  template <class T, int N> vec<T, N> operator op(vec<T, N> a, const vec<T, N>& b) { \
-    for (int i = 0; i < N; ++i) a[i] = a[i] op b[i]; return a; }                    \
-  template <class T, int N> vec<T, N> operator op(vec<T, N> a, T s) {                \
-    for (int i = 0; i < N; ++i) a[i] = a[i] op s; return a; }                       \
-  template <class T, int N> vec<T, N> operator op(T s, vec<T, N> a) {                \
-    for (int i = 0; i < N; ++i) a[i] = s op a[i]; return a; }                       \
-  template <class T, int N> vec<T, N>& operator op##=(vec<T, N>& a, const vec<T, N>& b) { return a = a op b; } \
-  template <class T, int N> vec<T, N>& operator op##=(vec<T, N>& a, T s) { return a = a op s; }
+namespace emu {
+template <int... I> constexpr bool distinct() {
+  const int idx[] = {I...};
+  for (unsigned i = 0; i < sizeof...(I); ++i)
+    for (unsigned j = i + 1; j < sizeof...(I); ++j)
+      if (idx[i] == idx[j]) return false;
+  return true;
+}
+
+template <class T, int N, int... I> struct swizzle {
+  using vector = vec<T, sizeof...(I)>;
+  T e[N];  // the whole vector
+  swizzle() = default;  // trivial, as a union member must be
+  swizzle(const swizzle&) = default;  // stays trivial; declared since operator= is
+  operator vector() const { return vector(e[I]...); }
+  T operator[](int k) const { const int idx[] = {I...}; return e[idx[k]]; }
+  swizzle& operator=(const vector& v) {
+    static_assert(distinct<I...>(), "Metal: a swizzle that is assigned to may not repeat a component");
+    int k = 0;
+    ((e[I] = v[k++]), ...);
+    return *this;
+  }
+  // User-provided, or `v.xy = w.xy` would copy all of w.
+  swizzle& operator=(const swizzle& s) { return *this = vector(s); }
+};
+
+// vec_of<A>: the vec a vector or swizzle reads as (no type otherwise, for SFINAE);
+// width_v<A>: its number of components; 1 for a scalar, 0 for anything else.
+template <class A> struct vec_traits { static constexpr int width = 0; };
+template <class T, int N> struct vec_traits<vec<T, N>> {
+  using type = vec<T, N>;
+  static constexpr int width = N;
+};
+template <class T, int N, int... I> struct vec_traits<swizzle<T, N, I...>> {
+  using type = vec<T, sizeof...(I)>;
+  static constexpr int width = sizeof...(I);
+};
+template <class S> constexpr bool is_scalar_v =
+    std::is_arithmetic_v<S> || std::is_same_v<S, half> || std::is_same_v<S, bfloat>;
+template <class A> using vec_of = typename vec_traits<std::decay_t<A>>::type;
+template <class A> constexpr int width_v =
+    is_scalar_v<std::decay_t<A>> ? 1 : vec_traits<std::decay_t<A>>::width;
+
+// Whether scalars and vectors A... have N components in all (a constructor's arguments).
+template <int N, class... A> constexpr bool fills_v = ((width_v<A> > 0) && ...) && (width_v<A> + ...) == N;
+
+// Stores one constructor argument's components from e[k] on.
+template <class T, class A> void put_components(T* e, int& k, const A& a) {
+  if constexpr (is_scalar_v<A>) {
+    e[k++] = T(a);
+  } else {
+    const vec_of<A> v = a;
+    for (int j = 0; j < width_v<A>; ++j) e[k++] = T(v[j]);
+  }
+}
+
+// EMU_SWIZZLES(n, a, b, c, d) declares every 2-, 3- and 4-letter swizzle spelled with the
+// first n of the letters a b c d.  A macro is not expanded again inside its own expansion,
+// so each letter position has its own macro: EMU_Nk extends the k-letter name p (indices
+// ...) by each letter; EMU_IF drops the letters c and d where the vector lacks them.
+#define EMU_IF(n, i, ...) EMU_IF_##n##i(__VA_ARGS__)
+#define EMU_IF_22(...)
+#define EMU_IF_23(...)
+#define EMU_IF_32(...) __VA_ARGS__
+#define EMU_IF_33(...)
+#define EMU_IF_42(...) __VA_ARGS__
+#define EMU_IF_43(...) __VA_ARGS__
+#define EMU_SW(n, p, ...) ::emu::swizzle<T, n, __VA_ARGS__> p;
+#define EMU_SWIZZLES(n, a, b, c, d)                                                       \
+  EMU_N1(n, a, b, c, d, a, 0) EMU_N1(n, a, b, c, d, b, 1)                                 \
+  EMU_IF(n, 2, EMU_N1(n, a, b, c, d, c, 2)) EMU_IF(n, 3, EMU_N1(n, a, b, c, d, d, 3))
+#define EMU_N1(n, a, b, c, d, p, ...)                                                     \
+  EMU_N2(n, a, b, c, d, p##a, __VA_ARGS__, 0) EMU_N2(n, a, b, c, d, p##b, __VA_ARGS__, 1) \
+  EMU_IF(n, 2, EMU_N2(n, a, b, c, d, p##c, __VA_ARGS__, 2))                               \
+  EMU_IF(n, 3, EMU_N2(n, a, b, c, d, p##d, __VA_ARGS__, 3))
+#define EMU_N2(n, a, b, c, d, p, ...) EMU_SW(n, p, __VA_ARGS__)                           \
+  EMU_N3(n, a, b, c, d, p##a, __VA_ARGS__, 0) EMU_N3(n, a, b, c, d, p##b, __VA_ARGS__, 1) \
+  EMU_IF(n, 2, EMU_N3(n, a, b, c, d, p##c, __VA_ARGS__, 2))                               \
+  EMU_IF(n, 3, EMU_N3(n, a, b, c, d, p##d, __VA_ARGS__, 3))
+#define EMU_N3(n, a, b, c, d, p, ...) EMU_SW(n, p, __VA_ARGS__)                           \
+  EMU_SW(n, p##a, __VA_ARGS__, 0) EMU_SW(n, p##b, __VA_ARGS__, 1)                         \
+  EMU_IF(n, 2, EMU_SW(n, p##c, __VA_ARGS__, 2)) EMU_IF(n, 3, EMU_SW(n, p##d, __VA_ARGS__, 3))
+
+// The storage of vec<T, n>: the union, aligned as Metal aligns vectors (a 3-vector as a 4-vector).
+#define EMU_UNPAREN(...) __VA_ARGS__
+template <class T, int N> struct vec_storage;
+#define EMU_VEC_STORAGE(n, xyzw, rgba)                                                 \
+  template <class T> struct alignas(sizeof(T) * (n == 3 ? 4 : n)) vec_storage<T, n> { \
+    union {                                                                            \
+      T e[n];                                                                          \
+      struct { T EMU_UNPAREN xyzw; };                                                  \
+      struct { T EMU_UNPAREN rgba; };                                                  \
+      EMU_SWIZZLES(n, x, y, z, w)                                                      \
+      EMU_SWIZZLES(n, r, g, b, a)                                                      \
+    };                                                                                 \
+  };
+EMU_VEC_STORAGE(2, (x, y), (r, g))
+EMU_VEC_STORAGE(3, (x, y, z), (r, g, b))
+EMU_VEC_STORAGE(4, (x, y, z, w), (r, g, b, a))
+#undef EMU_VEC_STORAGE
+#undef EMU_UNPAREN
+#undef EMU_SWIZZLES
+#undef EMU_N1
+#undef EMU_N2
+#undef EMU_N3
+#undef EMU_SW
+#undef EMU_IF
+#undef EMU_IF_22
+#undef EMU_IF_23
+#undef EMU_IF_32
+#undef EMU_IF_33
+#undef EMU_IF_42
+#undef EMU_IF_43
+}  // namespace emu
+
+template <class T, int N> struct vec : emu::vec_storage<T, N> {
+  using value_type = T;
+  vec() = default;
+  vec(const vec&) = default;
+  // The union's assignment is deleted (the swizzles have their own), so copy by component.
+  vec& operator=(const vec& o) {
+    for (int i = 0; i < N; ++i) this->e[i] = o.e[i];
+    return *this;
+  }
+  // Metal converts a scalar to a vector implicitly, replicating it.
+  template <class S, std::enable_if_t<emu::is_scalar_v<S>, int> = 0> vec(const S& s) {
+    for (int i = 0; i < N; ++i) this->e[i] = T(s);
+  }
+  // From a vector of another element type: explicit, as in Metal.
+  template <class A, std::enable_if_t<emu::vec_traits<A>::width == N, int> = 0>
+  explicit vec(const A& v) {
+    int k = 0;
+    emu::put_components(this->e, k, v);
+  }
+  // From scalars and vectors with N components in all: float4(v.xy, 0.0f, 1.0f).
+  template <class A, class B, class... C, std::enable_if_t<emu::fills_v<N, A, B, C...>, int> = 0>
+  vec(const A& a, const B& b, const C&... c) {
+    int k = 0;
+    emu::put_components(this->e, k, a);
+    emu::put_components(this->e, k, b);
+    (emu::put_components(this->e, k, c), ...);
+  }
+  T& operator[](int i) { return this->e[i]; }
+  const T& operator[](int i) const { return this->e[i]; }
+};
+
+// Operators live in emu so that argument-dependent lookup finds them for swizzles (emu::)
+// and vectors (whose base is in emu::) from any namespace.  The scalar operand is a
+// non-deduced value_type, so `v * 2` converts the 2 as Metal does.
+namespace emu {
+#define EMU_VEC_OP(op)                                                                          \
+  template <class A, class B, class V = vec_of<A>, std::enable_if_t<std::is_same_v<V, vec_of<B>>, int> = 0> \
+  V operator op(const A& a, const B& b) {                                                       \
+    V r = a;                                                                                    \
+    const V s = b;                                                                              \
+    for (int i = 0; i < width_v<V>; ++i) r[i] = r[i] op s[i];                                   \
+    return r;                                                                                   \
+  }                                                                                             \
+  template <class A, class V = vec_of<A>> V operator op(const A& a, const typename V::value_type& s) { \
+    V r = a;                                                                                    \
+    for (int i = 0; i < width_v<V>; ++i) r[i] = r[i] op s;                                      \
+    return r;                                                                                   \
+  }                                                                                             \
+  template <class A, class V = vec_of<A>> V operator op(const typename V::value_type& s, const A& a) { \
+    V r = a;                                                                                    \
+    for (int i = 0; i < width_v<V>; ++i) r[i] = s op r[i];                                      \
+    return r;                                                                                   \
+  }                                                                                             \
+  template <class A, class B, class = vec_of<A>>                                                \
+  auto operator op##=(A& a, const B& b)->decltype(a = a op b) { return a = a op b; }
 EMU_VEC_OP(+) EMU_VEC_OP(-) EMU_VEC_OP(*) EMU_VEC_OP(/)
 #undef EMU_VEC_OP
+template <class A, class V = vec_of<A>> V operator-(const A& a) {
+  V r = a;
+  for (int i = 0; i < width_v<V>; ++i) r[i] = -r[i];
+  return r;
+}
+}  // namespace emu
 
 using float2 = vec<float, 2>; using float3 = vec<float, 3>; using float4 = vec<float, 4>;
-using half2 = vec<half, 2>; using half4 = vec<half, 4>;
+using half2 = vec<half, 2>; using half3 = vec<half, 3>; using half4 = vec<half, 4>;
+using bfloat2 = vec<bfloat, 2>; using bfloat3 = vec<bfloat, 3>; using bfloat4 = vec<bfloat, 4>;
 using uint2 = vec<uint, 2>; using uint3 = vec<uint, 3>; using uint4 = vec<uint, 4>;
 using int2 = vec<int, 2>; using int3 = vec<int, 3>; using int4 = vec<int, 4>;
 
@@ -141,11 +309,30 @@ inline float pow(float a, float b) { return std::pow(a, b); }
 template <class T> T select(T a, T b, bool c) { return c ? b : a; }
 template <class T> bool isnan(T x) { return std::isnan(float(x)); }
 template <class T> bool isinf(T x) { return std::isinf(float(x)); }
+// Geometric functions.  Templates over any vector or swizzle (a template does not deduce
+// vec<T, N> through a swizzle's conversion); dot accumulates in order, in T.
+template <class A, class B, class V = emu::vec_of<A>,
+          std::enable_if_t<std::is_same_v<V, emu::vec_of<B>>, int> = 0>
+typename V::value_type dot(const A& a, const B& b) {
+  const V x = a, y = b;
+  typename V::value_type s = x[0] * y[0];
+  for (int i = 1; i < emu::width_v<V>; ++i) s = s + x[i] * y[i];
+  return s;
+}
+template <class A, class V = emu::vec_of<A>> typename V::value_type length(const A& a) {
+  return metal::sqrt(metal::dot(a, a));
+}
+template <class A, class V = emu::vec_of<A>> V normalize(const A& a) {
+  const V v = a;
+  return v / metal::length(v);
+}
 // fast:: and precise:: are the same functions here (CPU libm accuracy).
 namespace fast { using metal::exp; using metal::exp2; using metal::log; using metal::sqrt;
-  using metal::rsqrt; using metal::tanh; using metal::max; using metal::min; using metal::abs; }
+  using metal::rsqrt; using metal::tanh; using metal::max; using metal::min; using metal::abs;
+  using metal::length; using metal::normalize; }
 namespace precise { using metal::exp; using metal::exp2; using metal::log; using metal::sqrt;
-  using metal::rsqrt; using metal::tanh; using metal::max; using metal::min; using metal::abs; }
+  using metal::rsqrt; using metal::tanh; using metal::max; using metal::min; using metal::abs;
+  using metal::length; using metal::normalize; }
 
 enum class mem_flags { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_texture = 4 };
 enum memory_order { memory_order_relaxed };
