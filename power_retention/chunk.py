@@ -8,7 +8,10 @@ Layout inside is chunk-major so that the scan reads contiguous slices: q (n, B, 
 where query head h * G + g reads key/value head h; k (n, B, H, 1, c, d); values with a
 column of ones appended, v1 (n, B, H, 1, c, e + 1), so that one product yields numerator
 and denominator together (and the state's S and z together, as S1 = [S | z]); cumulative
-in-chunk log decay l (n, B, H, 1, c).
+in-chunk log decay l (n, B, H, 1, c). The state is kept transposed, S1t = [S | z]^T
+(e + 1, D): then every product of the state path and of its vjp writes a contiguous result
+(the (D, e + 1) layout makes autodiff hand the key features' vjp a transposed cotangent, and
+that strided pass costs more than the products).
 """
 
 from __future__ import annotations
@@ -37,26 +40,27 @@ def _intra_chunk(q, k, v1, l, deg):
     return weights @ v1
 
 
-def _states_entering_chunks(chunk_S1, chunk_decay, S1):
-    """The state [S | z] entering each chunk (a list), and the state after the last one."""
+def _states_entering_chunks(chunk_S1t, chunk_decay, S1t):
+    """The state [S | z]^T entering each chunk (a list), and the state after the last one."""
     entering = []
-    for i in range(chunk_S1.shape[0]):
-        entering.append(S1)
-        S1 = chunk_decay[i] * S1 + chunk_S1[i]
-    return entering, S1
+    for i in range(chunk_S1t.shape[0]):
+        entering.append(S1t)
+        S1t = chunk_decay[i] * S1t + chunk_S1t[i]
+    return entering, S1t
 
 
 @mx.custom_function
-def _scan_chunks(phi_q, chunk_S1, chunk_decay, S1):
-    """Carry the state [S | z] across chunks and read it with each chunk's queries.
+def _scan_chunks(phi_q, chunk_S1t, chunk_decay, S1t):
+    """Carry the state [S | z]^T across chunks and read it with each chunk's queries.
 
-    phi_q (n, B, H, G, c, D): query features; chunk_S1 (n, B, H, D, e + 1): each chunk's own
-    contribution; chunk_decay (n, B, H, 1, 1): each chunk's total decay; S1 (B, H, D, e + 1):
+    phi_q (n, B, H, G, c, D): query features; chunk_S1t (n, B, H, e + 1, D): each chunk's own
+    contribution; chunk_decay (n, B, H, 1, 1): each chunk's total decay; S1t (B, H, e + 1, D):
     the state entering the first chunk. Returns what every query reads from the state entering
     its chunk, (n, B, H, G, c, e + 1), and the state after the last chunk.
     """
-    entering, final = _states_entering_chunks(chunk_S1, chunk_decay, S1)
-    return mx.stack([phi_q[i] @ state[:, :, None] for i, state in enumerate(entering)]), final
+    entering, final = _states_entering_chunks(chunk_S1t, chunk_decay, S1t)
+    return mx.stack([phi_q[i] @ state[:, :, None].swapaxes(-1, -2)
+                     for i, state in enumerate(entering)]), final
 
 
 @_scan_chunks.vjp
@@ -64,19 +68,19 @@ def _scan_chunks_vjp(primals, cotangents, outputs):
     # Written by hand because autodiff through the loop's slices x[i] builds a full-size zero
     # array per chunk for each slice's cotangent: quadratic in the number of chunks. This is
     # the reverse scan, with the entering states recomputed (cheap) instead of kept.
-    phi_q, chunk_S1, chunk_decay, S1 = primals
+    phi_q, chunk_S1t, chunk_decay, S1t = primals
     d_reads, d_final = cotangents
     n, B, H, G, c, D = phi_q.shape
-    entering, final = _states_entering_chunks(chunk_S1, chunk_decay, S1)
+    entering, final = _states_entering_chunks(chunk_S1t, chunk_decay, S1t)
     d_state = mx.zeros_like(final) if d_final is None else d_final
-    d_phi_q, d_chunk_S1, d_decay = [None] * n, [None] * n, [None] * n
+    d_phi_q, d_chunk_S1t, d_decay = [None] * n, [None] * n, [None] * n
     for i in reversed(range(n)):
-        d_chunk_S1[i] = d_state
+        d_chunk_S1t[i] = d_state
         d_decay[i] = (d_state * entering[i]).sum(axis=(-2, -1), keepdims=True)
-        d_phi_q[i] = d_reads[i] @ entering[i][:, :, None].swapaxes(-1, -2)
-        queries = phi_q[i].reshape(B, H, G * c, D).swapaxes(-1, -2)
-        d_state = chunk_decay[i] * d_state + queries @ d_reads[i].reshape(B, H, G * c, -1)
-    return mx.stack(d_phi_q), mx.stack(d_chunk_S1), mx.stack(d_decay), d_state
+        d_phi_q[i] = d_reads[i] @ entering[i][:, :, None]
+        reads = d_reads[i].reshape(B, H, G * c, -1).swapaxes(-1, -2)
+        d_state = chunk_decay[i] * d_state + reads @ phi_q[i].reshape(B, H, G * c, D)
+    return mx.stack(d_phi_q), mx.stack(d_chunk_S1t), mx.stack(d_decay), d_state
 
 
 def chunk_power_retention(q, k, v, log_g, *, deg, chunk_size, initial_state, return_state,
@@ -118,24 +122,25 @@ def chunk_power_retention(q, k, v, log_g, *, deg, chunk_size, initial_state, ret
             chunk_decay = mx.exp(l[:, :, :, 0, -1])[..., None, None]
             k = k * mx.exp((l[..., -1:] - l) / deg)[..., None]
             q = q * mx.exp(l / deg)[..., None]
-        # Each chunk's own contribution [S | z], decayed to the chunk's end.
+        # Each chunk's own contribution [S | z]^T, decayed to the chunk's end.
         if state_kernels is None:
-            # The transposed features are a view: BLAS reads it as a transposed operand.
-            chunk_S1 = (sympow(k, deg).swapaxes(-1, -2) @ v1)[:, :, :, 0]
-        else:
-            chunk_S1 = state_kernels.chunk_states(k[:, :, :, 0], v1[:, :, :, 0], deg)
+            chunk_S1t = (v1.swapaxes(-1, -2) @ sympow(k, deg))[:, :, :, 0]
+        else:  # the kernels keep the (D, e + 1) layout, which suits a GPU's coalesced writes
+            chunk_S1t = state_kernels.chunk_states(k[:, :, :, 0], v1[:, :, :, 0],
+                                                   deg).swapaxes(-1, -2)
         if initial_state is None:
-            S1 = mx.zeros(chunk_S1.shape[1:], dtype=chunk_S1.dtype)
+            S1t = mx.zeros(chunk_S1t.shape[1:], dtype=chunk_S1t.dtype)
         else:
-            S1 = mx.concatenate([initial_state.S, initial_state.z[..., None]], axis=-1)
+            S1t = mx.concatenate([initial_state.S, initial_state.z[..., None]],
+                                 axis=-1).swapaxes(-1, -2)
         if state_kernels is None:
-            reads, S1 = _scan_chunks(sympow(q, deg), chunk_S1, chunk_decay, S1)
+            reads, S1t = _scan_chunks(sympow(q, deg), chunk_S1t, chunk_decay, S1t)
         else:
-            entering, S1 = _states_entering_chunks(chunk_S1, chunk_decay, S1)
-            reads = state_kernels.read_states(q, mx.stack(entering), deg)
+            entering, S1t = _states_entering_chunks(chunk_S1t, chunk_decay, S1t)
+            reads = state_kernels.read_states(q, mx.stack(entering).swapaxes(-1, -2), deg)
         out = out + reads
         if return_state:
-            final_state = RetentionState(S1[..., :e], S1[..., e])
+            final_state = RetentionState(S1t[..., :e, :].swapaxes(-1, -2), S1t[..., e, :])
 
     y = out[..., :e]
     if normalize:
