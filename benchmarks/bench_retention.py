@@ -1,6 +1,6 @@
 """Time and memory of every power retention form against causal softmax attention.
 
-    python benchmarks/bench_retention.py                 # T = 256 .. 32768, about 15 minutes here
+    python benchmarks/bench_retention.py                 # T = 256 .. 32768, about 20 minutes here
     python benchmarks/bench_retention.py --max-T 4096    # a quick look
 
 Prints a table (forward and forward+backward: median seconds after a warm-up, and peak
@@ -87,16 +87,14 @@ def measure(method, B, T, H, d, deg, chunk_size, repeats):
     return cell
 
 
-def auto_overhead(choice, B, T, H, d, deg, chunk_size, repeats) -> float:
-    """Forward time of "auto" over the method it chose, timed alternately in one loop so that
-    this machine's drift cancels (separate cells differ by tens of percent on a shared VM)."""
-    auto = make_case("auto", B, T, H, d, deg, chunk_size)[0]
-    chosen = make_case(choice, B, T, H, d, deg, chunk_size)[0]
-    mx.eval(auto(), chosen())
+def interleaved_ratio(first, second, repeats) -> float:
+    """Median over runs of time(first) / time(second), the two timed alternately in one loop
+    so that this machine's drift cancels (separate cells differ by tens of percent here)."""
+    mx.eval(first(), second())
     ratios = []
     for _ in range(max(repeats, 5)):
         times = []
-        for fn in (auto, chosen):
+        for fn in (first, second):
             start = time.perf_counter()
             mx.eval(fn())
             times.append(time.perf_counter() - start)
@@ -154,8 +152,14 @@ def main(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, memory_lim
             else:
                 row.update(measure(method, B, T, H, d, deg, chunk_size, repeats))
                 if method == "auto":
-                    row["auto_over_choice"] = auto_overhead(row["auto_choice"], B, T, H, d, deg,
-                                                            chunk_size, repeats)
+                    row["auto_over_choice"] = interleaved_ratio(
+                        make_case("auto", B, T, H, d, deg, chunk_size)[0],
+                        make_case(row["auto_choice"], B, T, H, d, deg, chunk_size)[0], repeats)
+                if method == "chunked" and T >= 4096:
+                    # Linearity: forward at T over forward at T / 2, interleaved.
+                    row["forward_over_half_T"] = interleaved_ratio(
+                        make_case(method, B, T, H, d, deg, chunk_size)[0],
+                        make_case(method, B, T // 2, H, d, deg, chunk_size)[0], repeats)
                 last_time[method] = row["forward_backward_s"]
                 if method == "chunked":
                     flops = chunked_flops(T, H, d, d, deg, chunk_size)
@@ -171,6 +175,8 @@ def main(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, memory_lim
                 if method == "chunked":
                     note = (f"{row['forward_backward_gflops']:.1f} GFLOP/s fwd+bwd "
                             f"({100 * row['forward_backward_fraction_of_peak']:.0f}% of peak)")
+                    if "forward_over_half_T" in row:
+                        note += f"; fwd x{row['forward_over_half_T']:.2f} of T/2, interleaved"
                 print(f"{T:>6} {method:>10} {row['forward_s']:>9.4f} {row['forward_backward_s']:>10.4f} "
                       f"{row['forward_peak_gb']:>7.2f} {row['forward_backward_peak_gb']:>7.2f}  {note}",
                       flush=True)
