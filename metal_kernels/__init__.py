@@ -1,1 +1,2 @@
-"""Filled in by later work (see the open issues)."""
+"""Custom Metal kernels for inference (``kernels/*.metal``), their dispatch from MLX
+(``dispatch``) and the CPU emulator that runs them on machines without Metal (``emulator``)."""

@@ -29,8 +29,10 @@ KERNELS = {
     "query_states": (("q", "S1"), ("out",), ("sympow",)),
 }
 KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
-# Metal's limits on every Apple GPU MLX supports.
-MAX_THREADS_PER_THREADGROUP = 1024
+# Threadgroup limits. Metal allows up to 1024 threads only to kernels light enough on
+# registers, and MLX raises (it does not fall back) above a pipeline's own limit: 256 is a
+# cap every kernel here stays under. 32 KB of threadgroup memory is every Apple GPU's.
+MAX_THREADS_PER_THREADGROUP = 256
 MAX_THREADGROUP_BYTES = 32 * 1024
 # Prefill tiles: features per threadgroup pass, queries per threadgroup.
 FEATURE_TILE = 64
@@ -57,10 +59,10 @@ def set_backend(name: str | None, **emulator_options) -> None:
         raise ValueError("backend 'metal' needs a Mac with Metal; this machine has none")
     if emulator_options and name != "emulator":
         raise ValueError(f"options {sorted(emulator_options)} apply to the emulator only")
-    _backend = name
-    _kernels = {"metal": lambda: _build(mx.fast.metal_kernel),
-                "emulator": lambda: _build(emulator.metal_kernel, **emulator_options),
-                None: dict}[name]()
+    kernels = {"metal": lambda: _build(mx.fast.metal_kernel),
+               "emulator": lambda: _build(emulator.metal_kernel, **emulator_options),
+               None: dict}[name]()
+    _backend, _kernels = name, kernels
 
 
 def backend() -> str | None:
@@ -71,7 +73,9 @@ def backend() -> str | None:
 def _kernel_dtype(*arrays):
     """The one dtype the kernels read the arrays in, or None if they cannot."""
     dtypes = {a.dtype for a in arrays}
-    dtype = dtypes.pop() if len(dtypes) == 1 else None
+    if len(dtypes) != 1:
+        return None
+    dtype = dtypes.pop()
     return dtype if dtype in KERNEL_DTYPES else None
 
 
@@ -115,10 +119,12 @@ def _decode_function(deg: int, normalize: bool):
 def decode_step(q, k, v, log_g, state, *, deg=2, scale=None, normalize=True):
     """``power_retention_step`` (same arguments and results) through the fused decode kernel
     when one runs here and takes these inputs (float32, float16 or bfloat16 q, k, v of one
-    dtype; value width <= 1024); otherwise the MLX path."""
-    fits = (isinstance(q, mx.array) and q.ndim == 3 and isinstance(v, mx.array) and v.ndim == 3
+    dtype; value width <= MAX_THREADS_PER_THREADGROUP); otherwise the MLX path, which also
+    reports bad inputs."""
+    fits = (all(isinstance(x, mx.array) and x.ndim == 3 for x in (q, k, v))
+            and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0
             and v.shape[-1] <= MAX_THREADS_PER_THREADGROUP
-            and 4 * (q.shape[1] + 1) * q.shape[2] <= MAX_THREADGROUP_BYTES)
+            and 4 * (q.shape[1] // k.shape[1] + 1) * q.shape[2] <= MAX_THREADGROUP_BYTES)
     dtype = _kernel_dtype(q, k, v) if fits else None
     if _backend is None or dtype is None:
         return power_retention_step(q, k, v, log_g, state, deg=deg, scale=scale,
@@ -162,10 +168,20 @@ def query_states_launch(q, S1, *, deg: int) -> dict:
                 output_shapes=[(NG, C, E1)], output_dtypes=[mx.float32])
 
 
+def _chunk_states_mlx(k, v1, deg):
+    return sympow(k, deg).swapaxes(-1, -2) @ v1
+
+
+def _query_states_mlx(q, S1, deg):
+    N, (NG, C, d) = S1.shape[0], q.shape
+    reads = sympow(q.reshape(N, NG // N, C, d), deg) @ S1[:, None]
+    return reads.reshape(NG, C, -1)
+
+
 @lru_cache(maxsize=None)
 def _chunk_states_function(deg: int):
     def mlx_path(k, v1):
-        return sympow(k, deg).swapaxes(-1, -2) @ v1
+        return _chunk_states_mlx(k, v1, deg)
 
     @mx.custom_function
     def chunk_states(k, v1):
@@ -181,9 +197,7 @@ def _chunk_states_function(deg: int):
 @lru_cache(maxsize=None)
 def _query_states_function(deg: int):
     def mlx_path(q, S1):
-        N, (NG, C, d) = S1.shape[0], q.shape
-        reads = sympow(q.reshape(N, NG // N, C, d), deg) @ S1[:, None]
-        return reads.reshape(NG, C, -1)
+        return _query_states_mlx(q, S1, deg)
 
     @mx.custom_function
     def query_states(q, S1):
@@ -199,7 +213,13 @@ def _query_states_function(deg: int):
 def chunk_states(k, v1, deg: int):
     """Each chunk's own [S | z]: k (n, B, H, c, d), v1 (n, B, H, c, e + 1) -> (n, B, H, D, e + 1)."""
     n, B, H, C, d = k.shape
-    S1 = _chunk_states_function(deg)(k.reshape(-1, C, d), v1.reshape(-1, C, v1.shape[-1]))
+    k, v1 = k.reshape(-1, C, d), v1.reshape(-1, C, v1.shape[-1])
+    # A tile of one feature's values over the chunk must fit in threadgroup memory (a long
+    # attention-form chunk may not).
+    if 4 * C <= MAX_THREADGROUP_BYTES:
+        S1 = _chunk_states_function(deg)(k, v1)
+    else:
+        S1 = _chunk_states_mlx(k, v1, deg)
     return S1.reshape(n, B, H, *S1.shape[1:])
 
 
@@ -215,12 +235,11 @@ def read_states(q, states, deg: int):
 def power_retention(q, k, v, log_g=None, *, deg=2, scale=None, method="auto", chunk_size=64,
                     initial_state=None, return_state=False, normalize=True):
     """``power_retention`` (same arguments and results) with the chunked form's state
-    products on the prefill kernels when they run here and fit (value width < 1024, a chunk's
-    features in threadgroup memory); otherwise the MLX path. The recurrent form, and the
-    attention form without states, have no kernel."""
-    fits = (isinstance(v, mx.array) and v.ndim == 4
+    products on the prefill kernels when they run here and take these inputs (not float64;
+    value width < MAX_THREADS_PER_THREADGROUP); otherwise the MLX path, which also reports
+    bad inputs. The recurrent form, and the attention form without states, have no kernel."""
+    fits = (all(isinstance(x, mx.array) and x.ndim == 4 for x in (q, k, v))
             and v.shape[-1] + 1 <= MAX_THREADS_PER_THREADGROUP
-            and 4 * min(chunk_size, v.shape[1]) <= MAX_THREADGROUP_BYTES
             and mx.float64 not in (q.dtype, k.dtype, v.dtype))
     kernels = _ChunkKernels if _backend is not None and fits else None
     return run_power_retention(q, k, v, log_g, deg=deg, scale=scale, method=method,

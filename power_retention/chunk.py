@@ -83,6 +83,32 @@ def _scan_chunks_vjp(primals, cotangents, outputs):
     return mx.stack(d_phi_q), mx.stack(d_chunk_S1t), mx.stack(d_decay), d_state
 
 
+@mx.custom_function
+def _stacked_states_entering_chunks(chunk_S1, chunk_decay, S1):
+    """``_states_entering_chunks`` as one stacked array (n, ...), for the kernel path, which
+    reads every entering state at once."""
+    entering, final = _states_entering_chunks(chunk_S1, chunk_decay, S1)
+    return mx.stack(entering), final
+
+
+@_stacked_states_entering_chunks.vjp
+def _stacked_states_entering_chunks_vjp(primals, cotangents, outputs):
+    # By hand for the reason given in _scan_chunks_vjp: the reverse scan.
+    chunk_S1, chunk_decay, S1 = primals
+    d_entering, d_final = cotangents
+    entering, final = outputs
+    n = chunk_S1.shape[0]
+    d_state = mx.zeros_like(final) if d_final is None else d_final
+    d_chunk_S1, d_decay = [None] * n, [None] * n
+    for i in reversed(range(n)):
+        d_chunk_S1[i] = d_state
+        d_decay[i] = (d_state * entering[i]).sum(axis=(-2, -1), keepdims=True)
+        d_state = chunk_decay[i] * d_state
+        if d_entering is not None:
+            d_state = d_state + d_entering[i]
+    return mx.stack(d_chunk_S1), mx.stack(d_decay), d_state
+
+
 def chunk_power_retention(q, k, v, log_g, *, deg, chunk_size, initial_state, return_state,
                           normalize, state_kernels=None):
     """y (B, T, Hq, e) and the final RetentionState (None unless return_state).
@@ -122,25 +148,25 @@ def chunk_power_retention(q, k, v, log_g, *, deg, chunk_size, initial_state, ret
             chunk_decay = mx.exp(l[:, :, :, 0, -1])[..., None, None]
             k = k * mx.exp((l[..., -1:] - l) / deg)[..., None]
             q = q * mx.exp(l / deg)[..., None]
-        # Each chunk's own contribution [S | z]^T, decayed to the chunk's end.
+        initial = None if initial_state is None else \
+            mx.concatenate([initial_state.S, initial_state.z[..., None]], axis=-1)
+        # Each chunk's own contribution to the state, decayed to the chunk's end.
         if state_kernels is None:
             chunk_S1t = (v1.swapaxes(-1, -2) @ sympow(k, deg))[:, :, :, 0]
-        else:  # the kernels keep the (D, e + 1) layout, which suits a GPU's coalesced writes
-            chunk_S1t = state_kernels.chunk_states(k[:, :, :, 0], v1[:, :, :, 0],
-                                                   deg).swapaxes(-1, -2)
-        if initial_state is None:
-            S1t = mx.zeros(chunk_S1t.shape[1:], dtype=chunk_S1t.dtype)
-        else:
-            S1t = mx.concatenate([initial_state.S, initial_state.z[..., None]],
-                                 axis=-1).swapaxes(-1, -2)
-        if state_kernels is None:
+            S1t = mx.zeros(chunk_S1t.shape[1:], chunk_S1t.dtype) if initial is None \
+                else initial.swapaxes(-1, -2)
             reads, S1t = _scan_chunks(sympow(q, deg), chunk_S1t, chunk_decay, S1t)
+            S1 = S1t.swapaxes(-1, -2)
         else:
-            entering, S1t = _states_entering_chunks(chunk_S1t, chunk_decay, S1t)
-            reads = state_kernels.read_states(q, mx.stack(entering).swapaxes(-1, -2), deg)
+            # The kernels keep [S | z] as (D, e + 1), whose writes coalesce on a GPU; the scan
+            # between them is elementwise and takes either layout.
+            chunk_S1 = state_kernels.chunk_states(k[:, :, :, 0], v1[:, :, :, 0], deg)
+            S1 = mx.zeros(chunk_S1.shape[1:], chunk_S1.dtype) if initial is None else initial
+            entering, S1 = _stacked_states_entering_chunks(chunk_S1, chunk_decay, S1)
+            reads = state_kernels.read_states(q, entering, deg)
         out = out + reads
         if return_state:
-            final_state = RetentionState(S1t[..., :e, :].swapaxes(-1, -2), S1t[..., e, :])
+            final_state = RetentionState(S1[..., :e], S1[..., e])
 
     y = out[..., :e]
     if normalize:

@@ -39,8 +39,10 @@ def _kernel_dispatch():
         return dispatch
     if not _warned_no_kernels:
         _warned_no_kernels = True
-        warnings.warn("use_metal_kernels=True: Metal is not available on this machine; "
-                      "PowerRetention runs on the MLX path (same results).", stacklevel=3)
+        reason = ("the kernels are switched off (metal_kernels.dispatch.set_backend(None))"
+                  if mx.metal.is_available() else "Metal is not available on this machine")
+        warnings.warn(f"use_metal_kernels=True: {reason}; PowerRetention runs on the MLX path "
+                      "(same results).", stacklevel=3)
     return None
 
 

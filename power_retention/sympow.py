@@ -173,8 +173,8 @@ def _sympow2(x: mx.array, axis: int) -> mx.array:
 
 def sympow(x: mx.array, deg: int, axis: int = -1) -> mx.array:
     """Symmetric power features along ``axis`` (the last by default): d entries become D,
-    in x's dtype. ``axis=-2`` gives the transposed layout (..., D, c) without a transpose
-    of the large result, as the chunked form's key side wants."""
+    in x's dtype. Another axis (say -2: the (..., D, c) layout) is computed in place, without
+    moving the large result."""
     deg = check_degree(deg)
     if not isinstance(x, mx.array):
         raise ValueError(f"x must be an mlx array, got {type(x).__name__}")

@@ -1,6 +1,10 @@
 import mlx.core as mx
 import pytest
 
+# The tests compare against float64 references, and MLX runs float64 on the CPU only: on a
+# Mac the suite runs on the CPU device, and the Metal kernel tests select the GPU themselves.
+mx.set_default_device(mx.cpu)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -1,8 +1,5 @@
 """The PowerRetention layer: notebook defaults, training, its cache, and bad arguments."""
 
-import subprocess
-import sys
-
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
