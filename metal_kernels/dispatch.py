@@ -24,7 +24,8 @@ from .sources import header, kernel_body
 BACKENDS = ("metal", "emulator")
 # name: (input names, output names, helper headers)
 KERNELS = {
-    "decode_step": (("q", "k", "v", "decay", "S", "z"), ("y", "S_out", "z_out"), ("sympow",)),
+    "decode_step": (("q", "k", "v", "decay", "S", "z"),
+                    ("S_out", "z_out", "numerator", "denominator"), ("sympow",)),
     "chunk_states": (("k", "v1"), ("S1",), ("sympow",)),
     "query_states": (("q", "S1"), ("out",), ("sympow",)),
 }
@@ -34,7 +35,9 @@ KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 # cap every kernel here stays under. 32 KB of threadgroup memory is every Apple GPU's.
 MAX_THREADS_PER_THREADGROUP = 256
 MAX_THREADGROUP_BYTES = 32 * 1024
-# Prefill tiles: features per threadgroup pass, queries per threadgroup.
+# Features per threadgroup: decode (its state tiles) and prefill (per pass); queries per
+# prefill threadgroup.
+DECODE_TILE = 128
 FEATURE_TILE = 64
 QUERY_ROWS = 16
 
@@ -79,18 +82,20 @@ def _kernel_dtype(*arrays):
     return dtype if dtype in KERNEL_DTYPES else None
 
 
-def decode_launch(q, k, v, log_g, S, z, *, deg: int, normalize: bool) -> dict:
+def decode_launch(q, k, v, log_g, S, z, *, deg: int) -> dict:
     """The decode kernel's call arguments (inputs, template, grid, threadgroup, outputs) for
     prepared inputs (see ``_decode_function``)."""
     B, Hq, d = q.shape
     H, e = k.shape[1], v.shape[-1]
+    D = expanded_dim(d, deg)
+    tiles = -(-D // DECODE_TILE)
     return dict(
         inputs=[q, k, v, mx.exp(log_g), S, z],
         template=[("T", k.dtype), ("DEG", deg), ("DIM", d), ("E", e), ("G", Hq // H),
-                  ("FEATURES", expanded_dim(d, deg)), ("NORMALIZE", normalize)],
-        grid=(B * H * e, 1, 1), threadgroup=(e, 1, 1),
-        output_shapes=[(B, Hq, e), S.shape, z.shape],
-        output_dtypes=[k.dtype, mx.float32, mx.float32])
+                  ("FEATURES", D), ("TILE", DECODE_TILE)],
+        grid=(B * H * e, tiles, 1), threadgroup=(e, 1, 1),
+        output_shapes=[S.shape, z.shape, (tiles, B, Hq, e), (tiles, B, Hq)],
+        output_dtypes=[mx.float32] * 4)
 
 
 @lru_cache(maxsize=None)
@@ -105,8 +110,13 @@ def _decode_function(deg: int, normalize: bool):
 
     @mx.custom_function
     def step(q, k, v, log_g, S, z):
-        return tuple(_kernels["decode_step"](**decode_launch(q, k, v, log_g, S, z, deg=deg,
-                                                             normalize=normalize)))
+        S, z, numerator, denominator = _kernels["decode_step"](
+            **decode_launch(q, k, v, log_g, S, z, deg=deg))
+        y = numerator.sum(axis=0)
+        if normalize:
+            denominator = denominator.sum(axis=0)[..., None]
+            y = y / mx.where(denominator == 0, 1.0, denominator)
+        return y.astype(k.dtype), S, z
 
     @step.vjp
     def step_vjp(primals, cotangents, outputs):

@@ -317,7 +317,7 @@ def kernel_launches(deg, dtype):
     """(kernel name, call arguments) of every kernel, as the dispatch calls them."""
     q, k, v, log_g, state = random_step_inputs(1, 4, 2, 8, 8, deg, dtype=dtype)
     yield "decode_step", dispatch.decode_launch(q.astype(mx.float32), k, v, log_g, *state,
-                                                deg=deg, normalize=deg % 2 == 0)
+                                                deg=deg)
     if dtype == mx.float32:  # the prefill kernels take the op's fp32 compute arrays
         keys, v1, S1 = mx.zeros((6, 16, 8)), mx.zeros((6, 16, 9)), mx.zeros((3, state.S.shape[2], 9))
         yield "chunk_states", dispatch.chunk_states_launch(keys, v1, deg=deg)
