@@ -12,12 +12,10 @@ against MLX path, and the state bytes it moves per second) and a 4096-token pref
 
 from __future__ import annotations
 
-import time
-
 import click
 import mlx.core as mx
 import numpy as np
-from common import machine_description, machine_line, now, write_report
+from common import machine_description, machine_line, median_seconds, now, write_report
 
 from llm import create_model_config
 from metal_kernels import dispatch
@@ -79,34 +77,21 @@ def prefill_case(preset: str, order: str, T: int = 133, seed: int = 0) -> dict:
             "error_z": relative_error(final.z, expected.z)}
 
 
-def median_step_seconds(step, inputs, deg, repeats=50) -> float:
-    for _ in range(5):
-        mx.eval(step(*inputs, deg=deg))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mx.eval(step(*inputs, deg=deg))
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def timing_case(preset: str) -> dict:
     """One layer's decode step on Metal: kernel vs MLX path, and the state bytes the kernel
     must move (read S and z, write them back) per second of its time."""
     config, inputs = step_inputs(preset)
     dispatch.set_backend("metal")
-    kernel = median_step_seconds(dispatch.decode_step, inputs, config.power)
-    mlx_path = median_step_seconds(power_retention_step, inputs, config.power)
+    deg = config.power
+    kernel = median_seconds(lambda: dispatch.decode_step(*inputs, deg=deg), 50)
+    mlx_path = median_seconds(lambda: power_retention_step(*inputs, deg=deg), 50)
     state_bytes = 2 * 4 * sum(s.size for s in inputs[-1])
     q, k, v = (mx.random.normal((1, 4096, heads, config.head_dim))
                for heads in (config.num_attention_heads, config.num_key_value_heads,
                              config.num_key_value_heads))
-
-    def prefill(run):
-        return lambda *_, deg: run(q, k, v, deg=deg, method="chunked")
-
-    prefill_kernel = median_step_seconds(prefill(dispatch.power_retention), (), config.power, 5)
-    prefill_mlx = median_step_seconds(prefill(power_retention), (), config.power, 5)
+    prefill_kernel = median_seconds(
+        lambda: dispatch.power_retention(q, k, v, deg=deg, method="chunked"), 5)
+    prefill_mlx = median_seconds(lambda: power_retention(q, k, v, deg=deg, method="chunked"), 5)
     return {"preset": preset, "kernel_s": kernel, "mlx_path_s": mlx_path,
             "speedup": mlx_path / kernel, "state_bytes": state_bytes,
             "kernel_state_gb_per_s": state_bytes / kernel / 1e9,

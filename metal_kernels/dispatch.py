@@ -150,10 +150,6 @@ def decode_step(q, k, v, log_g, state, *, deg=2, scale=None, normalize=True):
     return y, RetentionState(S, z)
 
 
-def _single(cotangents):
-    return cotangents[0] if isinstance(cotangents, (list, tuple)) else cotangents
-
-
 def chunk_states_launch(k, v1, *, deg: int) -> dict:
     """Call arguments of the chunk_states kernel: k (N, c, d), v1 (N, c, e + 1) float32."""
     N, C, d = k.shape
@@ -188,36 +184,27 @@ def _query_states_mlx(q, S1, deg):
     return reads.reshape(NG, C, -1)
 
 
-@lru_cache(maxsize=None)
-def _chunk_states_function(deg: int):
-    def mlx_path(k, v1):
-        return _chunk_states_mlx(k, v1, deg)
-
-    @mx.custom_function
-    def chunk_states(k, v1):
-        return _kernels["chunk_states"](**chunk_states_launch(k, v1, deg=deg))[0]
-
-    @chunk_states.vjp
-    def chunk_states_vjp(primals, cotangents, output):
-        return tuple(mx.vjp(mlx_path, list(primals), [_single(cotangents)])[1])
-
-    return chunk_states
+# The prefill kernels: call arguments, and the MLX path their vjp goes through.
+_PREFILL = {"chunk_states": (chunk_states_launch, _chunk_states_mlx),
+            "query_states": (query_states_launch, _query_states_mlx)}
 
 
 @lru_cache(maxsize=None)
-def _query_states_function(deg: int):
-    def mlx_path(q, S1):
-        return _query_states_mlx(q, S1, deg)
+def _prefill_function(name: str, deg: int):
+    launch, mlx_path = _PREFILL[name]
 
     @mx.custom_function
-    def query_states(q, S1):
-        return _kernels["query_states"](**query_states_launch(q, S1, deg=deg))[0]
+    def kernel(a, b):
+        return _kernels[name](**launch(a, b, deg=deg))[0]
 
-    @query_states.vjp
-    def query_states_vjp(primals, cotangents, output):
-        return tuple(mx.vjp(mlx_path, list(primals), [_single(cotangents)])[1])
+    @kernel.vjp
+    def kernel_vjp(primals, cotangent, output):
+        # One output: MLX may pass its cotangent bare or in a one-element list.
+        if isinstance(cotangent, (list, tuple)):
+            cotangent = cotangent[0]
+        return tuple(mx.vjp(lambda a, b: mlx_path(a, b, deg), list(primals), [cotangent])[1])
 
-    return query_states
+    return kernel
 
 
 def chunk_states(k, v1, deg: int):
@@ -227,7 +214,7 @@ def chunk_states(k, v1, deg: int):
     # A tile of one feature's values over the chunk must fit in threadgroup memory (a long
     # attention-form chunk may not).
     if 4 * C <= MAX_THREADGROUP_BYTES:
-        S1 = _chunk_states_function(deg)(k, v1)
+        S1 = _prefill_function("chunk_states", deg)(k, v1)
     else:
         S1 = _chunk_states_mlx(k, v1, deg)
     return S1.reshape(n, B, H, *S1.shape[1:])
@@ -238,7 +225,8 @@ def read_states(q, states, deg: int):
     (n, B, H, D, e + 1) -> (n, B, H, G, c, e + 1)."""
     n, B, H, G, C, d = q.shape
     D, E1 = states.shape[-2:]
-    out = _query_states_function(deg)(q.reshape(-1, C, d), states.reshape(-1, D, E1))
+    out = _prefill_function("query_states", deg)(q.reshape(-1, C, d),
+                                                 states.reshape(-1, D, E1))
     return out.reshape(n, B, H, G, C, E1)
 
 

@@ -63,24 +63,40 @@ def _scan_chunks(phi_q, chunk_S1t, chunk_decay, S1t):
                      for i, state in enumerate(entering)]), final
 
 
+def _reverse_scan(entering, chunk_decay, d_final, d_entering):
+    """The vjp of S_{i+1} = decay_i S_i + C_i given the states entering each chunk, the final
+    state's cotangent and ``d_entering(i)``, what reaches entering[i] from elsewhere (or
+    None): the cotangents of C (stacked), of the decays (stacked) and of S_0.
+
+    Written by hand because autodiff through the loop's slices x[i] builds a full-size zero
+    array per chunk for each slice's cotangent: quadratic in the number of chunks."""
+    n = len(entering)
+    d_state = mx.zeros_like(entering[0]) if d_final is None else d_final
+    d_chunk, d_decay = [None] * n, [None] * n
+    for i in reversed(range(n)):
+        d_chunk[i] = d_state
+        d_decay[i] = (d_state * entering[i]).sum(axis=(-2, -1), keepdims=True)
+        d_state = chunk_decay[i] * d_state
+        elsewhere = d_entering(i)
+        if elsewhere is not None:
+            d_state = d_state + elsewhere
+    return mx.stack(d_chunk), mx.stack(d_decay), d_state
+
+
 @_scan_chunks.vjp
 def _scan_chunks_vjp(primals, cotangents, outputs):
-    # Written by hand because autodiff through the loop's slices x[i] builds a full-size zero
-    # array per chunk for each slice's cotangent: quadratic in the number of chunks. This is
-    # the reverse scan, with the entering states recomputed (cheap) instead of kept.
+    # The entering states are recomputed (cheap) instead of kept.
     phi_q, chunk_S1t, chunk_decay, S1t = primals
     d_reads, d_final = cotangents
     n, B, H, G, c, D = phi_q.shape
-    entering, final = _states_entering_chunks(chunk_S1t, chunk_decay, S1t)
-    d_state = mx.zeros_like(final) if d_final is None else d_final
-    d_phi_q, d_chunk_S1t, d_decay = [None] * n, [None] * n, [None] * n
-    for i in reversed(range(n)):
-        d_chunk_S1t[i] = d_state
-        d_decay[i] = (d_state * entering[i]).sum(axis=(-2, -1), keepdims=True)
-        d_phi_q[i] = d_reads[i] @ entering[i][:, :, None]
+    entering, _ = _states_entering_chunks(chunk_S1t, chunk_decay, S1t)
+    d_phi_q = mx.stack([d_reads[i] @ entering[i][:, :, None] for i in range(n)])
+
+    def read_by_queries(i):
         reads = d_reads[i].reshape(B, H, G * c, -1).swapaxes(-1, -2)
-        d_state = chunk_decay[i] * d_state + reads @ phi_q[i].reshape(B, H, G * c, D)
-    return mx.stack(d_phi_q), mx.stack(d_chunk_S1t), mx.stack(d_decay), d_state
+        return reads @ phi_q[i].reshape(B, H, G * c, D)
+
+    return (d_phi_q, *_reverse_scan(entering, chunk_decay, d_final, read_by_queries))
 
 
 @mx.custom_function
@@ -93,20 +109,9 @@ def _stacked_states_entering_chunks(chunk_S1, chunk_decay, S1):
 
 @_stacked_states_entering_chunks.vjp
 def _stacked_states_entering_chunks_vjp(primals, cotangents, outputs):
-    # By hand for the reason given in _scan_chunks_vjp: the reverse scan.
-    chunk_S1, chunk_decay, S1 = primals
     d_entering, d_final = cotangents
-    entering, final = outputs
-    n = chunk_S1.shape[0]
-    d_state = mx.zeros_like(final) if d_final is None else d_final
-    d_chunk_S1, d_decay = [None] * n, [None] * n
-    for i in reversed(range(n)):
-        d_chunk_S1[i] = d_state
-        d_decay[i] = (d_state * entering[i]).sum(axis=(-2, -1), keepdims=True)
-        d_state = chunk_decay[i] * d_state
-        if d_entering is not None:
-            d_state = d_state + d_entering[i]
-    return mx.stack(d_chunk_S1), mx.stack(d_decay), d_state
+    return _reverse_scan(outputs[0], primals[1], d_final,
+                         lambda i: None if d_entering is None else d_entering[i])
 
 
 def chunk_power_retention(q, k, v, log_g, *, deg, chunk_size, initial_state, return_state,

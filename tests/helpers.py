@@ -1,4 +1,8 @@
-"""The one tolerance helper every test uses, and the shared input builder."""
+"""The one tolerance helper every test uses, the shared input builder, and a fresh Python
+process for what must not share this one's state."""
+
+import subprocess
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -49,3 +53,11 @@ def make_inputs(*, B=2, T=16, Hq=4, H=2, d=8, e=8, gated=True, seed=0, dtype=mx.
     arrays = [mx.array(x, dtype=dtype) for x in (q, k, v)]
     arrays.append(None if log_g is None else mx.array(log_g, dtype=dtype))
     return arrays
+
+
+def run_python(code: str, timeout: float = 120) -> str:
+    """Run ``code`` in a fresh interpreter; return its standard output (it must succeed)."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout

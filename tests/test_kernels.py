@@ -3,8 +3,6 @@ one, and on the CPU emulator (which compiles kernels with g++) in every thread o
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 
 import mlx.core as mx
@@ -17,7 +15,8 @@ from metal_kernels import dispatch, emulator  # noqa: E402
 from metal_kernels.sources import header, kernel_body  # noqa: E402
 from power_retention import PowerRetention, RetentionState, expanded_dim, sympow  # noqa: E402
 from power_retention import power_retention, power_retention_step  # noqa: E402
-from tests.helpers import FP32_TOLERANCE, STATE_FORM_DEG4_TOLERANCE, assert_close  # noqa: E402
+from tests.helpers import (FP32_TOLERANCE, STATE_FORM_DEG4_TOLERANCE, assert_close,  # noqa: E402
+                           run_python)
 
 HAS_METAL = mx.metal.is_available()
 BACKENDS = ([("emulator", order) for order in ("forward", "reverse", "random")]
@@ -352,9 +351,7 @@ def test_metal_flag_without_metal_warns_once_and_falls_back():
         "    ys = [fast(x) for _ in range(3)]\n"
         "print(len(caught), str(caught[0].message) if caught else '')\n"
         "print(float(mx.abs(ys[0] - plain(x)).max()))\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    count_and_message, difference = result.stdout.strip().splitlines()
+    count_and_message, difference = run_python(code).strip().splitlines()
     assert count_and_message.startswith("1 ") and "Metal is not available" in count_and_message
     assert float(difference) == 0.0
 

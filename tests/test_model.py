@@ -1,7 +1,5 @@
 """RetentionLLM: presets and parameter counts, caches against the full forward, generation."""
 
-import subprocess
-import sys
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -11,7 +9,7 @@ from mlx.utils import tree_flatten
 
 from llm import (PRESETS, ByteTokenizer, ModelConfig, RetentionLLM, create_model_config, generate,
                  make_sampler, param_count, stream_generate)
-from tests.helpers import assert_close
+from tests.helpers import assert_close, run_python
 
 MIXERS = ["power", "softmax"]
 # Logits after three blocks, prefill + decode against one forward: the issue's bound for fp32.
@@ -57,9 +55,7 @@ def test_7b_table_needs_no_7b_of_memory():
             "table = preset_table()\n"
             "assert '| 7b |' in table\n"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    peak_kb = int(result.stdout.strip().splitlines()[-1])
+    peak_kb = int(run_python(code).strip().splitlines()[-1])
     assert peak_kb < 1_000_000, f"computing the table took {peak_kb / 1e6:.1f} GB"
 
 

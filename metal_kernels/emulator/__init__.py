@@ -155,6 +155,44 @@ def _rewrite_pointer_locals(code: str) -> str:
     return _PTR_DECL.sub(r"auto \1 =", code)
 
 
+def _parameters(input_names, inputs, input_dtypes, output_names, output_dtypes, shape_infos,
+                attributes, atomic_outputs):
+    """(declaration in the kernel's signature, argument the runner passes) of every kernel
+    parameter, in MLX's order: one list, so that the two can never disagree."""
+    pairs = []
+    for i, (n, arr, dt) in enumerate(zip(input_names, inputs, input_dtypes)):
+        t = _TYPES[_dtype_name(dt)][0]
+        loc = "constant" if arr.size < MAX_CONSTANT_ARRAY_SIZE else "device"
+        buffer = f"g_in[{i}]"
+        if arr.ndim == 0:
+            pairs.append((f"  const {loc} {t}& {n} /* [[buffer]] */",
+                          f"*reinterpret_cast<const {t}*>({buffer}.data.data())"))
+            continue
+        pairs.append((f"  const {loc} ::emu::ptr<const {t}> {n} /* const {loc} {t}* [[buffer]] */",
+                      f"::emu::ptr<const {t}>{{reinterpret_cast<const {t}*>({buffer}.data.data()), "
+                      f"{buffer}.n, 0, \"{n}\"}}"))
+        has_shape, has_strides, has_ndim = shape_infos[i]
+        if has_shape:
+            pairs.append((f"  const constant ::emu::ptr<const int> {n}_shape",
+                          f"::emu::ptr<const int>{{{buffer}.shape.data(), {buffer}.ndim, 0, \"{n}_shape\"}}"))
+        if has_strides:
+            pairs.append((f"  const constant ::emu::ptr<const int64_t> {n}_strides",
+                          f"::emu::ptr<const int64_t>{{{buffer}.strides.data(), {buffer}.ndim, 0, "
+                          f"\"{n}_strides\"}}"))
+        if has_ndim:
+            pairs.append((f"  const constant int& {n}_ndim", f"{buffer}.ndim"))
+    for i, (n, dt) in enumerate(zip(output_names, output_dtypes)):
+        t = _TYPES[_dtype_name(dt)][0]
+        if atomic_outputs:
+            t = f"atomic<{t}>"
+        pairs.append((f"  device ::emu::ptr<{t}> {n} /* device {t}* [[buffer]] */",
+                      f"::emu::ptr<{t}>{{reinterpret_cast<{t}*>(g_out[{i}].data.data()), "
+                      f"g_out[{i}].n, 0, \"{n}\"}}"))
+    for a, t in attributes:
+        pairs.append((f"  {t} {a} /* [[{a}]] */", f"at.{a}"))
+    return pairs
+
+
 def generate_source(name, input_names, output_names, source, inputs, output_dtypes,
                     template=None, header="", atomic_outputs=False, input_dtypes=None):
     """Return (kernel_name, template_def, wrapped C++ source, shape_infos, attributes).
@@ -184,28 +222,9 @@ def generate_source(name, input_names, output_names, source, inputs, output_dtyp
     src = _rewrite_pointer_locals(_rewrite_threadgroup(header)) + "\n"
     if tvals:
         src += "template <" + ", ".join(f"{k} {n}" for n, k, _ in tvals) + ">\n"
-    params = []
-    for i, (n, arr, dt) in enumerate(zip(input_names, inputs, input_dtypes)):
-        t = _TYPES[_dtype_name(dt)][0]
-        loc = "constant" if arr.size < MAX_CONSTANT_ARRAY_SIZE else "device"
-        if arr.ndim == 0:
-            params.append(f"  const {loc} {t}& {n} /* [[buffer]] */")
-        else:
-            params.append(f"  const {loc} ::emu::ptr<const {t}> {n} /* const {loc} {t}* [[buffer]] */")
-            sh, st, nd = shape_infos[i]
-            if sh:
-                params.append(f"  const constant ::emu::ptr<const int> {n}_shape")
-            if st:
-                params.append(f"  const constant ::emu::ptr<const int64_t> {n}_strides")
-            if nd:
-                params.append(f"  const constant int& {n}_ndim")
-    for n, dt in zip(output_names, output_dtypes):
-        t = _TYPES[_dtype_name(dt)][0]
-        if atomic_outputs:
-            t = f"atomic<{t}>"
-        params.append(f"  device ::emu::ptr<{t}> {n} /* device {t}* [[buffer]] */")
-    for a, t in attributes:
-        params.append(f"  {t} {a} /* [[{a}]] */")
+    params = [declaration for declaration, _ in _parameters(
+        input_names, inputs, input_dtypes, output_names, output_dtypes, shape_infos, attributes,
+        atomic_outputs)]
     src += f"[[kernel]] void {kernel_name}(\n" + ",\n".join(params) + ") {\n"
     src += _rewrite_pointer_locals(_rewrite_threadgroup(source)) + "\n}\n"
     return kernel_name, template_def, src, shape_infos, attributes
@@ -217,27 +236,9 @@ def _runner_source(kernel_name, template_def, kernel_src, input_names, inputs, i
     L = ['#include "metal_shim.h"', "#line 1 \"kernel\"", kernel_src, "namespace {"]
     L.append("struct Buf { std::vector<char> data; long long n; std::vector<int> shape; std::vector<int64_t> strides; int ndim; };")
     L.append(f"Buf g_in[{max(len(inputs), 1)}]; Buf g_out[{len(output_names)}];")
-    args = []
-    for i, (n, arr, dt) in enumerate(zip(input_names, inputs, input_dtypes)):
-        t = _TYPES[_dtype_name(dt)][0]
-        if arr.ndim == 0:
-            args.append(f"*reinterpret_cast<const {t}*>(g_in[{i}].data.data())")
-            continue
-        args.append(f"::emu::ptr<const {t}>{{reinterpret_cast<const {t}*>(g_in[{i}].data.data()), g_in[{i}].n, 0, \"{n}\"}}")
-        sh, st, nd = shape_infos[i]
-        if sh:
-            args.append(f"::emu::ptr<const int>{{g_in[{i}].shape.data(), g_in[{i}].ndim, 0, \"{n}_shape\"}}")
-        if st:
-            args.append(f"::emu::ptr<const int64_t>{{g_in[{i}].strides.data(), g_in[{i}].ndim, 0, \"{n}_strides\"}}")
-        if nd:
-            args.append(f"g_in[{i}].ndim")
-    for i, (n, dt) in enumerate(zip(output_names, output_dtypes)):
-        t = _TYPES[_dtype_name(dt)][0]
-        if atomic_outputs:
-            t = f"atomic<{t}>"
-        args.append(f"::emu::ptr<{t}>{{reinterpret_cast<{t}*>(g_out[{i}].data.data()), g_out[{i}].n, 0, \"{n}\"}}")
-    for a, _ in attributes:
-        args.append(f"at.{a}")
+    args = [argument for _, argument in _parameters(
+        input_names, inputs, input_dtypes, output_names, output_dtypes, shape_infos, attributes,
+        atomic_outputs)]
     L.append("void launch(const ::emu::ThreadAttrs& at) {")
     L.append(f"  {kernel_name}{template_def}({', '.join(args)});")
     L.append("}")
