@@ -11,15 +11,21 @@ and denominator together (and the state's S and z together, as S1 = [S | z]); cu
 in-chunk log decay l (n, B, H, 1, c). The state is kept transposed, S1t = [S | z]^T
 (e + 1, D): then every product of the state path and of its vjp writes a contiguous result
 (the (D, e + 1) layout makes autodiff hand the key features' vjp a transposed cotangent, and
-that strided pass costs more than the products).
+that strided pass costs more than the products). Its feature axis follows
+``sympow.StateLayout`` (at degree 2 a rolled layout of D + d // 2 features, converted to
+sympow's at the boundaries: initial and final state).
 """
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 
 from .state import RetentionState
-from .sympow import integer_power, sympow
+from .sympow import StateLayout, integer_power
+
+_LOG2_E = 1 / math.log(2)
 
 
 def _causal_mask(c: int) -> mx.array:
@@ -35,83 +41,66 @@ def _intra_chunk(q, k, v1, l, deg):
     else:
         # Mask before exp: above the diagonal l_i - l_j > 0 could overflow, and inf * 0 is NaN
         # in the backward pass.
-        log_decay = mx.where(causal, l[..., :, None] - l[..., None, :], -mx.inf)
-        weights = weights * mx.exp(log_decay)
+        # 2^x rather than e^x: MLX's CPU exp runs scalar code, at half the speed of its pow.
+        l2 = l * _LOG2_E
+        log2_decay = mx.where(causal, l2[..., :, None] - l2[..., None, :], -mx.inf)
+        weights = weights * mx.power(2.0, log2_decay)
     return weights @ v1
 
 
-def _states_entering_chunks(chunk_S1t, chunk_decay, S1t):
-    """The state [S | z]^T entering each chunk (a list), and the state after the last one."""
+def _states_entering_chunks(chunk_S1, chunk_decay, S1):
+    """The state [S | z] entering each chunk (a list), and the state after the last one."""
     entering = []
-    for i in range(chunk_S1t.shape[0]):
-        entering.append(S1t)
-        S1t = chunk_decay[i] * S1t + chunk_S1t[i]
-    return entering, S1t
-
-
-@mx.custom_function
-def _scan_chunks(phi_q, chunk_S1t, chunk_decay, S1t):
-    """Carry the state [S | z]^T across chunks and read it with each chunk's queries.
-
-    phi_q (n, B, H, G, c, D): query features; chunk_S1t (n, B, H, e + 1, D): each chunk's own
-    contribution; chunk_decay (n, B, H, 1, 1): each chunk's total decay; S1t (B, H, e + 1, D):
-    the state entering the first chunk. Returns what every query reads from the state entering
-    its chunk, (n, B, H, G, c, e + 1), and the state after the last chunk.
-    """
-    entering, final = _states_entering_chunks(chunk_S1t, chunk_decay, S1t)
-    return mx.stack([phi_q[i] @ state[:, :, None].swapaxes(-1, -2)
-                     for i, state in enumerate(entering)]), final
-
-
-def _reverse_scan(entering, chunk_decay, d_final, d_entering):
-    """The vjp of S_{i+1} = decay_i S_i + C_i given the states entering each chunk, the final
-    state's cotangent and ``d_entering(i)``, what reaches entering[i] from elsewhere (or
-    None): the cotangents of C (stacked), of the decays (stacked) and of S_0.
-
-    Written by hand because autodiff through the loop's slices x[i] builds a full-size zero
-    array per chunk for each slice's cotangent: quadratic in the number of chunks."""
-    n = len(entering)
-    d_state = mx.zeros_like(entering[0]) if d_final is None else d_final
-    d_chunk, d_decay = [None] * n, [None] * n
-    for i in reversed(range(n)):
-        d_chunk[i] = d_state
-        d_decay[i] = (d_state * entering[i]).sum(axis=(-2, -1), keepdims=True)
-        d_state = chunk_decay[i] * d_state
-        elsewhere = d_entering(i)
-        if elsewhere is not None:
-            d_state = d_state + elsewhere
-    return mx.stack(d_chunk), mx.stack(d_decay), d_state
-
-
-@_scan_chunks.vjp
-def _scan_chunks_vjp(primals, cotangents, outputs):
-    # The entering states are recomputed (cheap) instead of kept.
-    phi_q, chunk_S1t, chunk_decay, S1t = primals
-    d_reads, d_final = cotangents
-    n, B, H, G, c, D = phi_q.shape
-    entering, _ = _states_entering_chunks(chunk_S1t, chunk_decay, S1t)
-    d_phi_q = mx.stack([d_reads[i] @ entering[i][:, :, None] for i in range(n)])
-
-    def read_by_queries(i):
-        reads = d_reads[i].reshape(B, H, G * c, -1).swapaxes(-1, -2)
-        return reads @ phi_q[i].reshape(B, H, G * c, D)
-
-    return (d_phi_q, *_reverse_scan(entering, chunk_decay, d_final, read_by_queries))
+    for i in range(chunk_S1.shape[0]):
+        entering.append(S1)
+        S1 = chunk_decay[i] * S1 + chunk_S1[i]
+    return entering, S1
 
 
 @mx.custom_function
 def _stacked_states_entering_chunks(chunk_S1, chunk_decay, S1):
-    """``_states_entering_chunks`` as one stacked array (n, ...), for the kernel path, which
-    reads every entering state at once."""
+    """The states entering each chunk, stacked (n, ...), and the state after the last one.
+
+    chunk_S1 (n, B, H, ...): each chunk's own contribution, decayed to the chunk's end;
+    chunk_decay (n, B, H, 1, 1): each chunk's total decay; S1 (B, H, ...): the state entering
+    the first chunk. Elementwise, so either layout of [S | z] works."""
     entering, final = _states_entering_chunks(chunk_S1, chunk_decay, S1)
     return mx.stack(entering), final
 
 
 @_stacked_states_entering_chunks.vjp
 def _stacked_states_entering_chunks_vjp(primals, cotangents, outputs):
+    # Written by hand because autodiff through the loop's slices x[i] builds a full-size zero
+    # array per chunk for each slice's cotangent: quadratic in the number of chunks.
+    entering, chunk_decay = outputs[0], primals[1]
     d_entering, d_final = cotangents
-    return _reverse_scan(outputs[0], primals[1], d_final,
-                         lambda i: None if d_entering is None else d_entering[i])
+    d_state = mx.zeros_like(entering[0]) if d_final is None else d_final
+    d_chunk, d_decay = [None] * len(entering), [None] * len(entering)
+    for i in reversed(range(len(entering))):
+        d_chunk[i] = d_state
+        d_decay[i] = (d_state * entering[i]).sum(axis=(-2, -1), keepdims=True)
+        d_state = chunk_decay[i] * d_state
+        if d_entering is not None:
+            d_state = d_state + d_entering[i]
+    return mx.stack(d_chunk), mx.stack(d_decay), d_state
+
+
+@mx.custom_function
+def _read_states(phi_q, entering):
+    """What every query reads from the state entering its chunk: phi_q (n, B, H, G, c, D) and
+    entering [S | z]^T (n, B, H, e + 1, D) give (n, B, H, G, c, e + 1)."""
+    return phi_q @ entering[:, :, :, None].swapaxes(-1, -2)
+
+
+@_read_states.vjp
+def _read_states_vjp(primals, cotangent, output):
+    # By hand so that both cotangents come out contiguous: autodiff would hand the entering
+    # states' cotangent over transposed.
+    phi_q, entering = primals
+    n, B, H, G, c, D = phi_q.shape
+    d_phi_q = cotangent @ entering[:, :, :, None]
+    d_entering = cotangent.reshape(n, B, H, G * c, -1).swapaxes(-1, -2) @ phi_q.reshape(n, B, H, G * c, D)
+    return d_phi_q, d_entering
 
 
 def chunk_power_retention(q, k, v, log_g, *, deg, chunk_size, initial_state, return_state,
@@ -155,16 +144,16 @@ def chunk_power_retention(q, k, v, log_g, *, deg, chunk_size, initial_state, ret
             q = q * mx.exp(l / deg)[..., None]
         initial = None if initial_state is None else \
             mx.concatenate([initial_state.S, initial_state.z[..., None]], axis=-1)
-        # Each chunk's own contribution to the state, decayed to the chunk's end.
         if state_kernels is None:
-            chunk_S1t = (v1.swapaxes(-1, -2) @ sympow(k, deg))[:, :, :, 0]
+            layout = StateLayout.for_degree(deg, d, q.dtype)
+            chunk_S1t = layout.weigh((v1.swapaxes(-1, -2) @ layout.features(k))[:, :, :, 0])
             S1t = mx.zeros(chunk_S1t.shape[1:], chunk_S1t.dtype) if initial is None \
-                else initial.swapaxes(-1, -2)
-            reads, S1t = _scan_chunks(sympow(q, deg), chunk_S1t, chunk_decay, S1t)
-            S1 = S1t.swapaxes(-1, -2)
+                else layout.from_sympow(initial.swapaxes(-1, -2))
+            entering, S1t = _stacked_states_entering_chunks(chunk_S1t, chunk_decay, S1t)
+            reads = _read_states(layout.features(q), entering)
+            S1 = layout.to_sympow(S1t).swapaxes(-1, -2)
         else:
-            # The kernels keep [S | z] as (D, e + 1), whose writes coalesce on a GPU; the scan
-            # between them is elementwise and takes either layout.
+            # The kernels keep [S | z] as (D, e + 1), whose writes coalesce on a GPU.
             chunk_S1 = state_kernels.chunk_states(k[:, :, :, 0], v1[:, :, :, 0], deg)
             S1 = mx.zeros(chunk_S1.shape[1:], chunk_S1.dtype) if initial is None else initial
             entering, S1 = _stacked_states_entering_chunks(chunk_S1, chunk_decay, S1)

@@ -10,11 +10,14 @@ from __future__ import annotations
 import itertools
 import math
 from functools import lru_cache
+from typing import Callable, NamedTuple
 
 import mlx.core as mx
 import numpy as np
 
 from .checks import is_integer
+
+_SQRT2 = math.sqrt(2.0)
 
 
 def check_degree(deg) -> int:
@@ -53,128 +56,122 @@ def _multiset_table(d: int, deg: int) -> tuple[tuple[mx.array, ...], np.ndarray]
     return columns, weights
 
 
-_SQRT2 = math.sqrt(2.0)
-
-
-def _contiguous_strides(shape) -> list[int]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= size
-    return strides[::-1]
-
-
-def _slice(x, axis, start, stop):
-    return x[(slice(None),) * axis + (slice(start, stop),)]
-
-
-def _split_axis(shape, axis, rows, d) -> list[int]:
-    """``shape`` with ``axis`` replaced by the two axes (rows, d)."""
-    shape = list(shape)
-    shape[axis:axis + 1] = [rows, d]
-    return shape
-
-
-def _rolled_rows(x, axis):
-    """Overlapping strided view of [x, x[:shifts]] along ``axis``: a new axis of
-    shifts = (d - 1) // 2 rows before ``axis``, row r being x rolled by r + 1."""
-    d = x.shape[axis]
-    shifts = (d - 1) // 2
-    wrapped = mx.contiguous(mx.concatenate([x, _slice(x, axis, 0, shifts)], axis=axis))
-    strides = _contiguous_strides(wrapped.shape)
-    step = strides[axis]
-    return mx.as_strided(wrapped, _split_axis(wrapped.shape, axis, shifts, d),
-                         strides[:axis] + [step, step] + strides[axis + 1:], offset=step)
-
-
-def _sympow2_forward(x, axis):
-    d = x.shape[axis]
-    shifts = (d - 1) // 2
-    features = [x * x]
-    if shifts:
-        products = mx.expand_dims(x * _SQRT2, axis) * _rolled_rows(x, axis)
-        merged = list(x.shape)
-        merged[axis] = shifts * d
-        features.append(products.reshape(merged))
-    if d % 2 == 0:
-        features.append(_slice(x, axis, 0, d // 2) * _SQRT2 * _slice(x, axis, d // 2, d))
-    return mx.concatenate(features, axis=axis)
+def _rolled_rows(x: mx.array, rows: int) -> mx.array:
+    """Strided view (..., rows, d) of the last axis: entry [r, i] is x[(i + r) mod d]."""
+    d = x.shape[-1]
+    wrapped = mx.contiguous(mx.concatenate([x, x[..., :rows - 1]], axis=-1))
+    strides = [1]
+    for size in reversed(wrapped.shape[1:]):
+        strides.insert(0, strides[0] * size)
+    return mx.as_strided(wrapped, (*x.shape[:-1], rows, d), (*strides[:-1], 1, 1))
 
 
 @lru_cache(maxsize=16)
 def _skew_matrix(d: int, dtype) -> mx.array:
-    """(shifts * d, d) 0/1 matrix sending entry (r, i) to column (i + r + 1) mod d."""
-    shifts = (d - 1) // 2
-    rows = np.arange(shifts * d)
-    matrix = np.zeros((shifts * d, d), dtype=np.float64)
-    matrix[rows, (rows % d + rows // d + 1) % d] = 1.0
-    return mx.array(matrix).astype(dtype)
+    """(rows * d, d) 0/1 matrix sending entry (r, i) to column (i + r) mod d."""
+    rows = d // 2 + 1
+    flat = np.arange(rows * d)
+    matrix = np.zeros((rows * d, d), dtype=np.float64)
+    matrix[flat, (flat % d + flat // d) % d] = 1.0
+    return mx.array(matrix, dtype=dtype)
 
 
-def _skewed_row_sum(left, axis):
-    """sum_r left[r, (j - r - 1) mod d] for the rows axis r just before ``axis``."""
-    d = left.shape[axis]
-    skew = _skew_matrix(d, left.dtype)
-    flat = list(left.shape)
-    flat[axis - 1:axis + 1] = [flat[axis - 1] * d]
-    left = left.reshape(flat)
-    if axis == left.ndim:  # features on the last axis: (..., shifts * d) @ (shifts * d, d)
-        return left @ skew
-    return mx.moveaxis(skew.T @ mx.moveaxis(left, axis - 1, -2), -2, axis - 1)
+@mx.custom_function
+def rolled_products(x: mx.array) -> mx.array:
+    """Every product x_i x_(i + r) mod d for r = 0 .. d // 2 and all i, unweighted: the degree-2
+    features of the chunked form, (..., d) -> (..., (d // 2 + 1) * d), row r after row r - 1.
+
+    Each unordered pair {i, j} appears once, except (even d) the pairs of row d / 2, which appear
+    twice (as i and as i + d / 2). With the weights of ``rolled_weights`` on one side,
+    rolled_products(q) . (w * rolled_products(k)) == (q . k)^2. One strided product computes
+    them (no gather, no concatenation), so the cotangent arrives in rows as well.
+    """
+    rows = x.shape[-1] // 2 + 1
+    products = mx.expand_dims(x, -2) * _rolled_rows(x, rows)
+    return products.reshape(*x.shape[:-1], rows * x.shape[-1])
 
 
-def _sympow2_backward(x, cotangent, axis):
-    """d phi / d x contracted with the cotangent, without differentiating a strided view
-    (MLX's vjp of as_strided is a scatter, twenty times slower than these products)."""
-    d = x.shape[axis]
-    shifts = (d - 1) // 2
-    grad = 2 * x * _slice(cotangent, axis, 0, d)
-    if shifts:
-        g = _slice(cotangent, axis, d, d + shifts * d).reshape(_split_axis(x.shape, axis, shifts, d))
-        # x_i as the left factor of sqrt2 x_i x_{i+r}:
-        grad = grad + _SQRT2 * (g * _rolled_rows(x, axis)).sum(axis=axis)
-        # x_{i+r} as the right factor: row r of g * x, shifted forward by r + 1 and summed
-        # over rows. That skewed sum is a fixed 0/1 linear map, so one matmul does it (a
-        # roll per row costs about 3x more, a strided view of all rows 4x).
-        left = g * mx.expand_dims(x * _SQRT2, axis)
-        grad = grad + _skewed_row_sum(left, axis + 1)
+@rolled_products.vjp
+def _rolled_products_vjp(x, cotangent, output):
+    # A one-argument custom function gets its primal and returns its gradient unwrapped.
+    d = x.shape[-1]
+    rows = d // 2 + 1
+    g = cotangent.reshape(*x.shape[:-1], rows, d)
+    # x_i as the left factor of x_i x_(i+r): a product with the same rolled rows, summed.
+    grad = (g * _rolled_rows(x, rows)).sum(axis=-2)
+    # x_(i+r) as the right factor: row r of g * x, shifted forward by r and summed over rows.
+    # That skewed sum is a fixed 0/1 linear map, so one matmul does it (a roll per row costs
+    # about 3x more, a strided view of all rows 4x).
+    left = (g * mx.expand_dims(x, -2)).reshape(cotangent.shape)
+    return grad + left @ _skew_matrix(d, x.dtype)
+
+
+@lru_cache(maxsize=16)
+def rolled_weights(d: int, dtype) -> mx.array:
+    """(D',) weights w with rolled_products(q) . (w * rolled_products(k)) == (q . k)^2: 1 for the
+    squares and for the doubled row d / 2, 2 for every other pair."""
+    rows = d // 2 + 1
+    weights = np.full((rows, d), 2.0)
+    weights[0] = 1.0
     if d % 2 == 0:
-        half = d // 2
-        g = _slice(cotangent, axis, d + shifts * d, None) * _SQRT2
-        grad = grad + mx.concatenate([g * _slice(x, axis, half, d), g * _slice(x, axis, 0, half)],
-                                     axis=axis)
-    return grad
+        weights[-1] = 1.0
+    return mx.array(weights.reshape(-1), dtype=dtype)
 
 
-@lru_cache(maxsize=8)
-def _sympow2_function(axis: int):
-    @mx.custom_function
-    def features(x):
-        return _sympow2_forward(x, axis % x.ndim)
-
-    @features.vjp
-    def features_vjp(x, cotangent, output):
-        # A one-argument custom function gets its primal and returns its gradient unwrapped.
-        return _sympow2_backward(x, cotangent, axis % x.ndim)
-
-    return features
+@lru_cache(maxsize=16)
+def _public_scale(d: int, dtype) -> mx.array:
+    """(D,) factors turning the first D rolled products into sympow's weighted features."""
+    scale = np.full(expanded_dim(d, 2), _SQRT2)
+    scale[:d] = 1.0
+    return mx.array(scale, dtype=dtype)
 
 
-def _sympow2(x: mx.array, axis: int) -> mx.array:
-    """Degree-2 features along ``axis`` (negative), from shifted views of x instead of a gather.
+class StateLayout(NamedTuple):
+    """How the chunked form lays out its state's feature axis (the last): the features it
+    computes, the weights it applies to each chunk's contribution, and the conversions from and
+    to sympow's layout, which RetentionState uses. Degree 2 uses rolled_products (one strided
+    product instead of sympow's concatenated pieces); other degrees use sympow itself."""
+
+    features: Callable[[mx.array], mx.array]
+    weigh: Callable[[mx.array], mx.array]
+    from_sympow: Callable[[mx.array], mx.array]
+    to_sympow: Callable[[mx.array], mx.array]
+
+    @staticmethod
+    def for_degree(deg: int, d: int, dtype) -> StateLayout:
+        if deg != 2:
+            return StateLayout(lambda x: sympow(x, deg), _same, _same, _same)
+        D = expanded_dim(d, 2)
+        weights = rolled_weights(d, dtype)
+        public = _public_scale(d, dtype)
+
+        def from_sympow(state):
+            rolled = state * (weights[:D] / public)
+            # Even d: the second half of row d / 2 repeats its first half.
+            return rolled if d % 2 else mx.concatenate([rolled, rolled[..., D - d // 2:]], axis=-1)
+
+        return StateLayout(rolled_products, lambda state: state * weights, from_sympow,
+                           lambda state: state[..., :D] * (public / weights[:D]))
+
+
+def _same(x):
+    return x
+
+
+def _sympow2(x: mx.array) -> mx.array:
+    """Degree-2 features on the last axis: the rolled products, weighted, first D of them.
 
     Order: the squares x_i^2, then for each shift r = 1 .. (d - 1) // 2 the products
     sqrt(2) x_i x_{(i + r) mod d} for every i, then (even d) sqrt(2) x_i x_{i + d/2} for
-    i < d/2. Every unordered pair {i, j} appears exactly once. (MLX's gather on the CPU costs
-    about ten times the strided product used here.)
+    i < d/2. Every unordered pair {i, j} appears exactly once.
     """
-    return _sympow2_function(axis - x.ndim if axis >= 0 else axis)(x)
+    d = x.shape[-1]
+    return rolled_products(x)[..., :expanded_dim(d, 2)] * _public_scale(d, x.dtype)
 
 
 def sympow(x: mx.array, deg: int, axis: int = -1) -> mx.array:
     """Symmetric power features along ``axis`` (the last by default): d entries become D,
-    in x's dtype. Another axis (say -2: the (..., D, c) layout) is computed in place, without
-    moving the large result."""
+    in x's dtype."""
     deg = check_degree(deg)
     if not isinstance(x, mx.array):
         raise ValueError(f"x must be an mlx array, got {type(x).__name__}")
@@ -184,10 +181,10 @@ def sympow(x: mx.array, deg: int, axis: int = -1) -> mx.array:
         raise ValueError(f"axis must name an axis of x (ndim {x.ndim}), got {axis}")
     if deg == 1:
         return x
-    if deg == 2:
-        return _sympow2(x, axis)
     if axis % x.ndim != x.ndim - 1:
         return mx.moveaxis(sympow(mx.moveaxis(x, axis, -1), deg), -1, axis)
+    if deg == 2:
+        return _sympow2(x)
     columns, weights = _multiset_table(x.shape[-1], deg)
     features = mx.take(x, columns[0], axis=-1)
     for column in columns[1:]:

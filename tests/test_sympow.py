@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from power_retention import expanded_dim, sympow
+from power_retention.sympow import StateLayout, rolled_products
 from tests.helpers import assert_close
 
 
@@ -73,18 +74,8 @@ def test_sympow_along_second_to_last_axis_is_the_transpose(d, deg):
                  sympow(x.swapaxes(-1, -2), deg).swapaxes(-1, -2), 0.0)
 
 
-@pytest.mark.parametrize("axis", [-1, -2, 0])
-@pytest.mark.parametrize("d", [1, 2, 3, 5, 8, 64])
-def test_sympow_gradient_matches_central_differences(d, axis):
-    # sum(phi(x) * w) is quadratic in x at degree 2, so central differences with a unit step
-    # are exact up to float64 rounding: an independent check of the hand-written vjp.
-    x = mx.random.normal((d, 3, 2) if axis == 0 else (3, d, 2) if axis == -2 else (2, 3, d))
-    x = x.astype(mx.float64)
-    weights = mx.random.normal(sympow(x, 2, axis=axis).shape).astype(mx.float64)
-
-    def loss(x):
-        return (sympow(x, 2, axis=axis) * weights).sum()
-
+def _central_differences(loss, x):
+    """Central differences with a unit step: exact up to float64 rounding for a quadratic."""
     flat = np.array(x).reshape(-1)
     differences = np.empty_like(flat)
     for i in range(flat.size):
@@ -93,5 +84,54 @@ def test_sympow_gradient_matches_central_differences(d, axis):
         plus, minus = (loss(mx.array((flat + s).reshape(x.shape), dtype=mx.float64)).item()
                        for s in (step, -step))
         differences[i] = (plus - minus) / 2
-    assert_close(f"d sympow / dx (axis {axis})", mx.grad(loss)(x), differences.reshape(x.shape),
+    return differences.reshape(x.shape)
+
+
+@pytest.mark.parametrize("axis", [-1, -2, 0])
+@pytest.mark.parametrize("d", [1, 2, 3, 5, 8, 64])
+def test_sympow_gradient_matches_central_differences(d, axis):
+    # sum(phi(x) * w) is quadratic in x at degree 2: an independent check of the hand-written vjp.
+    x = mx.random.normal((d, 3, 2) if axis == 0 else (3, d, 2) if axis == -2 else (2, 3, d))
+    x = x.astype(mx.float64)
+    weights = mx.random.normal(sympow(x, 2, axis=axis).shape).astype(mx.float64)
+
+    def loss(x):
+        return (sympow(x, 2, axis=axis) * weights).sum()
+
+    assert_close(f"d sympow / dx (axis {axis})", mx.grad(loss)(x), _central_differences(loss, x),
+                 1e-12)
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 5, 8, 64])
+def test_rolled_products_gradient_matches_central_differences(d):
+    # Every output weighted, the duplicated half row of even d included (sympow drops it).
+    x = mx.random.normal((2, 3, d)).astype(mx.float64)
+    weights = mx.random.normal(rolled_products(x).shape).astype(mx.float64)
+
+    def loss(x):
+        return (rolled_products(x) * weights).sum()
+
+    assert_close("d rolled_products / dx", mx.grad(loss)(x), _central_differences(loss, x), 1e-12)
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 5, 8, 64])
+def test_rolled_products_weighted_dot_is_square_of_dot(d):
+    q, k = (mx.random.normal((4, d)).astype(mx.float64) for _ in range(2))
+    layout = StateLayout.for_degree(2, d, mx.float64)
+    assert rolled_products(q).shape == (4, d * (d // 2 + 1))
+    assert_close("phi(q) . w phi(k)", (rolled_products(q) * layout.weigh(rolled_products(k))).sum(-1),
+                 ((q * k).sum(-1)) ** 2, 1e-12)
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 5, 8, 64])
+def test_rolled_state_layout_converts_sympow_states_both_ways(d):
+    # A state summed from keys in the rolled layout reads like the sympow state it converts to,
+    # and converting a sympow state in and out returns it unchanged.
+    k, v, q = (mx.random.normal(shape).astype(mx.float64) for shape in ((9, d), (9, 3), (5, d)))
+    layout = StateLayout.for_degree(2, d, mx.float64)
+    rolled = layout.weigh((v.T @ rolled_products(k)))
+    public = v.T @ sympow(k, 2)
+    assert_close("to_sympow", layout.to_sympow(rolled), public, 1e-12)
+    assert_close("from_sympow", layout.from_sympow(public), rolled, 1e-12)
+    assert_close("reads", rolled_products(q) @ layout.from_sympow(public).T, sympow(q, 2) @ public.T,
                  1e-12)
