@@ -27,12 +27,13 @@ METHODS = ("auto", "attention", "chunked", "recurrent")
 _MATMUL_FLOPS_PER_S = 1.0e11
 _ELEMENTS_PER_S = 1.0e9
 _SECONDS_PER_OP = 2.0e-5
-# Elementwise passes per entry of an attention weight matrix (product, power, decay, mask,
-# and their copies) and per expanded feature (products, concatenation). Fitted to the forward
-# times of bench_retention.py at T = 512 .. 4096 (B=1, H=4, d=64, deg 2): the model is within
-# 25% of each measurement and switches to the chunked form near T = 1500, as measured.
-_PASSES_PER_WEIGHT = 16
-_PASSES_PER_FEATURE = 2
+# Elementwise passes per entry of an attention weight matrix (product, power, decay, mask)
+# and per expanded feature (one strided product). Fitted to the forward times of
+# bench_retention.py at T = 256 .. 4096 (B=1, H=4, d=64, deg 2): the model is within a factor
+# 1.6 of each measurement and switches to the chunked form near T = 2000, between the measured 2048
+# (attention faster) and 4096 (chunked faster).
+_PASSES_PER_WEIGHT = 5
+_PASSES_PER_FEATURE = 1
 
 
 def estimated_seconds(method, *, B, T, Hq, H, d, e, deg, chunk_size, gated=True):
