@@ -82,8 +82,8 @@ def rolled_products(x: mx.array) -> mx.array:
     features of the chunked form, (..., d) -> (..., (d // 2 + 1) * d), row r after row r - 1.
 
     Each unordered pair {i, j} appears once, except (even d) the pairs of row d / 2, which appear
-    twice (as i and as i + d / 2). With the weights of ``rolled_weights`` on one side,
-    rolled_products(q) . (w * rolled_products(k)) == (q . k)^2. One strided product computes
+    twice (as i and as i + d / 2). With the weights of ``_rolled_weights`` on one side (see
+    ``StateLayout``), rolled_products(q) . (w * rolled_products(k)) == (q . k)^2. One strided product computes
     them (no gather, no concatenation), so the cotangent arrives in rows as well.
     """
     rows = x.shape[-1] // 2 + 1
@@ -107,7 +107,7 @@ def _rolled_products_vjp(x, cotangent, output):
 
 
 @lru_cache(maxsize=16)
-def rolled_weights(d: int, dtype) -> mx.array:
+def _rolled_weights(d: int, dtype) -> mx.array:
     """(D',) weights w with rolled_products(q) . (w * rolled_products(k)) == (q . k)^2: 1 for the
     squares and for the doubled row d / 2, 2 for every other pair."""
     rows = d // 2 + 1
@@ -142,7 +142,7 @@ class StateLayout(NamedTuple):
         if deg != 2:
             return StateLayout(lambda x: sympow(x, deg), _same, _same, _same)
         D = expanded_dim(d, 2)
-        weights = rolled_weights(d, dtype)
+        weights = _rolled_weights(d, dtype)
         public = _public_scale(d, dtype)
 
         def from_sympow(state):
