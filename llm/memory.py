@@ -58,12 +58,12 @@ def _mixer_activations(config: ModelConfig, B: int, T: int, method: str, chunk_s
         return projections + weights + B * T * Hq * hd, B * Hq * T * T, 0
     D = expanded_dim(hd, config.power)
     c = T if method == "attention" else min(chunk_size, T)
-    # The in-chunk weights (one c x c block per chunk) and what their backward keeps: q.k,
-    # its power, the log-decay differences, their mask and exp, and the product (six copies,
-    # fitted by benchmarks/bench_memory.py: three left the attention form 17% short).
-    weights = 6 * B * Hq * T * c
-    floats = projections + weights + 2 * B * T * Hq * hd  # + output and normed output
-    largest, transient = B * Hq * T * c, 0
+    # The in-chunk weights (one c x c block per chunk): the forward keeps two copies for the
+    # backward (the weights and their slope), which needs three more for a while (the weights'
+    # cotangent, the scores' cotangent, and their product with the weights).
+    weights = B * Hq * T * c
+    floats = projections + 2 * weights + 2 * B * T * Hq * hd  # + output and normed output
+    largest, transient = weights, 3 * weights
     if method == "recurrent":
         # Autodiff keeps every token's state [S | z] and its features.
         states = B * T * H * D * (hd + 1)
@@ -75,7 +75,7 @@ def _mixer_activations(config: ModelConfig, B: int, T: int, method: str, chunk_s
         floats += features + states
         # One layer at a time, the backward recomputes the state entering every chunk and
         # holds the features' gradients.
-        transient = states + features
+        transient += states + features
         largest = max(largest, B * T * Hq * D, states)
     return floats, largest, transient
 
