@@ -12,8 +12,8 @@ in-chunk log decay l (n, B, H, 1, c). The state is kept transposed, S1t = [S | z
 (e + 1, D): then every product of the state path and of its vjp writes a contiguous result
 (the (D, e + 1) layout makes autodiff hand the key features' vjp a transposed cotangent, and
 that strided pass costs more than the products). Its feature axis follows
-``sympow.StateLayout`` (at degree 2 a rolled layout of D + d // 2 features, converted to
-sympow's at the boundaries: initial and final state).
+``sympow.StateLayout`` (at degree 2 a rolled layout of d (d // 2 + 1) features, d / 2 more
+than D for even d, converted to sympow's at the boundaries: initial and final state).
 """
 
 from __future__ import annotations
