@@ -63,17 +63,19 @@ def make_case(method, B, T, H, d, deg, chunk_size):
     return (lambda: forward(*inputs)), (lambda: gradient(*inputs))
 
 
-def predicted_bytes(method, B, T, H, d, deg) -> float:
+def predicted_bytes(method, B, T, H, d, deg, chunk_size) -> float:
     """Rough peak memory of the forward+backward pass, to skip what cannot fit."""
+    if method == "auto":
+        method = choose_method(B=B, T=T, Hq=H, H=H, d=d, e=d, deg=deg, chunk_size=chunk_size)
     D = expanded_dim(d, deg)
     if method == "recurrent":  # autodiff keeps every step's D x e state (measured: 8.9 GB at T=1024)
         return 4 * 4 * B * H * T * D * d
     # Floats per T x T weight per head at the fwd+bwd peak, measured by this script on the MLX
-    # CPU backend (3.4 for softmax at T=8192, 10.6 for the attention form at T=4096).
+    # CPU backend (3.4 for softmax at T=8192, 7.3 for the attention form at T=8192).
     if method == "softmax":
         return 3.5 * 4 * B * H * T * T
-    if method == "attention" or (method == "auto" and T <= 2048):
-        return 11 * 4 * B * H * T * T
+    if method == "attention":
+        return 8 * 4 * B * H * T * T
     return 8 * 4 * B * H * T * D
 
 
@@ -87,37 +89,41 @@ def measure(method, B, T, H, d, deg, chunk_size, repeats):
     return cell
 
 
-def interleaved_ratio(first, second, repeats, min_seconds=2.0, max_rounds=50) -> float:
-    """Median over runs of time(first) / time(second), the two timed alternately in one loop
-    so that this machine's drift cancels (separate cells differ by tens of percent here).
-    At least ``repeats`` (and 5) rounds, more while they take under ``min_seconds`` in all:
-    a ratio of two 30 ms runs needs dozens of rounds to be steady here."""
-    mx.eval(first(), second())
-    ratios = []
+def _median_of_rounds(one_round, repeats, min_seconds=2.0, max_rounds=50) -> float:
+    """Median of ``one_round()`` over at least ``repeats`` (and 5) rounds, more while they take
+    under ``min_seconds`` in all: a ratio of two 30 ms runs needs dozens of rounds to be
+    steady here."""
+    values = []
     started = time.perf_counter()
-    while len(ratios) < max(repeats, 5) or (time.perf_counter() - started < min_seconds
-                                             and len(ratios) < max_rounds):
-        times = []
-        for fn in (first, second):
-            start = time.perf_counter()
-            mx.eval(fn())
-            times.append(time.perf_counter() - start)
-        ratios.append(times[0] / times[1])
-    return sorted(ratios)[len(ratios) // 2]
+    while len(values) < max(repeats, 5) or (time.perf_counter() - started < min_seconds
+                                             and len(values) < max_rounds):
+        values.append(one_round())
+    return sorted(values)[len(values) // 2]
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    mx.eval(fn())
+    return time.perf_counter() - start
+
+
+def interleaved_ratio(first, second, repeats) -> float:
+    """Median over runs of time(first) / time(second), the two timed alternately in one loop
+    so that this machine's drift cancels (separate cells differ by tens of percent here)."""
+    mx.eval(first(), second())
+    return _median_of_rounds(lambda: _seconds(first) / _seconds(second), repeats)
 
 
 def interleaved_fraction_of_peak(run, flops, repeats) -> float:
     """Median over rounds of the GFLOP/s of one ``run`` (``flops`` of work) over the fp32
     matmul peak measured just before it (best of 3): the peak and the run see the same state
     of this machine, whose speed drifts by tens of percent over minutes."""
-    mx.eval(run())
-    fractions = []
-    for _ in range(max(repeats, 5)):
+    def one_round():
         peak = matmul_gflops(repeats=3)
-        start = time.perf_counter()
-        mx.eval(run())
-        fractions.append(flops / (time.perf_counter() - start) / 1e9 / peak)
-    return sorted(fractions)[len(fractions) // 2]
+        return flops / _seconds(run) / 1e9 / peak
+
+    mx.eval(run())
+    return _median_of_rounds(one_round, repeats)
 
 
 @click.command()
@@ -163,7 +169,7 @@ def main(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, memory_lim
                                                    chunk_size=chunk_size)
             growth = 4 if method in ("attention", "softmax") else 2
             predicted_time = last_time.get(method, 0) * growth
-            if predicted_bytes(method, B, T, H, d, deg) > memory_limit * 1e9:
+            if predicted_bytes(method, B, T, H, d, deg, chunk_size) > memory_limit * 1e9:
                 row["skipped"] = f"needs > {memory_limit:g} GB"
             elif predicted_time > time_limit:
                 row["skipped"] = f"predicted > {time_limit:g} s"

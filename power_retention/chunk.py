@@ -92,15 +92,6 @@ def _intra_chunk(q, k, v1, log_g, deg):
     return _intra_chunk_function(deg, True)(q, k, v1, log_g)[0]
 
 
-def _states_entering_chunks(chunk_S1, chunk_decay, S1):
-    """The state [S | z] entering each chunk (a list), and the state after the last one."""
-    entering = []
-    for i in range(chunk_S1.shape[0]):
-        entering.append(S1)
-        S1 = chunk_decay[i] * S1 + chunk_S1[i]
-    return entering, S1
-
-
 @mx.custom_function
 def _stacked_states_entering_chunks(chunk_S1, chunk_decay, S1):
     """The states entering each chunk, stacked (n, ...), and the state after the last one.
@@ -108,8 +99,11 @@ def _stacked_states_entering_chunks(chunk_S1, chunk_decay, S1):
     chunk_S1 (n, B, H, ...): each chunk's own contribution, decayed to the chunk's end;
     chunk_decay (n, B, H, 1, 1): each chunk's total decay; S1 (B, H, ...): the state entering
     the first chunk. Elementwise, so either layout of [S | z] works."""
-    entering, final = _states_entering_chunks(chunk_S1, chunk_decay, S1)
-    return mx.stack(entering), final
+    entering = []
+    for i in range(chunk_S1.shape[0]):
+        entering.append(S1)
+        S1 = chunk_decay[i] * S1 + chunk_S1[i]
+    return mx.stack(entering), S1
 
 
 @_stacked_states_entering_chunks.vjp

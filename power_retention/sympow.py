@@ -143,15 +143,16 @@ class StateLayout(NamedTuple):
             return StateLayout(lambda x: sympow(x, deg), _same, _same, _same)
         D = expanded_dim(d, 2)
         weights = _rolled_weights(d, dtype)
-        public = _public_scale(d, dtype)
+        # A state's rows in sympow's layout over the same rows in the rolled one (first D).
+        to_public = _public_scale(d, dtype) / weights[:D]
 
         def from_sympow(state):
-            rolled = state * (weights[:D] / public)
+            rolled = state / to_public
             # Even d: the second half of row d / 2 repeats its first half.
             return rolled if d % 2 else mx.concatenate([rolled, rolled[..., D - d // 2:]], axis=-1)
 
         return StateLayout(rolled_products, lambda state: state * weights, from_sympow,
-                           lambda state: state[..., :D] * (public / weights[:D]))
+                           lambda state: state[..., :D] * to_public)
 
 
 def _same(x):
