@@ -23,6 +23,7 @@ from functools import lru_cache
 import mlx.core as mx
 
 from .state import RetentionState
+from .streams import custom_function
 from .sympow import StateLayout, integer_power
 
 
@@ -80,9 +81,7 @@ def _intra_chunk_function(deg: int, gated: bool):
         d_l = through_weights.sum(axis=-1) - through_weights.sum(axis=-2)
         return d_q, d_k, d_v1, mx.cumsum(d_l, axis=-1, reverse=True)
 
-    function = mx.custom_function(forward)
-    function.vjp(vjp)
-    return function
+    return custom_function(forward, vjp)
 
 
 def _intra_chunk(q, k, v1, log_g, deg):
@@ -92,8 +91,7 @@ def _intra_chunk(q, k, v1, log_g, deg):
     return _intra_chunk_function(deg, True)(q, k, v1, log_g)[0]
 
 
-@mx.custom_function
-def _stacked_states_entering_chunks(chunk_S1, chunk_decay, S1):
+def _stacked_states_entering_chunks_forward(chunk_S1, chunk_decay, S1):
     """The states entering each chunk, stacked (n, ...), and the state after the last one.
 
     chunk_S1 (n, B, H, ...): each chunk's own contribution, decayed to the chunk's end;
@@ -106,7 +104,6 @@ def _stacked_states_entering_chunks(chunk_S1, chunk_decay, S1):
     return mx.stack(entering), S1
 
 
-@_stacked_states_entering_chunks.vjp
 def _stacked_states_entering_chunks_vjp(primals, cotangents, outputs):
     # Written by hand because autodiff through the loop's slices x[i] builds a full-size zero
     # array per chunk for each slice's cotangent: quadratic in the number of chunks.
@@ -123,14 +120,16 @@ def _stacked_states_entering_chunks_vjp(primals, cotangents, outputs):
     return mx.stack(d_chunk), mx.stack(d_decay), d_state
 
 
-@mx.custom_function
-def _read_states(phi_q, entering):
+_stacked_states_entering_chunks = custom_function(_stacked_states_entering_chunks_forward,
+                                                  _stacked_states_entering_chunks_vjp)
+
+
+def _read_states_forward(phi_q, entering):
     """What every query reads from the state entering its chunk: phi_q (n, B, H, G, c, D) and
     entering [S | z]^T (n, B, H, e + 1, D) give (n, B, H, G, c, e + 1)."""
     return phi_q @ entering[:, :, :, None].swapaxes(-1, -2)
 
 
-@_read_states.vjp
 def _read_states_vjp(primals, cotangent, output):
     # By hand so that both cotangents come out contiguous: autodiff would hand the entering
     # states' cotangent over transposed.
@@ -139,6 +138,9 @@ def _read_states_vjp(primals, cotangent, output):
     d_phi_q = cotangent @ entering[:, :, :, None]
     d_entering = cotangent.reshape(n, B, H, G * c, -1).swapaxes(-1, -2) @ phi_q.reshape(n, B, H, G * c, D)
     return d_phi_q, d_entering
+
+
+_read_states = custom_function(_read_states_forward, _read_states_vjp)
 
 
 def chunk_power_retention(q, k, v, log_g, *, deg, chunk_size, initial_state, return_state,

@@ -125,6 +125,38 @@ def loaded_blas() -> str:
     return "none loaded yet (import mlx.core first)"
 
 
+def _openblas_symbols():
+    """The running process's OpenBLAS (preloaded, so its symbols are global), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        process = ctypes.CDLL(None)
+        process.openblas_get_num_threads, process.openblas_set_num_threads  # noqa: B018
+    except (OSError, AttributeError):
+        return None
+    return process
+
+
+def blas_threads() -> int | None:
+    """Threads one BLAS product uses in this process: OpenBLAS's setting, 1 for the reference
+    BLAS bundled with MLX on Linux, None where unknown (macOS: Accelerate)."""
+    openblas = _openblas_symbols()
+    if openblas is not None:
+        return int(openblas.openblas_get_num_threads())
+    return 1 if sys.platform.startswith("linux") else None
+
+
+def set_blas_threads(threads: int) -> None:
+    """Set OpenBLAS's thread count for the products that follow (ValueError without OpenBLAS).
+    Takes effect at once, for the whole process."""
+    openblas = _openblas_symbols()
+    if openblas is None:
+        raise ValueError("set_blas_threads needs OpenBLAS loaded (see python -m power_retention)")
+    if not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+    openblas.openblas_set_num_threads(threads)
+
+
 def fast_blas_environment(env: dict | None = None) -> dict:
     """A copy of ``env`` with OpenBLAS added to LD_PRELOAD when it is installed (and its
     threads told not to spin between products)."""

@@ -16,6 +16,7 @@ from .checks import is_integer
 from .chunk import chunk_power_retention
 from .recurrent import recurrent_power_retention, recurrent_step
 from .state import RetentionState
+from .streams import parallel_cpu_streams
 from .sympow import check_degree, expanded_dim
 
 METHODS = ("auto", "attention", "chunked", "recurrent")
@@ -201,16 +202,56 @@ def run_power_retention(q, k, v, log_g=None, *, deg=2, scale=None, method="auto"
     if method == "auto":
         method = choose_method(B=B, T=T, Hq=Hq, H=k.shape[2], d=d, e=v.shape[-1], deg=deg,
                                chunk_size=chunk_size, gated=log_g is not None)
-    if method == "recurrent":
-        y, state = recurrent_power_retention(q, k, v, log_g, deg=deg, initial_state=initial_state,
+
+    def form(q, k, v, log_g, initial_state):
+        if method == "recurrent":
+            return recurrent_power_retention(q, k, v, log_g, deg=deg, initial_state=initial_state,
                                              normalize=normalize)
+        return chunk_power_retention(q, k, v, log_g, deg=deg,
+                                     chunk_size=T if method == "attention" else chunk_size,
+                                     initial_state=initial_state, return_state=return_state,
+                                     normalize=normalize, state_kernels=state_kernels)
+
+    streams = parallel_cpu_streams() if state_kernels is None else []
+    if len(streams) > 1 and max(B, k.shape[2]) > 1:
+        y, state = _run_split(form, streams, q, k, v, log_g, initial_state)
     else:
-        y, state = chunk_power_retention(q, k, v, log_g, deg=deg,
-                                         chunk_size=T if method == "attention" else chunk_size,
-                                         initial_state=initial_state, return_state=return_state,
-                                         normalize=normalize, state_kernels=state_kernels)
+        y, state = form(q, k, v, log_g, initial_state)
     y = y.astype(out_dtype)
     return (y, state) if return_state else y
+
+
+def _run_split(form, streams, q, k, v, log_g, initial_state):
+    """``form`` on parts of the heads (of the batch when there is one head), each part on its
+    own stream; the outputs and states joined again (see ``streams``)."""
+    H, G = k.shape[2], q.shape[2] // k.shape[2]
+    by_heads = H > 1
+    size = H if by_heads else q.shape[0]
+    parts = min(len(streams), size)
+    bounds = [size * i // parts for i in range(parts + 1)]
+
+    def part(x, axis, start, stop):
+        return None if x is None else x[(slice(None),) * axis + (slice(start, stop),)]
+
+    ys, states = [], []
+    for stream, start, stop in zip(streams, bounds, bounds[1:]):
+        with mx.stream(stream):
+            if by_heads:  # heads are axis 2 of q, k, v and log_g, axis 1 of the state
+                inputs = (part(q, 2, start * G, stop * G), part(k, 2, start, stop),
+                          part(v, 2, start, stop), part(log_g, 2, start, stop))
+                state_axis = 1
+            else:
+                inputs = tuple(part(x, 0, start, stop) for x in (q, k, v, log_g))
+                state_axis = 0
+            initial = None if initial_state is None else RetentionState(
+                *(part(x, state_axis, start, stop) for x in initial_state))
+            y, state = form(*inputs, initial)
+        ys.append(y)
+        states.append(state)
+    y = mx.concatenate(ys, axis=2 if by_heads else 0)
+    if states[0] is None:
+        return y, None
+    return y, RetentionState(*(mx.concatenate(arrays, axis=state_axis) for arrays in zip(*states)))
 
 
 def power_retention_step(q, k, v, log_g, state, *, deg=2, scale=None, normalize=True):

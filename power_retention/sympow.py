@@ -16,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from .checks import is_integer
+from .streams import custom_function
 
 _SQRT2 = math.sqrt(2.0)
 
@@ -76,8 +77,7 @@ def _skew_matrix(d: int, dtype) -> mx.array:
     return mx.array(matrix, dtype=dtype)
 
 
-@mx.custom_function
-def rolled_products(x: mx.array) -> mx.array:
+def _rolled_products_forward(x: mx.array) -> mx.array:
     """Every product x_i x_(i + r) mod d for r = 0 .. d // 2 and all i, unweighted: the degree-2
     features of the chunked form, (..., d) -> (..., (d // 2 + 1) * d), row r after row r - 1.
 
@@ -91,7 +91,6 @@ def rolled_products(x: mx.array) -> mx.array:
     return products.reshape(*x.shape[:-1], rows * x.shape[-1])
 
 
-@rolled_products.vjp
 def _rolled_products_vjp(x, cotangent, output):
     # A one-argument custom function gets its primal and returns its gradient unwrapped.
     d = x.shape[-1]
@@ -104,6 +103,9 @@ def _rolled_products_vjp(x, cotangent, output):
     # about 3x more, a strided view of all rows 4x).
     left = (g * mx.expand_dims(x, -2)).reshape(cotangent.shape)
     return grad + left @ _skew_matrix(d, x.dtype)
+
+
+rolled_products = custom_function(_rolled_products_forward, _rolled_products_vjp)
 
 
 @lru_cache(maxsize=16)

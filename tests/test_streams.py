@@ -1,0 +1,93 @@
+"""Heads split across CPU streams: the same numbers as one stream, backward passes on the
+streams of their forwards, and the switch that turns the split on."""
+
+import os
+
+import mlx.core as mx
+import pytest
+
+from power_retention import RetentionState, power_retention
+from power_retention.cpu_backend import blas_threads, loaded_blas, set_blas_threads
+from power_retention.streams import CPU_STREAMS_VARIABLE, custom_function, parallel_cpu_streams
+
+from .helpers import FP32_TOLERANCE, assert_close, make_inputs
+
+needs_openblas = pytest.mark.skipif(not loaded_blas().startswith("OpenBLAS"),
+                                    reason="OpenBLAS not loaded (run through python -m power_retention)")
+
+
+def _outputs_and_gradients(inputs, **options):
+    """y, the final state and the gradients of a weighted sum of y and the state in q, k, v, log_g."""
+    def loss(q, k, v, log_g):
+        y, state = power_retention(q, k, v, log_g, return_state=True, **options)
+        return (y * mx.cos(mx.arange(y.size).reshape(y.shape))).sum() + state.S.sum() + state.z.sum()
+
+    y, state = power_retention(*inputs, return_state=True, **options)
+    return [y, state.S, state.z, *mx.grad(loss, argnums=(0, 1, 2, 3))(*inputs)]
+
+
+@pytest.mark.parametrize("method", ["chunked", "attention", "recurrent"])
+@pytest.mark.parametrize("B,Hq,H", [(1, 4, 2), (2, 1, 1), (1, 6, 3)], ids=lambda x: str(x))
+@pytest.mark.parametrize("streams", [2, 3])
+def test_split_across_streams_equals_one_stream(monkeypatch, method, B, Hq, H, streams):
+    inputs = make_inputs(B=B, T=37, Hq=Hq, H=H, d=8, e=6)
+    initial = RetentionState(mx.random.uniform(shape=(B, H, 36, 6)), mx.random.uniform(shape=(B, H, 36)))
+    options = dict(deg=2, method=method, chunk_size=16, initial_state=initial)
+    monkeypatch.setenv(CPU_STREAMS_VARIABLE, "1")
+    expected = _outputs_and_gradients(inputs, **options)
+    monkeypatch.setenv(CPU_STREAMS_VARIABLE, str(streams))
+    assert len(parallel_cpu_streams()) == streams
+    actual = _outputs_and_gradients(inputs, **options)
+    names = ["y", "S", "z", "dq", "dk", "dv", "dlog_g"]
+    for name, a, e in zip(names, actual, expected):
+        assert_close(name, a, e, FP32_TOLERANCE)
+
+
+def test_custom_backward_runs_on_the_stream_of_its_forward():
+    seen = []
+
+    def forward(x):
+        return x * x
+
+    def vjp(x, cotangent, output):  # one argument: primal and cotangent come unwrapped
+        seen.append(mx.default_stream(mx.default_device()))
+        return 2 * x * cotangent
+
+    square = custom_function(forward, vjp)
+    stream = mx.new_stream(mx.cpu)
+
+    def loss(x):
+        with mx.stream(stream):
+            return square(x).sum()
+
+    gradient = mx.grad(loss)(mx.array([1.0, -2.0, 3.0]))
+    assert seen == [stream]
+    assert gradient.tolist() == [2.0, -4.0, 6.0]
+
+
+@needs_openblas
+def test_streams_follow_single_threaded_blas(monkeypatch):
+    monkeypatch.delenv(CPU_STREAMS_VARIABLE, raising=False)
+    threads = blas_threads()
+    try:
+        set_blas_threads(1)
+        assert blas_threads() == 1
+        assert len(parallel_cpu_streams()) == (os.cpu_count() if os.cpu_count() > 1 else 0)
+        set_blas_threads(2)
+        assert blas_threads() == 2 and parallel_cpu_streams() == []
+    finally:
+        set_blas_threads(threads)
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1"])
+def test_bad_stream_count_is_refused(monkeypatch, value):
+    monkeypatch.setenv(CPU_STREAMS_VARIABLE, value)
+    with pytest.raises(ValueError, match=CPU_STREAMS_VARIABLE):
+        parallel_cpu_streams()
+
+
+@needs_openblas
+@pytest.mark.parametrize("threads", [0, 1.5])
+def test_bad_blas_thread_count_is_refused(threads):
+    with pytest.raises(ValueError, match="threads"):
+        set_blas_threads(threads)
