@@ -11,6 +11,8 @@ is skipped, and the table says so.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 
 import click
@@ -18,22 +20,73 @@ import mlx.core as mx
 from common import machine_description, machine_line, median_seconds, now, write_report
 
 from power_retention import expanded_dim, power_retention
-from power_retention.cpu_backend import reexec_with_fast_blas, release_freed_memory
+from power_retention.cpu_backend import (blas_threads, loaded_blas, reexec_with_fast_blas,
+                                        release_freed_memory, set_blas_threads)
 from power_retention.ops import choose_method
+from power_retention.streams import parallel_cpu_streams
 
 METHODS = ("attention", "chunked", "recurrent", "auto", "softmax")
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """Peak fp32 matmul rate: the best of ``repeats`` runs (a peak, so not the median)."""
-    a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
-    mx.eval(a @ b)
+def _best_gflops(products, flops, repeats) -> float:
+    mx.eval(products())
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        mx.eval(a @ b)
+        mx.eval(products())
         best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+    return flops / best / 1e9
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """Peak fp32 matmul rate, the best of ``repeats`` runs (a peak, so not the median) of the
+    better way to use this machine's cores: one product with a threaded BLAS, or (with OpenBLAS)
+    one product per core on as many streams with a single-threaded BLAS."""
+    a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
+    with blas_configuration("blas"):
+        peak = _best_gflops(lambda: a @ b, 2 * n**3, repeats)
+    streams = len(_streams_of("streams"))
+    if streams > 1:
+        def one_per_stream():
+            with blas_configuration("streams"):
+                products = []
+                for stream in parallel_cpu_streams():
+                    with mx.stream(stream):
+                        products.append(a @ b)
+                return products
+        peak = max(peak, _best_gflops(one_per_stream, streams * 2 * n**3, repeats))
+    return peak
+
+
+@contextlib.contextmanager
+def blas_configuration(mode):
+    """How the run uses the cores: "blas" = a threaded BLAS on one stream; "streams" = a
+    single-threaded BLAS, heads split across one stream per core (see power_retention.streams).
+    Needs OpenBLAS loaded to switch; otherwise the run takes the machine as it is."""
+    if not loaded_blas().startswith("OpenBLAS"):
+        yield
+        return
+    before = blas_threads()
+    set_blas_threads(1 if mode == "streams" else os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        set_blas_threads(before)
+
+
+def _streams_of(mode) -> list:
+    with blas_configuration(mode):
+        return parallel_cpu_streams()
+
+
+def in_configuration(mode, fn):
+    """``fn`` with its graph built and evaluated in BLAS configuration ``mode``."""
+    def run():
+        with blas_configuration(mode):
+            out = fn()
+            mx.eval(out)
+        return out
+    return run
 
 
 def chunked_flops(T, H, d, e, deg, chunk_size) -> dict:
@@ -50,11 +103,23 @@ def make_case(method, B, T, H, d, deg, chunk_size):
     log_g = -0.05 * mx.random.uniform(shape=(B, T, H))
     mx.eval(q, k, v, log_g)
     if method == "softmax":
-        def forward(q, k, v, log_g):
+        def attend(q, k, v):
             out = mx.fast.scaled_dot_product_attention(
                 q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
                 scale=d**-0.5, mask="causal")
             return out.transpose(0, 2, 1, 3)
+
+        def forward(q, k, v, log_g):
+            # Split across the same streams as the op's heads, so both get the machine alike.
+            streams = parallel_cpu_streams()
+            if len(streams) < 2:
+                return attend(q, k, v)
+            bounds = [H * i // len(streams) for i in range(len(streams) + 1)]
+            outs = []
+            for stream, start, stop in zip(streams, bounds, bounds[1:]):
+                with mx.stream(stream):
+                    outs.append(attend(*(x[:, :, start:stop] for x in (q, k, v))))
+            return mx.concatenate(outs, axis=2)
     else:
         def forward(q, k, v, log_g):
             return power_retention(q, k, v, log_g, deg=deg, method=method, chunk_size=chunk_size)
@@ -138,16 +203,31 @@ def interleaved_fraction_of_peak(run, flops, repeats) -> float:
 @click.option("--time-limit", default=60.0, show_default=True, help="skip cells whose fwd+bwd run is predicted slower (s)")
 @click.option("--memory-limit", default=16.0, show_default=True, help="skip cells predicted larger (GB)")
 @click.option("--methods", default=",".join(METHODS), show_default=True)
+@click.option("--cpu-parallel", type=click.Choice(["streams", "blas"]), default="streams", show_default=True,
+              help="how every method uses the CPU cores: heads split across one stream per core with a "
+                   "single-threaded BLAS, or one stream with a threaded BLAS (needs OpenBLAS to choose)")
 @click.option("--out", default=None, help="JSON path (default benchmarks/results/retention-DATE.json)")
-def main(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, memory_limit, methods, out):
+def main(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, memory_limit, methods, cpu_parallel,
+         out):
     reexec_with_fast_blas()
-    methods = [m.strip() for m in methods.split(",")]
+    # Read by MLX at its first evaluation (none has run yet): lets the streams overlap.
+    os.environ.setdefault("MLX_BFS_MAX_WIDTH", "256")
+    with blas_configuration(cpu_parallel):
+        run_benchmark(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, memory_limit,
+                      [m.strip() for m in methods.split(",")], cpu_parallel, out)
+
+
+def run_benchmark(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, memory_limit, methods,
+                  cpu_parallel, out):
     machine = machine_description()
     peak = matmul_gflops()
     started = now()
+    streams = len(parallel_cpu_streams())
     print(f"# power retention benchmark, {started:%Y-%m-%d %H:%M %Z}")
     print(f"# machine: {machine_line(machine)}")
-    print(f"# fp32 matmul peak (2048^3): {peak:.1f} GFLOP/s")
+    print(f"# cores used: {f'{streams} streams, single-threaded BLAS' if streams else 'threaded BLAS, one stream'}"
+          f" (--cpu-parallel {cpu_parallel}; MLX_BFS_MAX_WIDTH={os.environ['MLX_BFS_MAX_WIDTH']})")
+    print(f"# fp32 matmul peak (2048^3, the better of one threaded product and one per core): {peak:.1f} GFLOP/s")
     print(f"# B={B} H={H} d={d} deg={deg} D={expanded_dim(d, deg)} chunk_size={chunk_size}; "
           f"median of {repeats} after a warm-up; peak memory in GB")
 
@@ -191,9 +271,13 @@ def main(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, memory_lim
                     row["forward_backward_gflops"] = flops["forward_backward"] / row["forward_backward_s"] / 1e9
                     row["forward_backward_fraction_of_peak"] = row["forward_backward_gflops"] / peak
                     if T >= 4096:
+                        forward_backward = make_case(method, B, T, H, d, deg, chunk_size)[1]
                         row["forward_backward_fraction_of_peak_interleaved"] = interleaved_fraction_of_peak(
-                            make_case(method, B, T, H, d, deg, chunk_size)[1], flops["forward_backward"],
-                            repeats)
+                            forward_backward, flops["forward_backward"], repeats)
+                        if streams:
+                            row["forward_backward_streams_over_threaded_blas"] = interleaved_ratio(
+                                in_configuration("streams", forward_backward),
+                                in_configuration("blas", forward_backward), repeats)
             results.append(row)
             if "skipped" in row:
                 print(f"{T:>6} {method:>10} {'-':>9} {'-':>10} {'-':>7} {'-':>7}  skipped: {row['skipped']}")
@@ -207,6 +291,9 @@ def main(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, memory_lim
                         note += (f", {100 * row['forward_backward_fraction_of_peak_interleaved']:.0f}% "
                                  "of a peak timed alongside")
                     note += ")"
+                    if "forward_backward_streams_over_threaded_blas" in row:
+                        note += (f"; fwd+bwd x{row['forward_backward_streams_over_threaded_blas']:.2f} of "
+                                 "one stream with threaded BLAS, interleaved")
                     if "forward_over_half_T" in row:
                         note += f"; fwd x{row['forward_over_half_T']:.2f} of T/2, interleaved"
                 print(f"{T:>6} {method:>10} {row['forward_s']:>9.4f} {row['forward_backward_s']:>10.4f} "
@@ -216,7 +303,8 @@ def main(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, memory_lim
     out = write_report("bench_retention", started,
                        {"matmul_fp32_gflops": peak, "matmul_fp32_gflops_at_end": matmul_gflops(),
                         "config": {"B": B, "H": H, "d": d, "deg": deg, "chunk_size": chunk_size,
-                                   "repeats": repeats},
+                                   "repeats": repeats, "cpu_parallel": cpu_parallel, "streams": streams,
+                                   "mlx_bfs_max_width": os.environ["MLX_BFS_MAX_WIDTH"]},
                         "results": results}, out)
     print(f"# wrote {out}")
 
