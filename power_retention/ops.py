@@ -35,6 +35,8 @@ _SECONDS_PER_OP = 2.0e-5
 # (attention faster) and 4096 (chunked faster).
 _PASSES_PER_WEIGHT = 5
 _PASSES_PER_FEATURE = 1
+# Estimated work below which a call stays on one stream (see ``streams``).
+_MIN_SECONDS_TO_SPLIT = 0.01
 
 
 def estimated_seconds(method, *, B, T, Hq, H, d, e, deg, chunk_size, gated=True):
@@ -199,9 +201,10 @@ def run_power_retention(q, k, v, log_g=None, *, deg=2, scale=None, method="auto"
     q, k, v, log_g, deg, initial_state = prepare_inputs(q, k, v, log_g, deg, scale, normalize,
                                                         initial_state, has_time=True)
     B, T, Hq, d = q.shape
+    shape = dict(B=B, T=T, Hq=Hq, H=k.shape[2], d=d, e=v.shape[-1], deg=deg, chunk_size=chunk_size,
+                 gated=log_g is not None)
     if method == "auto":
-        method = choose_method(B=B, T=T, Hq=Hq, H=k.shape[2], d=d, e=v.shape[-1], deg=deg,
-                               chunk_size=chunk_size, gated=log_g is not None)
+        method = choose_method(**shape)
 
     def form(q, k, v, log_g, initial_state):
         if method == "recurrent":
@@ -212,8 +215,13 @@ def run_power_retention(q, k, v, log_g=None, *, deg=2, scale=None, method="auto"
                                      initial_state=initial_state, return_state=return_state,
                                      normalize=normalize, state_kernels=state_kernels)
 
-    streams = parallel_cpu_streams() if state_kernels is None else []
-    if len(streams) > 1 and max(B, k.shape[2]) > 1:
+    # The recurrent form is T steps of small ops, which a split only doubles (T=256: 0.22 s on
+    # one stream, 0.51 s on two); small calls lose more to the streams' synchronization than
+    # they gain (attention form at T=256: 2.2 ms on one stream, 5.7 ms on two).
+    split = (state_kernels is None and method != "recurrent" and max(B, k.shape[2]) > 1
+             and estimated_seconds(method, **shape) >= _MIN_SECONDS_TO_SPLIT)
+    streams = parallel_cpu_streams() if split else []
+    if len(streams) > 1:
         y, state = _run_split(form, streams, q, k, v, log_g, initial_state)
     else:
         y, state = form(q, k, v, log_g, initial_state)
