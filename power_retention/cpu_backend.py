@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import glob
 import os
 import sys
@@ -125,6 +126,7 @@ def loaded_blas() -> str:
     return "none loaded yet (import mlx.core first)"
 
 
+@functools.lru_cache(maxsize=1)
 def _openblas_symbols():
     """The running process's OpenBLAS (preloaded, so its symbols are global), or None."""
     if not sys.platform.startswith("linux"):
