@@ -23,7 +23,7 @@ from power_retention import expanded_dim, power_retention
 from power_retention.cpu_backend import (blas_threads, loaded_blas, reexec_with_fast_blas,
                                         release_freed_memory, set_blas_threads)
 from power_retention.ops import choose_method
-from power_retention.streams import parallel_cpu_streams
+from power_retention.streams import parallel_cpu_streams, stream_parts
 
 METHODS = ("attention", "chunked", "recurrent", "auto", "softmax")
 
@@ -45,16 +45,16 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
     a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
     with blas_configuration("blas"):
         peak = _best_gflops(lambda: a @ b, 2 * n**3, repeats)
-    streams = len(_streams_of("streams"))
-    if streams > 1:
-        def one_per_stream():
-            with blas_configuration("streams"):
+    with blas_configuration("streams"):
+        streams = parallel_cpu_streams()
+        if len(streams) > 1:
+            def one_per_stream():
                 products = []
-                for stream in parallel_cpu_streams():
+                for stream in streams:
                     with mx.stream(stream):
                         products.append(a @ b)
                 return products
-        peak = max(peak, _best_gflops(one_per_stream, streams * 2 * n**3, repeats))
+            peak = max(peak, _best_gflops(one_per_stream, len(streams) * 2 * n**3, repeats))
     return peak
 
 
@@ -72,11 +72,6 @@ def blas_configuration(mode):
         yield
     finally:
         set_blas_threads(before)
-
-
-def _streams_of(mode) -> list:
-    with blas_configuration(mode):
-        return parallel_cpu_streams()
 
 
 def in_configuration(mode, fn):
@@ -114,9 +109,8 @@ def make_case(method, B, T, H, d, deg, chunk_size):
             streams = parallel_cpu_streams()
             if len(streams) < 2:
                 return attend(q, k, v)
-            bounds = [H * i // len(streams) for i in range(len(streams) + 1)]
             outs = []
-            for stream, start, stop in zip(streams, bounds, bounds[1:]):
+            for stream, start, stop in stream_parts(H, streams):
                 with mx.stream(stream):
                     outs.append(attend(*(x[:, :, start:stop] for x in (q, k, v))))
             return mx.concatenate(outs, axis=2)

@@ -16,7 +16,7 @@ from .checks import is_integer
 from .chunk import chunk_power_retention
 from .recurrent import recurrent_power_retention, recurrent_step
 from .state import RetentionState
-from .streams import parallel_cpu_streams
+from .streams import parallel_cpu_streams, stream_parts
 from .sympow import check_degree, expanded_dim
 
 METHODS = ("auto", "attention", "chunked", "recurrent")
@@ -234,23 +234,19 @@ def _run_split(form, streams, q, k, v, log_g, initial_state):
     own stream; the outputs and states joined again (see ``streams``)."""
     H, G = k.shape[2], q.shape[2] // k.shape[2]
     by_heads = H > 1
-    size = H if by_heads else q.shape[0]
-    parts = min(len(streams), size)
-    bounds = [size * i // parts for i in range(parts + 1)]
+    state_axis = 1 if by_heads else 0  # heads: axis 2 of q, k, v and log_g, axis 1 of the state
 
     def part(x, axis, start, stop):
         return None if x is None else x[(slice(None),) * axis + (slice(start, stop),)]
 
     ys, states = [], []
-    for stream, start, stop in zip(streams, bounds, bounds[1:]):
+    for stream, start, stop in stream_parts(H if by_heads else q.shape[0], streams):
         with mx.stream(stream):
-            if by_heads:  # heads are axis 2 of q, k, v and log_g, axis 1 of the state
+            if by_heads:
                 inputs = (part(q, 2, start * G, stop * G), part(k, 2, start, stop),
                           part(v, 2, start, stop), part(log_g, 2, start, stop))
-                state_axis = 1
             else:
                 inputs = tuple(part(x, 0, start, stop) for x in (q, k, v, log_g))
-                state_axis = 0
             initial = None if initial_state is None else RetentionState(
                 *(part(x, state_axis, start, stop) for x in initial_state))
             y, state = form(*inputs, initial)

@@ -22,6 +22,7 @@ default then. ``custom_function`` binds it.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import mlx.core as mx
@@ -39,6 +40,7 @@ def custom_function(forward, vjp):
     default when the forward was called (one custom function per stream)."""
     by_stream = {}
 
+    @functools.wraps(forward)
     def call(*args):
         stream = mx.default_stream(mx.default_device())
         function = by_stream.get(stream)
@@ -53,8 +55,6 @@ def custom_function(forward, vjp):
             by_stream[stream] = function
         return function(*args)
 
-    call.__doc__ = forward.__doc__
-    call.__name__ = forward.__name__
     return call
 
 
@@ -79,3 +79,11 @@ def parallel_cpu_streams() -> list:
     while len(_streams) < count:
         _streams.append(mx.new_stream(mx.cpu))
     return _streams[:count]
+
+
+def stream_parts(size: int, streams: list) -> list:
+    """(stream, start, stop) for an axis of ``size`` entries cut into near-equal parts, one per
+    stream (fewer when the axis is shorter than the list of streams)."""
+    parts = min(len(streams), size)
+    bounds = [size * i // parts for i in range(parts + 1)]
+    return list(zip(streams, bounds, bounds[1:]))

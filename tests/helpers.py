@@ -55,9 +55,10 @@ def make_inputs(*, B=2, T=16, Hq=4, H=2, d=8, e=8, gated=True, seed=0, dtype=mx.
     return arrays
 
 
-def run_python(code: str, timeout: float = 120) -> str:
-    """Run ``code`` in a fresh interpreter; return its standard output (it must succeed)."""
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+def run_python(code: str, timeout: float = 120, launcher: tuple = ()) -> str:
+    """Run ``code`` in a fresh interpreter (started through ``launcher``, a command prefix, if
+    given); return its standard output (it must succeed)."""
+    result = subprocess.run([*launcher, sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout

@@ -1,9 +1,9 @@
-import subprocess
 import sys
 
 import pytest
 
 from power_retention.cpu_backend import fast_blas_environment, openblas_library
+from tests.helpers import run_python
 
 needs_openblas = pytest.mark.skipif(openblas_library() is None,
                                     reason="no system OpenBLAS (apt-get install libopenblas0-pthread)")
@@ -30,8 +30,5 @@ def test_opting_out_leaves_the_environment_alone():
 def test_a_command_run_through_the_module_gets_openblas():
     code = ("import os, mlx.core; from power_retention.cpu_backend import loaded_blas; "
             "print(loaded_blas()); print(os.environ['OPENBLAS_THREAD_TIMEOUT'])")
-    result = subprocess.run([sys.executable, "-m", "power_retention", "--", sys.executable, "-c", code],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    blas, timeout = result.stdout.splitlines()
+    blas, timeout = run_python(code, launcher=(sys.executable, "-m", "power_retention", "--")).splitlines()
     assert blas.startswith("OpenBLAS (") and timeout == "4"

@@ -10,9 +10,9 @@ from power_retention import RetentionState, estimated_seconds, ops, power_retent
 from power_retention.cpu_backend import blas_threads, loaded_blas, set_blas_threads
 from power_retention.streams import CPU_STREAMS_VARIABLE, custom_function, parallel_cpu_streams
 
-from .helpers import FP32_TOLERANCE, assert_close, make_inputs
+from tests.helpers import FP32_TOLERANCE, assert_close, make_inputs
 
-needs_openblas = pytest.mark.skipif(not loaded_blas().startswith("OpenBLAS"),
+needs_loaded_openblas = pytest.mark.skipif(not loaded_blas().startswith("OpenBLAS"),
                                     reason="OpenBLAS not loaded (run through python -m power_retention)")
 
 
@@ -20,10 +20,11 @@ def _outputs_and_gradients(inputs, **options):
     """y, the final state and the gradients of a weighted sum of y and the state in q, k, v, log_g."""
     def loss(q, k, v, log_g):
         y, state = power_retention(q, k, v, log_g, return_state=True, **options)
-        return (y * mx.cos(mx.arange(y.size).reshape(y.shape))).sum() + state.S.sum() + state.z.sum()
+        weighted = (y * mx.cos(mx.arange(y.size).reshape(y.shape))).sum() + state.S.sum() + state.z.sum()
+        return weighted, y, state.S, state.z
 
-    y, state = power_retention(*inputs, return_state=True, **options)
-    return [y, state.S, state.z, *mx.grad(loss, argnums=(0, 1, 2, 3))(*inputs)]
+    (_, *outputs), gradients = mx.value_and_grad(loss, argnums=(0, 1, 2, 3))(*inputs)
+    return [*outputs, *gradients]
 
 
 # Long enough that the cost model's estimate clears the split threshold (short calls stay on
@@ -73,7 +74,7 @@ def test_custom_backward_runs_on_the_stream_of_its_forward():
     assert gradient.tolist() == [2.0, -4.0, 6.0]
 
 
-@needs_openblas
+@needs_loaded_openblas
 def test_streams_follow_single_threaded_blas(monkeypatch):
     monkeypatch.delenv(CPU_STREAMS_VARIABLE, raising=False)
     threads = blas_threads()
@@ -94,7 +95,7 @@ def test_bad_stream_count_is_refused(monkeypatch, value):
         parallel_cpu_streams()
 
 
-@needs_openblas
+@needs_loaded_openblas
 @pytest.mark.parametrize("threads", [0, 1.5])
 def test_bad_blas_thread_count_is_refused(threads):
     with pytest.raises(ValueError, match="threads"):
