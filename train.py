@@ -35,8 +35,8 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from llm import RetentionLLM, create_model_config, load_tokenizer, param_count, train_tokenizer
-from llm.config import PRESETS, describe
+from llm import ModelConfig, RetentionLLM, create_model_config, load_tokenizer, param_count, train_tokenizer
+from llm.config import FIELDS_ADDED_LATER, PRESETS, RENAMED_FIELDS, describe
 from llm.memory import estimate, format_bytes
 from llm.data import (DEFAULT_DATA, BatchSampler, cache_key, documents_fingerprint, read_documents,
                       tokenize_corpus, unigram_entropy, validation_batches)
@@ -90,9 +90,10 @@ class TrainConfig:
     max_bad_steps: int = 5          # non-finite steps in a row before rolling back
     seed: int = 0
     dtype: str = "float32"
-    power: int = 0                  # 0: the preset's degree
+    deg: int = 0                    # 0: the preset's degree
     head_dim: int = 0               # 0: the preset's; else heads of this width at the same width
     mixer: str = ""                 # "": the preset's mixer
+    model_fields: dict = dataclasses.field(default_factory=dict)  # ModelConfig fields (--set)
     val_fraction: float = 0.05
     out: str = ""
     cache_dir: str = ""
@@ -117,7 +118,7 @@ class TrainConfig:
                 fail(name, f"must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
             self.warmup = min(100, self.steps // 10)
-        for name in ("seq_len", "patience", "power", "head_dim"):
+        for name in ("seq_len", "patience", "deg", "head_dim"):
             if getattr(self, name) < 0:
                 fail(name, f"must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
@@ -133,8 +134,13 @@ class TrainConfig:
             fail("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.mixer not in ("", "power", "softmax"):
             fail("mixer", f"must be power or softmax, got {self.mixer!r}")
-        if self.power and self.mixer == "softmax":
-            fail("power", "applies to the power mixer only, not --mixer softmax")
+        settable = sorted(set(ModelConfig.__dataclass_fields__) - {"vocab_size"})
+        wrong = [name for name in self.model_fields if name not in settable]
+        if wrong:
+            fail("set", f"{wrong[0]!r} is not a model field that can be set (the tokenizer sets "
+                        f"vocab_size); fields: {', '.join(settable)}")
+        if self.deg and self.mixer == "softmax":
+            fail("deg", "applies to the power mixer only, not --mixer softmax")
         if not 0 < self.val_fraction < 0.5:
             fail("val-fraction", f"must be in (0, 0.5), got {self.val_fraction}")
         if self.memory_budget < 0:
@@ -169,8 +175,8 @@ def model_config(cfg: TrainConfig, vocab_size: int):
     overrides = {"vocab_size": vocab_size}
     if cfg.mixer:
         overrides["mixer"] = cfg.mixer
-    if cfg.power:
-        overrides["power"] = cfg.power
+    if cfg.deg:
+        overrides["deg"] = cfg.deg
     if cfg.head_dim:
         preset = create_model_config(cfg.model)
         if preset.hidden_size % cfg.head_dim:
@@ -180,6 +186,7 @@ def model_config(cfg: TrainConfig, vocab_size: int):
         group = preset.num_attention_heads // preset.num_key_value_heads
         overrides.update(head_dim=cfg.head_dim, num_attention_heads=heads,
                          num_key_value_heads=max(1, heads // group))
+    overrides.update(cfg.model_fields)
     return create_model_config(cfg.model, **overrides)
 
 
@@ -670,12 +677,16 @@ RUN_SHAPE_OPTIONS = [
     click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=TrainConfig.optimizer,
                  show_default=True),
     click.option("--dtype", type=click.Choice(list(DTYPES)), default=TrainConfig.dtype, show_default=True),
-    click.option("--power", type=int, default=TrainConfig.power, show_default=True,
+    click.option("--deg", "--power", "deg", type=int, default=TrainConfig.deg, show_default=True,
                  help="degree of the power mixer (0: the preset's)"),
     click.option("--mixer", type=click.Choice(["", "power", "softmax"]), default=TrainConfig.mixer,
                  help="power or softmax (default: the preset's)"),
     click.option("--head-dim", type=int, default=TrainConfig.head_dim, show_default=True,
                  help="per-head width (0: the preset's); the model width stays"),
+    click.option("--set", "model_fields", multiple=True, metavar="FIELD=VALUE",
+                 callback=lambda ctx, param, value: parse_model_fields(value),
+                 help="set a field of the model's config (llm.ModelConfig), e.g. --set "
+                      "conv_size=0 --set hidden_size=128; repeatable; applied last"),
     click.option("--memory-budget", type=float, default=TrainConfig.memory_budget, show_default=True,
                  help="GB the run may use (0: what the machine or --device-profile allows)"),
     click.option("--device-profile", default=TrainConfig.device_profile,
@@ -683,6 +694,21 @@ RUN_SHAPE_OPTIONS = [
     click.option("--degrade/--no-degrade", default=True, show_default=True,
                  help="step down the memory ladder instead of failing when the run does not fit"),
 ]
+
+
+def parse_model_fields(assignments) -> dict:
+    """{"conv_size": 0, ...} from ("conv_size=0", ...): values read as JSON (numbers, true,
+    false), anything else as a string."""
+    fields = {}
+    for assignment in assignments:
+        name, equals, text = assignment.partition("=")
+        if not equals or not name.strip():
+            raise click.BadParameter(f"expected FIELD=VALUE, got {assignment!r}", param_hint="--set")
+        try:
+            fields[name.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            fields[name.strip()] = text
+    return fields
 
 
 def run_shape_options(command):
@@ -778,7 +804,7 @@ def _resumed_config(directory: Path, options: dict, given: set) -> tuple:
     path = directory / "train_config.json"
     if not path.is_file():
         raise click.UsageError(f"--resume {directory}: no train_config.json there, not a run directory")
-    saved = json.loads(path.read_text())
+    saved = upgrade_saved_options(json.loads(path.read_text()))
     unknown = sorted(set(saved) - set(_option_names()))
     if unknown:
         raise click.UsageError(f"--resume {directory}: train_config.json has unknown options {unknown}")
@@ -802,6 +828,18 @@ def _resumed_config(directory: Path, options: dict, given: set) -> tuple:
         tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
         os.replace(tmp, path)
     return cfg, directory
+
+
+def upgrade_saved_options(saved: dict) -> dict:
+    """An older run's train_config.json in today's option names, its model fixed as it was:
+    a run from before --set pins the model fields added since at the values it trained with."""
+    saved = {RENAMED_FIELDS.get(name, name): value for name, value in saved.items()}  # --power
+    if "model_fields" not in saved:
+        saved["model_fields"] = dict(FIELDS_ADDED_LATER)
+    if saved.get("plan"):
+        saved["plan"]["model"] = {RENAMED_FIELDS.get(name, name): value
+                                  for name, value in saved["plan"]["model"].items()}
+    return saved
 
 
 def _checkpoint_model_dir(run_dir: Path) -> Path:

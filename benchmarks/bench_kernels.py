@@ -32,7 +32,7 @@ def relative_error(actual, expected) -> float:
 def step_inputs(preset: str, seed: int = 0):
     """One decode step's inputs at the preset's head shape (batch 1, one layer)."""
     config = create_model_config(preset)
-    d, Hq, H, deg = config.head_dim, config.num_attention_heads, config.num_key_value_heads, config.power
+    d, Hq, H, deg = config.head_dim, config.num_attention_heads, config.num_key_value_heads, config.deg
     D = expanded_dim(d, deg)
     rng = np.random.default_rng(seed)
 
@@ -47,18 +47,18 @@ def step_inputs(preset: str, seed: int = 0):
 def correctness_case(preset: str, order: str) -> dict:
     config, inputs = step_inputs(preset)
     dispatch.set_backend("emulator", order=order)
-    y, state = dispatch.decode_step(*inputs, deg=config.power)
-    expected_y, expected = power_retention_step(*inputs, deg=config.power)
+    y, state = dispatch.decode_step(*inputs, deg=config.deg)
+    expected_y, expected = power_retention_step(*inputs, deg=config.deg)
     return {"kernel": "decode_step", "preset": preset, "head_dim": config.head_dim,
             "query_heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
-            "deg": config.power, "order": order, "error_y": relative_error(y, expected_y),
+            "deg": config.deg, "order": order, "error_y": relative_error(y, expected_y),
             "error_S": relative_error(state.S, expected.S),
             "error_z": relative_error(state.z, expected.z)}
 
 
 def prefill_case(preset: str, order: str, T: int = 133, seed: int = 0) -> dict:
     config = create_model_config(preset)
-    d, Hq, H, deg = config.head_dim, config.num_attention_heads, config.num_key_value_heads, config.power
+    d, Hq, H, deg = config.head_dim, config.num_attention_heads, config.num_key_value_heads, config.deg
     rng = np.random.default_rng(seed)
 
     def normal(*shape):
@@ -82,7 +82,7 @@ def timing_case(preset: str) -> dict:
     must move (read S and z, write them back) per second of its time."""
     config, inputs = step_inputs(preset)
     dispatch.set_backend("metal")
-    deg = config.power
+    deg = config.deg
     kernel = median_seconds(lambda: dispatch.decode_step(*inputs, deg=deg), 50)
     mlx_path = median_seconds(lambda: power_retention_step(*inputs, deg=deg), 50)
     state_bytes = 2 * 4 * sum(s.size for s in inputs[-1])

@@ -9,10 +9,22 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, fields
 
-from power_retention.sympow import expanded_dim
 from power_retention.checks import is_integer
+from power_retention.layer import CONV_SIZE, INITIAL_GATE, check_gate_init
+from power_retention.sympow import expanded_dim
 
 MIXERS = ("power", "softmax")
+# Saved configs from before a field was renamed or added: old name -> today's name, and the
+# value a file without the field meant (what the model had before the field existed).
+RENAMED_FIELDS = {"power": "deg"}
+FIELDS_ADDED_LATER = {"gate_init": 0.999, "conv_size": 0, "output_norm": True}
+
+
+def upgrade_saved_fields(values: dict) -> dict:
+    """A saved config's fields (config.json) in today's names, with what an older file meant
+    for the fields it lacks, so that every model saved before still loads as it was."""
+    values = {RENAMED_FIELDS.get(name, name): value for name, value in values.items()}
+    return {**FIELDS_ADDED_LATER, **values}
 
 
 @dataclass
@@ -26,8 +38,11 @@ class ModelConfig:
     intermediate_size: int
     max_position_embeddings: int
     mixer: str = "power"          # "power" (power retention) or "softmax" (the baseline)
-    power: int = 2                # degree p of the power mixer
+    deg: int = 2                  # degree p of the power mixer
     gating: bool = True           # learned decay in the power mixer
+    gate_init: float = INITIAL_GATE  # the power mixer's gate at initialisation, in (0, 1)
+    conv_size: int = CONV_SIZE    # taps of the power mixer's short convolution on q, k, v (0: none)
+    output_norm: bool = True      # RMS norm on each power-mixer head's output
     chunk_size: int = 64          # chunk of the power mixer's chunked form
     rope_theta: float = 10000.0   # rotary embedding base of the softmax mixer
     rms_norm_eps: float = 1e-5
@@ -38,9 +53,14 @@ class ModelConfig:
         for field in fields(self):
             if field.type in ("int", int):
                 value = getattr(self, field.name)
-                if not is_integer(value) or value < 1:
-                    raise ValueError(f"ModelConfig.{field.name} must be a positive integer, "
+                lowest = 0 if field.name == "conv_size" else 1
+                if not is_integer(value) or value < lowest:
+                    raise ValueError(f"ModelConfig.{field.name} must be an integer >= {lowest}, "
                                      f"got {value!r}")
+        try:
+            check_gate_init(self.gate_init)
+        except ValueError as error:
+            raise ValueError(f"ModelConfig.{error}") from None
         if self.mixer not in MIXERS:
             raise ValueError(f"ModelConfig.mixer must be one of {MIXERS}, got {self.mixer!r}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -114,7 +134,9 @@ def mixer_param_count(config: ModelConfig) -> int:
     if config.mixer == "softmax":
         return projections
     gate = (dim + 1) * H if config.gating else 0
-    return projections + gate + hd                     # + the per-head norm's gain
+    conv = (Hq + 2 * H) * hd * config.conv_size
+    norm = hd if config.output_norm else 0
+    return projections + gate + conv + norm
 
 
 def param_count(config: ModelConfig) -> int:
@@ -131,8 +153,9 @@ def state_floats_per_layer(config: ModelConfig, context: int = 0) -> int:
     mixer (independent of ``context``), or the KV cache of the softmax mixer at ``context``."""
     if config.mixer == "softmax":
         return 2 * config.num_key_value_heads * config.head_dim * context
-    D = expanded_dim(config.head_dim, config.power)
-    return config.num_key_value_heads * D * (config.head_dim + 1)
+    D = expanded_dim(config.head_dim, config.deg)
+    conv = max(config.conv_size - 1, 0) * (config.num_attention_heads + 2 * config.num_key_value_heads)
+    return config.num_key_value_heads * D * (config.head_dim + 1) + conv * config.head_dim
 
 
 def describe(config: ModelConfig) -> str:

@@ -363,8 +363,8 @@ def split_documents(documents: list[Document], val_fraction: float,
         return _split_one(documents[0], val_fraction)
     n_val = min(max(round(n * val_fraction), 1), n - 1)
     order = np.random.default_rng(seed).permutation(n)
-    # Shuffled, not in corpus order: a validation prefix (validation_batches) is then a fair
-    # sample, and training windows do not keep neighbouring files together.
+    # Shuffled, not in corpus order: neither split takes one region of the corpus (one
+    # package's files), and training windows do not keep neighbouring files together.
     return [documents[i] for i in order[n_val:]], [documents[i] for i in order[:n_val]]
 
 
@@ -533,11 +533,15 @@ class BatchSampler:
 
 def validation_batches(tokens, mask, seq_len: int, batch_size: int,
                        max_batches: int) -> list[tuple]:
-    """Up to ``max_batches`` batches of consecutive windows from the start of the validation
-    stream, unshuffled, so that every evaluation scores the same tokens.
+    """Up to ``max_batches`` batches of windows spread evenly over the whole validation
+    stream, the same at every evaluation.
 
-    The last batch may have fewer than ``batch_size`` windows. A stream shorter than one
-    window gives a single window of all of it (inputs of length len(tokens) - 1).
+    Evenly spaced, not consecutive from the start: the validation documents differ (a corpus
+    of source files has licence headers, tests, tables of data), and windows from the first
+    few of them alone are not a fair sample of the rest. When the
+    stream holds no more windows than asked for, every window is taken. The last batch may
+    have fewer than ``batch_size`` windows. A stream shorter than one window gives a single
+    window of all of it (inputs of length len(tokens) - 1).
     """
     _check_stream(tokens, mask, "validation")
     _check_positive(seq_len=seq_len, batch_size=batch_size, max_batches=max_batches)
@@ -546,8 +550,13 @@ def validation_batches(tokens, mask, seq_len: int, batch_size: int,
                          "needs at least 2 (one input and its target)")
     if len(tokens) < seq_len + 1:
         return [_windows(tokens, mask, [0], len(tokens) - 1)]
-    n_windows = min((len(tokens) - 1) // seq_len, max_batches * batch_size)
-    starts = [i * seq_len for i in range(n_windows)]
+    available = (len(tokens) - 1) // seq_len
+    n_windows = min(available, max_batches * batch_size)
+    if n_windows == available or n_windows == 1:
+        starts = [i * seq_len for i in range(n_windows)]
+    else:  # first window at the start, last at the end; at least seq_len apart
+        last_start = len(tokens) - 1 - seq_len
+        starts = [round(i * last_start / (n_windows - 1)) for i in range(n_windows)]
     return [_windows(tokens, mask, starts[i:i + batch_size], seq_len)
             for i in range(0, n_windows, batch_size)]
 

@@ -56,7 +56,7 @@ def _mixer_activations(config: ModelConfig, B: int, T: int, method: str, chunk_s
         # Scores and probabilities of every head (MLX's CPU attention materialises them).
         weights = 2 * B * Hq * T * T
         return projections + weights + B * T * Hq * hd, B * Hq * T * T, 0
-    D = expanded_dim(hd, config.power)
+    D = expanded_dim(hd, config.deg)
     c = T if method == "attention" else min(chunk_size, T)
     # The in-chunk weights (one c x c block per chunk): the forward keeps two copies for the
     # backward (the weights and their slope), which needs three more for a while (the weights'
@@ -109,7 +109,7 @@ def estimate(config: ModelConfig, batch_size: int, seq_len: int, dtype: str = "f
     if config.mixer == "power" and method == "auto":
         method = choose_method(B=B, T=T, Hq=config.num_attention_heads,
                                H=config.num_key_value_heads, d=config.head_dim, e=config.head_dim,
-                               deg=config.power, chunk_size=chunk_size, gated=config.gating)
+                               deg=config.deg, chunk_size=chunk_size, gated=config.gating)
     nbytes = DTYPE_BYTES[dtype]
     P = param_count(config)
 

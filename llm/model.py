@@ -122,8 +122,10 @@ class Block(nn.Module):
         if config.mixer == "power":
             self.mixer = PowerRetention(
                 config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
-                config.head_dim, deg=config.power, gating=config.gating,
-                chunk_size=config.chunk_size, use_metal_kernels=use_metal)
+                config.head_dim, deg=config.deg, gating=config.gating,
+                chunk_size=config.chunk_size, use_metal_kernels=use_metal,
+                gate_init=config.gate_init, conv_size=config.conv_size,
+                output_norm=config.output_norm)
         else:
             self.mixer = SoftmaxAttention(config)
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -212,6 +214,11 @@ class RetentionLLM(nn.Module):
         return [block.mixer.make_cache() for block in self.layers]
 
     def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
+        return self.logits(self.hidden_states(tokens, cache))
+
+    def hidden_states(self, tokens: mx.array, cache: list | None = None) -> mx.array:
+        """The final norm's output (B, T, hidden_size): what ``logits`` maps to the vocabulary.
+        Apart, so that a loss on a few positions needs their logits only."""
         if tokens.ndim != 2:
             raise ValueError(f"tokens must have shape (B, T), got {tuple(tokens.shape)}")
         if cache is not None and len(cache) != len(self.layers):
@@ -223,10 +230,12 @@ class RetentionLLM(nn.Module):
                 x = _checkpointed(block, x)
             else:
                 x = block(x, cache=None if cache is None else cache[i])
-        x = self.norm(x)
+        return self.norm(x)
+
+    def logits(self, hidden: mx.array) -> mx.array:
         if self.config.tie_word_embeddings:
-            return self.embed_tokens.as_linear(x)
-        return self.lm_head(x)
+            return self.embed_tokens.as_linear(hidden)
+        return self.lm_head(hidden)
 
     # The stateful API: the model keeps one running sequence (or batch of sequences).
 

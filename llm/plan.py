@@ -172,8 +172,8 @@ def _ladder(shape: RunShape):
                                      num_key_value_heads=config.num_key_value_heads * 2)
             yield (f"4. heads of {shape.config.head_dim} x {shape.config.num_attention_heads}",
                    shape, True)
-        if shape.config.power > 1:
-            shape = shape.with_model(power=1)
+        if shape.config.deg > 1:
+            shape = shape.with_model(deg=1)
             yield "5. power 1", shape, True
     while shape.config.num_hidden_layers > 1:
         shape = shape.with_model(num_hidden_layers=max(1, shape.config.num_hidden_layers // 2))

@@ -18,7 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .config import ModelConfig
+from .config import ModelConfig, upgrade_saved_fields
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -146,7 +146,7 @@ def read_config(directory) -> ModelConfig:
         raise ValueError(f"{path} is not valid JSON: {error}") from error
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold a JSON object of ModelConfig fields")
-    return ModelConfig.from_dict(values, source=str(path))
+    return ModelConfig.from_dict(upgrade_saved_fields(values), source=str(path))
 
 
 def check_safetensors(path: Path) -> dict:

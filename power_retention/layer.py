@@ -17,13 +17,15 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .checks import is_integer
+from .convolution import ShortConvolution
 from .ops import METHODS, power_retention, power_retention_step
 from .state import RetentionState
 from .sympow import check_degree, expanded_dim
 
-# The gate's bias is set so that sigmoid(bias) = 0.999: every head starts with a memory of
-# about 1000 tokens and learns to shorten it where that helps.
+# The gate's bias is set so that sigmoid(bias) = INITIAL_GATE: every head starts with a memory
+# of about 1 / (1 - INITIAL_GATE) tokens and learns to change it where that helps.
 INITIAL_GATE = 0.999
+CONV_SIZE = 0
 
 _warned_no_kernels = False
 
@@ -53,6 +55,14 @@ def _positive_int(name, value, allow_none=True):
         raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, "
                          f"got {value!r}")
     return int(value)
+
+
+def check_gate_init(gate_init) -> float:
+    if isinstance(gate_init, bool) or not isinstance(gate_init, (int, float)) \
+            or not 0 < gate_init < 1:
+        raise ValueError(f"gate_init must be a number in (0, 1) (the gate every head starts at), "
+                         f"got {gate_init!r}")
+    return float(gate_init)
 
 
 def resolve_heads(dim, num_heads=None, num_kv_heads=None, head_dim=None):
@@ -91,15 +101,20 @@ class RetentionCache:
 
     def __init__(self):
         self.retention_state: RetentionState | None = None
+        self.conv_state: mx.array | None = None  # the short convolution's last inputs
         self.offset = 0  # tokens seen
 
     @property
     def state(self) -> list:
-        return [] if self.retention_state is None else list(self.retention_state)
+        if self.retention_state is None:
+            return []
+        return list(self.retention_state) + ([] if self.conv_state is None else [self.conv_state])
 
     @state.setter
     def state(self, arrays):
-        self.retention_state = RetentionState(*arrays) if arrays else None
+        arrays = list(arrays)
+        self.retention_state = RetentionState(*arrays[:2]) if arrays else None
+        self.conv_state = arrays[2] if len(arrays) > 2 else None
 
     @property
     def nbytes(self) -> int:
@@ -110,7 +125,8 @@ class RetentionCache:
 
 
 class PowerRetention(nn.Module):
-    """Multi-head power retention: projections, a decay gate, the op, a per-head norm.
+    """Multi-head power retention: projections, a short convolution, a decay gate, the op, a
+    per-head norm.
 
     Args:
         dim: model width (input and output features).
@@ -119,7 +135,7 @@ class PowerRetention(nn.Module):
             width; see ``resolve_heads`` for the defaults.
         deg: the power p. Even p (default 2) gives non-negative weights and the normalized form.
         gating: learn a per-token, per-key/value-head decay ``log_g = logsigmoid(x W_g + b)``
-            (starting at g = 0.999); False means no decay.
+            (starting at g = ``gate_init``); False means no decay.
         chunk_size, method: passed to ``power_retention``; "auto" picks the cheapest form.
         normalize: divide by the sum of weights; default True for even deg, False for odd.
         scale: the query scale (only matters when normalize=False); default 1/sqrt(head_dim).
@@ -127,6 +143,10 @@ class PowerRetention(nn.Module):
             steps on the decode kernel, the chunked form's state products on the prefill
             kernels; where Metal is absent, warn once and use the MLX path. Gradients through
             the kernels are those of the MLX path.
+        gate_init: the gate every head starts at, in (0, 1).
+        conv_size: taps of the causal depthwise convolution (with SiLU) on q, k and v after
+            their projections (``ShortConvolution``); 0 for none.
+        output_norm: the RMS norm on each head's output (below); False leaves it out.
 
     The output of each head goes through an RMS norm (one learnable gain of head_dim entries,
     shared by the heads, as flash-linear-attention's linear-attention layers do) before the
@@ -141,7 +161,8 @@ class PowerRetention(nn.Module):
                  head_dim: int | None = None, deg: int = 2, gating: bool = True,
                  chunk_size: int = 64, use_metal_kernels: bool = False, *,
                  method: str = "auto", normalize: bool | None = None, scale: float | None = None,
-                 norm_eps: float = 1e-6):
+                 norm_eps: float = 1e-6, gate_init: float = INITIAL_GATE,
+                 conv_size: int = CONV_SIZE, output_norm: bool = True):
         super().__init__()
         num_heads, num_kv_heads, head_dim = resolve_heads(dim, num_heads, num_kv_heads, head_dim)
         deg = check_degree(deg)
@@ -151,9 +172,12 @@ class PowerRetention(nn.Module):
             raise ValueError(f"normalize=True needs an even deg, got deg={deg}: use normalize=False")
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
+        check_gate_init(gate_init)
+        if not is_integer(conv_size) or conv_size < 0:
+            raise ValueError(f"conv_size must be an integer >= 0 (0: no convolution), got {conv_size!r}")
         self.dim = dim
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.power = deg
+        self.deg = deg
         self.gating = bool(gating)
         self.chunk_size = _positive_int("chunk_size", chunk_size, allow_none=False)
         self.method = method
@@ -161,27 +185,35 @@ class PowerRetention(nn.Module):
         self.scale = scale
         self.norm_eps = norm_eps
         self.use_metal_kernels = bool(use_metal_kernels)
+        self.gate_init = float(gate_init)
+        self.conv_size = int(conv_size)
+        self.output_norm = bool(output_norm)
 
         self.q_proj = nn.Linear(dim, num_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(num_heads * head_dim, dim, bias=False)
+        if self.conv_size:
+            self.conv = ShortConvolution((num_heads + 2 * num_kv_heads) * head_dim, self.conv_size)
         if self.gating:
             self.gate_proj = nn.Linear(dim, num_kv_heads, bias=True)
-            # Zero weights: every gate starts at exactly INITIAL_GATE and learns from there.
+            # Zero weights: every gate starts at exactly gate_init and learns from there.
             self.gate_proj.weight = mx.zeros_like(self.gate_proj.weight)
-            self.gate_proj.bias = mx.full((num_kv_heads,), math.log(INITIAL_GATE / (1 - INITIAL_GATE)))
-        self.norm_weight = mx.ones((head_dim,))
+            self.gate_proj.bias = mx.full((num_kv_heads,), math.log(gate_init / (1 - gate_init)))
+        if self.output_norm:
+            self.norm_weight = mx.ones((head_dim,))
 
     @property
     def expanded_dim(self) -> int:
         """D, the number of symmetric-power features per head."""
-        return expanded_dim(self.head_dim, self.power)
+        return expanded_dim(self.head_dim, self.deg)
 
     @property
     def state_size(self) -> int:
-        """Floats of recurrent state per sequence: S (D x head_dim) and z (D) per kv head."""
-        return self.num_kv_heads * self.expanded_dim * (self.head_dim + 1)
+        """Floats of recurrent state per sequence: S (D x head_dim) and z (D) per kv head, and
+        the convolution's last conv_size - 1 inputs."""
+        conv = max(self.conv_size - 1, 0) * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        return self.num_kv_heads * self.expanded_dim * (self.head_dim + 1) + conv
 
     def make_cache(self) -> RetentionCache:
         return RetentionCache()
@@ -191,11 +223,18 @@ class PowerRetention(nn.Module):
             raise ValueError(f"x must have shape (B, T, dim={self.dim}), got {tuple(x.shape)}")
         kernels = _kernel_dispatch() if self.use_metal_kernels else None
         B, T, _ = x.shape
-        q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.conv_size:
+            qkv, conv_state = self.conv(mx.concatenate([q, k, v], axis=-1),
+                                        None if cache is None else cache.conv_state)
+            q, k, v = mx.split(qkv, [q.shape[-1], q.shape[-1] + k.shape[-1]], axis=-1)
+            if cache is not None:
+                cache.conv_state = conv_state
+        q = q.reshape(B, T, self.num_heads, self.head_dim)
+        k = k.reshape(B, T, self.num_kv_heads, self.head_dim)
+        v = v.reshape(B, T, self.num_kv_heads, self.head_dim)
         log_g = nn.log_sigmoid(self.gate_proj(x)) if self.gating else None
-        options = dict(deg=self.power, scale=self.scale, normalize=self.normalize)
+        options = dict(deg=self.deg, scale=self.scale, normalize=self.normalize)
         sequence = power_retention if kernels is None else kernels.power_retention
         step = power_retention_step if kernels is None else kernels.decode_step
 
@@ -214,5 +253,6 @@ class PowerRetention(nn.Module):
         if cache is not None:
             cache.offset += T
 
-        y = mx.fast.rms_norm(y, self.norm_weight, self.norm_eps)
+        if self.output_norm:
+            y = mx.fast.rms_norm(y, self.norm_weight, self.norm_eps)
         return self.o_proj(y.reshape(B, T, self.num_heads * self.head_dim))

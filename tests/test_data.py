@@ -524,7 +524,25 @@ def test_a_stream_too_short_for_one_window_fails_suggesting_a_smaller_seq_len(n_
         BatchSampler(tokens, mask, seq_len=seq_len, batch_size=2, seed=0)
 
 
-def test_validation_batches_are_fixed_consecutive_windows():
+def test_validation_windows_spread_over_the_whole_stream():
+    """More windows than asked for: evenly spaced from the first token to the last, at least a
+    window apart, the same at every call."""
+    tokens, mask = counting_stream(1000 * 10 + 1)  # 1000 windows
+    batches = validation_batches(tokens, mask, seq_len=10, batch_size=4, max_batches=3)
+    assert [len(b[0]) for b in batches] == [4, 4, 4]
+    starts = [int(s) for inputs, _, _ in batches for s in inputs[:, 0]]
+    assert starts[0] == 0 and starts[-1] == len(tokens) - 1 - 10
+    gaps = np.diff(starts)
+    assert gaps.min() >= 10 and gaps.max() - gaps.min() <= 1
+    again = validation_batches(tokens, mask, seq_len=10, batch_size=4, max_batches=3)
+    for batch, same in zip(batches, again):
+        assert all(np.array_equal(a, b) for a, b in zip(batch, same))
+    inputs, targets, weights = batches[1]
+    assert np.array_equal(targets, inputs + 1)
+    assert np.array_equal(weights[0], mask[inputs[0, 0] + 1:inputs[0, 0] + 11])
+
+
+def test_validation_batches_take_every_window_when_there_are_few():
     tokens, mask = counting_stream(10 * 10 + 1)  # 10 windows
     batches = validation_batches(tokens, mask, seq_len=10, batch_size=4, max_batches=5)
     again = validation_batches(tokens, mask, seq_len=10, batch_size=4, max_batches=5)

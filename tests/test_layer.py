@@ -8,6 +8,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from power_retention import PowerRetention, RetentionCache, expanded_dim
+from power_retention.convolution import ShortConvolution
 from power_retention.layer import INITIAL_GATE
 from tests.helpers import FP32_TOLERANCE, STATE_FORM_DEG4_TOLERANCE, assert_close
 
@@ -17,7 +18,7 @@ def test_notebook_default():
     y = layer(mx.random.normal((1, 16, 32)))
     assert y.shape == (1, 16, 32) and y.dtype == mx.float32
     assert np.isfinite(np.array(y)).all()
-    assert (layer.power, layer.num_heads, layer.num_kv_heads, layer.head_dim) == (2, 1, 1, 32)
+    assert (layer.deg, layer.num_heads, layer.num_kv_heads, layer.head_dim) == (2, 1, 1, 32)
     assert layer.expanded_dim == expanded_dim(32, 2) == 528
     assert layer.state_size == 528 * 32 + 528  # S and z of one kv head
 
@@ -26,13 +27,6 @@ def test_default_heads_are_at_most_64_wide():
     layer = PowerRetention(dim=256, num_kv_heads=2)
     assert (layer.num_heads, layer.num_kv_heads, layer.head_dim) == (4, 2, 64)
     assert layer.state_size == 2 * 2080 * 65
-
-
-def test_gate_starts_near_0999():
-    layer = PowerRetention(dim=16, num_heads=2)
-    x = mx.random.normal((2, 5, 16))
-    gate = mx.exp(nn.log_sigmoid(layer.gate_proj(x)))
-    assert np.allclose(np.array(gate), INITIAL_GATE, rtol=0, atol=1e-6)
 
 
 def test_trains_with_value_and_grad():
@@ -60,12 +54,14 @@ def test_trains_with_value_and_grad():
 
 
 @pytest.mark.parametrize("prefill", [1, 7, 16, 33], ids=lambda n: f"prefill{n}")
+@pytest.mark.parametrize("conv_size", [0, 4], ids=lambda n: f"conv{n}")
 @pytest.mark.parametrize("deg,gating", [(1, True), (2, True), (2, False), (4, True)],
                          ids=["deg1", "deg2", "deg2-ungated", "deg4"])
-def test_cache_continues_the_sequence(deg, gating, prefill):
-    """Prefill (chunked, crossing chunk boundaries) then single-token steps equals one call."""
+def test_cache_continues_the_sequence(deg, gating, conv_size, prefill):
+    """Prefill (chunked, crossing chunk boundaries) then single-token steps equals one call;
+    with the short convolution, its last inputs travel in the cache."""
     layer = PowerRetention(dim=24, num_heads=4, num_kv_heads=2, head_dim=6, deg=deg,
-                           gating=gating, chunk_size=8)
+                           gating=gating, chunk_size=8, conv_size=conv_size)
     x = mx.random.normal((2, 40, 24))
     whole = layer(x)
     cache = layer.make_cache()
@@ -75,8 +71,42 @@ def test_cache_continues_the_sequence(deg, gating, prefill):
     assert_close("y", mx.concatenate(pieces, axis=1), whole, tolerance)
     assert cache.offset == 40
     D = expanded_dim(6, deg)
-    assert [a.shape for a in cache.state] == [(2, 2, D, 6), (2, 2, D)]
+    conv = [(2, conv_size - 1, (4 + 2 * 2) * 6)] if conv_size else []
+    assert [a.shape for a in cache.state] == [(2, 2, D, 6), (2, 2, D)] + conv
     assert cache.nbytes == 4 * 2 * layer.state_size
+
+
+@pytest.mark.parametrize("kernel_size", [1, 2, 4])
+def test_short_convolution_against_numpy(kernel_size):
+    """Each channel: silu of its last kernel_size inputs weighted (zeros before the start);
+    fed in two pieces with the tail between them, the same."""
+    conv = ShortConvolution(channels=5, kernel_size=kernel_size)
+    x = mx.random.normal((2, 11, 5))
+    y, tail = conv(x)
+    xs, w = np.array(x, dtype=np.float64), np.array(conv.weight, dtype=np.float64)
+    padded = np.concatenate([np.zeros((2, kernel_size - 1, 5)), xs], axis=1)
+    pre = sum(padded[:, i:i + 11] * w[:, i] for i in range(kernel_size))
+    assert_close("y", y, pre / (1 + np.exp(-pre)), FP32_TOLERANCE)
+    assert tail.shape == (2, kernel_size - 1, 5)
+    assert np.array_equal(np.array(tail), np.array(x)[:, 11 - tail.shape[1]:])
+    first, tail = conv(x[:, :4])
+    second, _ = conv(x[:, 4:], tail)
+    assert_close("in two pieces", mx.concatenate([first, second], axis=1), y, FP32_TOLERANCE)
+
+
+@pytest.mark.parametrize("gate_init", [None, 0.5, 0.999], ids=lambda g: f"gate{g or '-default'}")
+def test_gate_starts_at_gate_init(gate_init):
+    options = {} if gate_init is None else {"gate_init": gate_init}
+    layer = PowerRetention(dim=16, num_heads=2, **options)
+    gate = mx.exp(nn.log_sigmoid(layer.gate_proj(mx.random.normal((2, 5, 16)))))
+    assert np.allclose(np.array(gate), gate_init or INITIAL_GATE, rtol=0, atol=1e-6)
+
+
+def test_without_output_norm_or_convolution():
+    layer = PowerRetention(dim=16, num_heads=2, conv_size=0, output_norm=False)
+    names = {name for name, _ in tree_flatten(layer.parameters())}
+    assert not any(name.startswith(("conv", "norm_weight")) for name in names)
+    assert layer(mx.random.normal((1, 6, 16))).shape == (1, 6, 16)
 
 
 def test_cache_state_round_trips():
@@ -98,7 +128,12 @@ def test_cache_state_round_trips():
     (dict(dim=0), "dim"),
     (dict(dim=32, chunk_size=0), "chunk_size"),
     (dict(dim=32, method="fast"), "method"),
-], ids=["dim-vs-heads", "kv-heads", "odd-deg-normalized", "deg0", "dim0", "chunk0", "method"])
+    (dict(dim=32, gate_init=1.0), "gate_init"),
+    (dict(dim=32, gate_init=0), "gate_init"),
+    (dict(dim=32, conv_size=-1), "conv_size"),
+    (dict(dim=32, conv_size=2.5), "conv_size"),
+], ids=["dim-vs-heads", "kv-heads", "odd-deg-normalized", "deg0", "dim0", "chunk0", "method",
+        "gate-init-1", "gate-init-0", "conv-negative", "conv-fractional"])
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PowerRetention(**kwargs)

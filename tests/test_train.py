@@ -1,6 +1,7 @@
 """train.py end to end, in real subprocesses: quick test, kill and resume, guards, errors."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -106,6 +107,46 @@ def test_killed_run_resumes_exactly(tmp_path):
     assert worst <= RESUME_TOLERANCE, f"resumed losses differ by {worst:.2e}"
 
 
+def test_run_of_an_older_version_resumes_with_its_model(tmp_path):
+    """A run directory written before the degree was called deg and before the layer options
+    existed (train_config.json and config.json without them) resumes with the model it had."""
+    out = tmp_path / "old"
+    first = run(small_run(tmp_path, out, "--set", "conv_size=0", steps=10))
+    assert first.returncode == 0, first.stderr[-3000:]
+    options = json.loads((out / "train_config.json").read_text())
+    options["power"] = options.pop("deg")
+    del options["model_fields"]
+    (out / "train_config.json").write_text(json.dumps(options))
+    for config_path in out.glob("checkpoints/*/model/config.json"):
+        config = json.loads(config_path.read_text())
+        config["power"] = config.pop("deg")
+        for name in ("gate_init", "conv_size", "output_norm"):
+            del config[name]
+        config_path.write_text(json.dumps(config))
+
+    resumed = run([*TRAIN, "--resume", str(out), "--steps", "14"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert sorted(losses(out)) == list(range(1, 15))
+    saved = json.loads((out / "checkpoints" / "last" / "model" / "config.json").read_text())
+    assert (saved["deg"], saved["conv_size"], saved["gate_init"]) == (2, 0, 0.999)
+
+
+def test_set_changes_the_model_and_rejects_unknown_fields(tmp_path):
+    out = tmp_path / "wide"
+    result = run(small_run(tmp_path, out, "--set", "hidden_size=32", "--set", "output_norm=false",
+                           steps=4))
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((out / "checkpoints" / "last" / "model" / "config.json").read_text())
+    assert (config["hidden_size"], config["head_dim"], config["output_norm"]) == (32, 16, False)
+    for bad, message in ((["--set", "hidden=3"], "'hidden' is not a model field"),
+                         (["--set", "vocab_size=3"], "'vocab_size' is not a model field"),
+                         (["--set", "conv_size"], "expected FIELD=VALUE"),
+                         (["--set", "gate_init=2"], "gate_init must be a number in \\(0, 1\\)")):
+        failed = run(small_run(tmp_path, tmp_path / "bad", *bad, steps=4))
+        assert failed.returncode != 0 and re.search(message, failed.stderr), (bad, failed.stderr[-2000:])
+        assert not (tmp_path / "bad").exists()
+
+
 def test_kill_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
     """Kills at staggered moments while a checkpoint is written every step."""
     out = tmp_path / "run"
@@ -158,7 +199,7 @@ def test_early_stopping_on_a_plateau(tmp_path):
     (lambda tmp: ["--data", str(_write(tmp / "empty.txt", "  \n"))], "empty.txt"),
     (lambda tmp: ["--data", str(_write(tmp / "bad.jsonl", '{"text": "a"}\nnot json\n'))], "line 2"),
     (lambda tmp: ["--warmup", "50", "--steps", "10"], "--warmup"),
-    (lambda tmp: ["--mixer", "softmax", "--power", "4"], "--power"),
+    (lambda tmp: ["--mixer", "softmax", "--deg", "4"], "--deg"),
     (lambda tmp: ["--model", "huge"], "known presets"),
 ], ids=["missing-file", "empty-file", "bad-jsonl", "warmup-too-long", "power-with-softmax", "bad-model"])
 def test_bad_input_fails_clearly(tmp_path, make_args, message):

@@ -1,0 +1,135 @@
+"""What the mixer evaluations share: mixers by name, grids of cells run in worker processes
+and kept in a resumable results file, and spreads over seeds.
+
+A mixer is named ``softmax`` (attention with rotary embeddings, the baseline) or ``pN``
+(power retention of degree N with the layer's defaults), optionally followed by ModelConfig
+fields after a colon: ``p2:conv_size=0,gate_init=0.99``. The name is also the label in tables.
+
+A cell is one training run (a dict of JSON values); each runs in its own process (so a crash
+or a leak cannot touch the others, and ``--jobs 2`` uses both cores of a small machine), and
+its record is added to the results file as soon as it ends: an interrupted grid resumes
+where it stopped when run again with the same results file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+from common import machine_description
+
+from llm.config import ModelConfig, state_floats_per_layer
+
+
+def parse_mixer(name: str) -> dict:
+    """ModelConfig fields of the mixer ``name`` (see the module docstring)."""
+    base, _, settings = name.partition(":")
+    if base == "softmax":
+        fields = {"mixer": "softmax"}
+    elif base[:1] == "p" and base[1:].isdigit() and int(base[1:]) >= 1:
+        fields = {"mixer": "power", "deg": int(base[1:])}
+    else:
+        raise ValueError(f"mixer {name!r}: expected softmax or pN (N >= 1), optionally with "
+                         f"':field=value,...'")
+    for assignment in filter(None, settings.split(",")):
+        field, equals, text = assignment.partition("=")
+        if not equals or field not in ModelConfig.__dataclass_fields__:
+            raise ValueError(f"mixer {name!r}: {assignment!r} is not FIELD=VALUE with a "
+                             f"ModelConfig field")
+        try:
+            fields[field] = json.loads(text)
+        except json.JSONDecodeError:
+            fields[field] = text
+    return fields
+
+
+def small_config(mixer: str, *, vocab_size: int, width: int, layers: int, head_dim: int,
+                 seq_len: int, mlp_ratio: float = 2.0) -> ModelConfig:
+    """A small model with ``width // head_dim`` heads of ``head_dim`` and the mixer's fields."""
+    if width % head_dim:
+        raise ValueError(f"width {width} is not a multiple of head_dim {head_dim}")
+    heads = width // head_dim
+    values = dict(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=heads, head_dim=head_dim,
+                  intermediate_size=int(mlp_ratio * width), max_position_embeddings=seq_len)
+    values.update(parse_mixer(mixer))
+    return ModelConfig.from_dict(values, source=f"mixer {mixer!r}")
+
+
+def state_floats(config: ModelConfig, seq_len: int) -> int:
+    """Floats a model keeps per sequence to continue it after ``seq_len`` tokens: recurrent
+    states (power) or the KV cache (softmax), all layers: Zoology's 'state size'."""
+    return config.num_hidden_layers * state_floats_per_layer(config, seq_len)
+
+
+class Results:
+    """A JSON file of the grid's settings and one record per finished cell, rewritten
+    atomically after each cell."""
+
+    def __init__(self, path: str, settings: dict):
+        self.path = path
+        if os.path.exists(path):
+            with open(path) as file:
+                saved = json.load(file)
+            if saved.get("settings") != settings:
+                changed = sorted(k for k in set(settings) | set(saved.get("settings", {}))
+                                 if settings.get(k) != saved.get("settings", {}).get(k))
+                raise SystemExit(f"{path} holds a grid with other settings ({', '.join(changed)}): "
+                                 f"choose another --out, or rerun with the same settings to resume it")
+            self.data = saved
+        else:
+            self.data = {"settings": settings, "machine": machine_description(), "cells": []}
+
+    def done(self, cell: dict) -> bool:
+        return any(record["cell"] == cell for record in self.data["cells"])
+
+    def add(self, record: dict):
+        self.data["cells"].append(record)
+        self.write()
+
+    def write(self):
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(self.path + ".tmp", "w") as file:
+            json.dump(self.data, file, indent=1)
+        os.replace(self.path + ".tmp", self.path)
+
+
+def run_cells(script: str, cells: list, results: Results, jobs: int, describe) -> None:
+    """Run each cell not yet in ``results`` as ``python script --cell JSON`` (its last stdout
+    line is its record), ``jobs`` at a time; add each record as it arrives."""
+    todo = [cell for cell in cells if not results.done(cell)]
+    print(f"{len(cells) - len(todo)} of {len(cells)} cells already in {results.path}; "
+          f"running {len(todo)}, {jobs} at a time", flush=True)
+    env = dict(os.environ)
+    if jobs > 1:  # the small products of these models gain nothing from a second BLAS thread
+        env.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+    def run(cell):
+        process = subprocess.run([sys.executable, script, "--cell", json.dumps(cell)],
+                                 capture_output=True, text=True, env=env)
+        if process.returncode != 0:
+            raise RuntimeError(f"cell {cell} failed:\n{process.stderr[-3000:]}")
+        return json.loads(process.stdout.strip().splitlines()[-1])
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(run, cell) for cell in todo]
+        for index, future in enumerate(as_completed(futures), 1):
+            record = future.result()
+            results.add(record)
+            print(f"[{index}/{len(todo)}] {describe(record)}", flush=True)
+
+
+def spread(values: list) -> dict:
+    """Mean, min, max and count of a metric over seeds."""
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
+            "n": len(values)}
+
+
+def format_spread(s: dict, digits: int = 3) -> str:
+    if s["n"] == 1:
+        return f"{s['mean']:.{digits}f} (1 seed)"
+    return f"{s['mean']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"

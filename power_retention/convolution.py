@@ -1,0 +1,46 @@
+"""``ShortConvolution``: a causal depthwise convolution over a few tokens, with its cache.
+
+Every channel mixes its own last ``kernel_size`` inputs (the current token included) and goes
+through SiLU, as flash-linear-attention's ShortConvolution does for q, k and v. Why a mixer
+needs it: a key and the value that follows it sit at different positions, and the op pairs
+k_j with v_j of the same position; the convolution lets k_j and v_j see the tokens just before
+j, so one layer can bind "the token before" to "this token" (what associative recall asks)
+without first spending a layer on it. Zoology's Based, GLA, DeltaNet and Mamba all carry one.
+
+    conv = ShortConvolution(channels=96, kernel_size=4)
+    y, tail = conv(x)                  # x (B, T, channels) -> y like x, tail (B, 3, channels)
+    y2, tail = conv(x2, tail)          # continues the sequence exactly
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+class ShortConvolution(nn.Module):
+    """y_t = silu(sum_i weight[:, i] * x_(t - kernel_size + 1 + i)), inputs before the sequence
+    taken from ``tail`` (the last kernel_size - 1 inputs of what came before) or zero."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        # PyTorch's Conv1d initialisation for a depthwise filter (fan-in = kernel_size).
+        bound = 1 / math.sqrt(kernel_size)
+        self.weight = mx.random.uniform(-bound, bound, (channels, kernel_size))
+
+    def __call__(self, x: mx.array, tail: mx.array | None = None) -> tuple[mx.array, mx.array]:
+        """(y, new tail): y (B, T, channels), the tail (B, kernel_size - 1, channels)."""
+        B, T, channels = x.shape
+        history = self.kernel_size - 1
+        if tail is None:
+            tail = mx.zeros((B, history, channels), dtype=x.dtype)
+        padded = mx.concatenate([tail.astype(x.dtype), x], axis=1)
+        # kernel_size shifted multiply-adds: for kernels of a few taps this is cheaper than
+        # a general convolution and has the same gradient.
+        y = padded[:, :T] * self.weight[:, 0]
+        for i in range(1, self.kernel_size):
+            y = y + padded[:, i:i + T] * self.weight[:, i]
+        return nn.silu(y), padded[:, T:]
