@@ -22,6 +22,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 
+from .normalize import divide_by_weight_sum
 from .state import RetentionState
 from .streams import custom_function
 from .sympow import StateLayout, integer_power
@@ -207,8 +208,7 @@ def chunk_power_retention(q, k, v, log_g, *, deg, chunk_size, initial_state, ret
     if normalize:
         # No epsilon: a zero denominator means every weight is zero, and then so is the
         # numerator; any positive denominator, however small, is divided exactly.
-        denominator = out[..., e:]
-        y = y / mx.where(denominator == 0, 1.0, denominator)
+        y = divide_by_weight_sum(y, out[..., e:])
     y = y.transpose(1, 0, 4, 2, 3, 5).reshape(B, n * c, Hq, e)
     if pad:
         y = y[:, :T]

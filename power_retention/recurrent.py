@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from .normalize import divide_by_weight_sum
 from .state import RetentionState
 from .sympow import integer_power, sympow
 
@@ -34,7 +35,7 @@ def recurrent_step(q, k, v, log_g, state, *, deg, normalize):
         denominator = denominator + phi_q @ z[..., None]
     y = numerator
     if normalize:
-        y = y / mx.where(denominator == 0, 1.0, denominator)
+        y = divide_by_weight_sum(y, denominator)
 
     phi_k = sympow(k, deg)
     update_S = phi_k[..., :, None] * v[..., None, :]
