@@ -632,8 +632,14 @@ def train(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
             break
 
     elapsed = time.perf_counter() - run_start
+    evals = [r for r in _read_jsonl(run.metrics_path) if "val_loss" in r]
+    # Both over the same stretch of the run: the last evaluation, and the training steps
+    # before it (the mean of the last 50), so that they differ only by the data they score.
+    last_val_loss = evals[-1]["val_loss"] if evals else None
+    last_train_loss = float(np.mean(recent)) if recent else None
     summary = {"stop_reason": stop_reason, "steps": state["step"], "tokens": state["tokens"],
                "initial_val_loss": state["initial_val_loss"],
+               "last_val_loss": last_val_loss, "last_train_loss": last_train_loss,
                "best_val_loss": state["best_val_loss"], "best_step": state["best_step"],
                "unigram_entropy": baseline, "elapsed_s": elapsed,
                "tokens_per_s": state["tokens"] / max(elapsed, 1e-9), "peak_memory_gb": peak,
@@ -645,6 +651,9 @@ def train(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
           f"{elapsed / 60:.1f} min ({summary['tokens_per_s']:,.0f} tok/s), peak {peak:.2f} GB; "
           f"best validation loss {state['best_val_loss'] or float('nan'):.4f} at step {state['best_step']} "
           f"(unigram entropy {baseline:.3f}); checkpoints in {run.dir / 'checkpoints'}")
+    if last_val_loss is not None and last_train_loss is not None:
+        print(f"last validation loss {last_val_loss:.4f}; training loss over the last "
+              f"{len(recent)} steps {last_train_loss:.4f}")
     return summary
 
 

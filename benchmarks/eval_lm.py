@@ -171,13 +171,14 @@ def main(data, tokenizer, mixers, seeds, steps, width, layers, head_dim, seq_len
                      seq_len=seq_len)
     name = Path(data).stem if os.path.exists(data) else data.replace(":", "-")
     path = out or f"{RESULTS}/lm-{name}-{started:%Y%m%d-%H%M}.json"
-    results = Results(path, dict(settings, mixers=mixers, seeds=seeds, steps=steps))
+    results = Results(path, settings)
     run_cells(__file__, grid, results, jobs, lambda r: (
         f"{r['cell']['mixer']} {r['cell']['steps']} steps seed {r['cell']['seed']}: validation loss "
         f"{r['val_loss']:.4f} (training {r['train_loss']:.4f}; {r['seconds']:.0f} s)"))
 
-    summary = summarize(results.data["cells"])
-    hours = sum(r["seconds"] for r in results.data["cells"]) / 3600
+    records = results.records(grid)
+    summary = summarize(records)
+    hours = sum(r["seconds"] for r in records) / 3600
     table = (f"Language modelling on {data} ({tokenizer} tokens), {layers} layers x {width}, heads "
              f"of {head_dim}, {batch_size} x {seq_len} tokens per step, lr {lr} (warmup, cosine to "
              f"lr/10), seeds {seeds}; validation loss at the last step, mean (min-max) over seeds; "

@@ -222,15 +222,16 @@ def main(tasks, mixers, widths, lrs, seeds, steps, batch_size, vocab, layers, he
                      head_dim=head_dim, seq_len=c["seq_len"])
         MQAR(vocab, c["seq_len"], c["pairs"])
     path = out or f"{RESULTS}/mqar-{started:%Y%m%d-%H%M}.json"
-    results = Results(path, dict(settings, tasks=tasks, mixers=mixers, widths=widths, lrs=lrs, seeds=seeds))
+    results = Results(path, settings)
     run_cells(__file__, grid, results, jobs, lambda r: (
         f"{r['cell']['pairs']}x{r['cell']['seq_len']} {r['cell']['mixer']} width {r['cell']['width']} "
         f"lr {r['cell']['lr']:g} seed {r['cell']['seed']}: accuracy {r['accuracy']:.3f} "
         f"({r['seconds']:.0f} s)"))
 
-    summary = summarize(results.data["cells"])
+    records = results.records(grid)
+    summary = summarize(records)
     machine = results.data["machine"]
-    hours = sum(r["seconds"] for r in results.data["cells"]) / 3600
+    hours = sum(r["seconds"] for r in records) / 3600
     table = (f"MQAR, {layers} layers, heads of {head_dim}, vocab {vocab}, {steps} steps x batch "
              f"{batch_size}, lr swept over {lrs} (best by mean accuracy), seeds {seeds}; accuracy "
              f"on {test_size} held-out sequences, mean (min-max) over seeds; {hours:.1f} h of "

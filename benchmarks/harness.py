@@ -67,8 +67,9 @@ def state_floats(config: ModelConfig, seq_len: int) -> int:
 
 
 class Results:
-    """A JSON file of the grid's settings and one record per finished cell, rewritten
-    atomically after each cell."""
+    """A JSON file of the training settings every cell shares and one record per finished
+    cell, rewritten atomically after each cell. Grids with the same settings can share a
+    file: each table is made from the cells of its own grid."""
 
     def __init__(self, path: str, settings: dict):
         self.path = path
@@ -78,14 +79,18 @@ class Results:
             if saved.get("settings") != settings:
                 changed = sorted(k for k in set(settings) | set(saved.get("settings", {}))
                                  if settings.get(k) != saved.get("settings", {}).get(k))
-                raise SystemExit(f"{path} holds a grid with other settings ({', '.join(changed)}): "
-                                 f"choose another --out, or rerun with the same settings to resume it")
+                raise SystemExit(f"{path} holds cells trained with other settings ({', '.join(changed)}): "
+                                 f"choose another --out, or rerun with the same settings to add to it")
             self.data = saved
         else:
             self.data = {"settings": settings, "machine": machine_description(), "cells": []}
 
     def done(self, cell: dict) -> bool:
         return any(record["cell"] == cell for record in self.data["cells"])
+
+    def records(self, cells: list) -> list:
+        """The records of ``cells`` (the file may hold other grids' cells too)."""
+        return [record for record in self.data["cells"] if record["cell"] in cells]
 
     def add(self, record: dict):
         self.data["cells"].append(record)

@@ -41,7 +41,8 @@ class ModelConfig:
     deg: int = 2                  # degree p of the power mixer
     gating: bool = True           # learned decay in the power mixer
     gate_init: float = INITIAL_GATE  # the power mixer's gate at initialisation, in (0, 1)
-    conv_size: int = CONV_SIZE    # taps of the power mixer's short convolution on q, k, v (0: none)
+    conv_size: int | None = None  # taps of the short convolution on q, k, v (0: none; None: the
+                                  # mixer's default, CONV_SIZE for power, 0 for softmax)
     output_norm: bool = True      # RMS norm on each power-mixer head's output
     chunk_size: int = 64          # chunk of the power mixer's chunked form
     rope_theta: float = 10000.0   # rotary embedding base of the softmax mixer
@@ -50,8 +51,10 @@ class ModelConfig:
     model_type: str = "retention_llm"
 
     def __post_init__(self):
+        if self.conv_size is None:
+            self.conv_size = CONV_SIZE if self.mixer == "power" else 0
         for field in fields(self):
-            if field.type in ("int", int):
+            if field.type in ("int", int) or field.name == "conv_size":
                 value = getattr(self, field.name)
                 lowest = 0 if field.name == "conv_size" else 1
                 if not is_integer(value) or value < lowest:
@@ -131,12 +134,12 @@ def mixer_param_count(config: ModelConfig) -> int:
     dim, hd = config.hidden_size, config.head_dim
     Hq, H = config.num_attention_heads, config.num_key_value_heads
     projections = dim * hd * (2 * Hq + 2 * H)          # q, o and k, v
-    if config.mixer == "softmax":
-        return projections
-    gate = (dim + 1) * H if config.gating else 0
     conv = (Hq + 2 * H) * hd * config.conv_size
+    if config.mixer == "softmax":
+        return projections + conv
+    gate = (dim + 1) * H if config.gating else 0
     norm = hd if config.output_norm else 0
-    return projections + gate + conv + norm
+    return projections + conv + gate + norm
 
 
 def param_count(config: ModelConfig) -> int:
@@ -151,11 +154,12 @@ def param_count(config: ModelConfig) -> int:
 def state_floats_per_layer(config: ModelConfig, context: int = 0) -> int:
     """Floats a layer keeps per sequence while decoding: the recurrent state of the power
     mixer (independent of ``context``), or the KV cache of the softmax mixer at ``context``."""
+    conv = max(config.conv_size - 1, 0) * (config.num_attention_heads
+                                           + 2 * config.num_key_value_heads) * config.head_dim
     if config.mixer == "softmax":
-        return 2 * config.num_key_value_heads * config.head_dim * context
+        return 2 * config.num_key_value_heads * config.head_dim * context + conv
     D = expanded_dim(config.head_dim, config.deg)
-    conv = max(config.conv_size - 1, 0) * (config.num_attention_heads + 2 * config.num_key_value_heads)
-    return config.num_key_value_heads * D * (config.head_dim + 1) + conv * config.head_dim
+    return config.num_key_value_heads * D * (config.head_dim + 1) + conv
 
 
 def describe(config: ModelConfig) -> str:

@@ -52,6 +52,10 @@ def _mixer_activations(config: ModelConfig, B: int, T: int, method: str, chunk_s
     extra floats its backward needs for a while (all in floats)."""
     hd, Hq, H = config.head_dim, config.num_attention_heads, config.num_key_value_heads
     projections = B * T * (Hq + 2 * H) * hd
+    if config.conv_size:
+        # The short convolution keeps its padded input, the pre-activation and its sigmoid
+        # for the backward pass (its output is the attention's input, counted above).
+        projections += 3 * B * (T + config.conv_size - 1) * (Hq + 2 * H) * hd
     if config.mixer == "softmax":
         # Scores and probabilities of every head (MLX's CPU attention materialises them).
         weights = 2 * B * Hq * T * T
@@ -85,7 +89,7 @@ def _live_buffers(config: ModelConfig, T: int, method: str, chunk_size: int, che
     """Arrays alive at the peak: each parameter with its gradient and optimizer slots, and the
     activations of each layer (about 40 arrays, plus a few per chunk in the chunked form's
     scan and per token in the recurrent form)."""
-    per_layer_tensors = 12 if config.mixer == "power" else 9
+    per_layer_tensors = (12 if config.mixer == "power" else 9) + (1 if config.conv_size else 0)
     tensors = config.num_hidden_layers * per_layer_tensors + 2 + (0 if config.tie_word_embeddings else 1)
     activations = 40
     if config.mixer == "power" and method == "chunked":

@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from power_retention import PowerRetention
+from power_retention.convolution import ShortConvolution
 
 from .config import ModelConfig
 from .generate import generate_tokens
@@ -37,6 +38,7 @@ class KVCache:
     def __init__(self):
         self.keys = None    # (B, H, capacity, head_dim)
         self.values = None
+        self.conv_state = None  # the short convolution's last inputs, when the layer has one
         self.offset = 0
 
     def update_and_fetch(self, keys, values):
@@ -58,7 +60,8 @@ class KVCache:
     def state(self) -> list:
         if self.keys is None:
             return []
-        return [self.keys[:, :, :self.offset], self.values[:, :, :self.offset]]
+        kv = [self.keys[:, :, :self.offset], self.values[:, :, :self.offset]]
+        return kv + ([] if self.conv_state is None else [self.conv_state])
 
     @property
     def nbytes(self) -> int:
@@ -69,7 +72,9 @@ class KVCache:
 
 
 class SoftmaxAttention(nn.Module):
-    """Causal grouped-query attention with rotary position embeddings: the baseline mixer."""
+    """Causal grouped-query attention with rotary position embeddings: the baseline mixer.
+    With ``conv_size``, q, k and v first go through the power mixer's short convolution
+    (Primer's depthwise convolution; Zoology's recall benchmarks give attention one too)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -81,15 +86,24 @@ class SoftmaxAttention(nn.Module):
         self.v_proj = nn.Linear(dim, self.num_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(self.num_heads * hd, dim, bias=False)
         self.rope = nn.RoPE(hd, base=config.rope_theta)
+        self.conv_size = config.conv_size
+        if self.conv_size:
+            self.conv = ShortConvolution((self.num_heads + 2 * self.num_kv_heads) * hd, self.conv_size)
 
     def make_cache(self) -> KVCache:
         return KVCache()
 
     def __call__(self, x, cache: KVCache | None = None):
         B, T, _ = x.shape
-        q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.conv_size:
+            q, k, v, conv_state = self.conv.split(q, k, v,
+                                                  tail=None if cache is None else cache.conv_state)
+            if cache is not None:
+                cache.conv_state = conv_state
+        q = q.reshape(B, T, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k = k.reshape(B, T, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        v = v.reshape(B, T, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         offset = 0 if cache is None else cache.offset
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:

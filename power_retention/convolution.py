@@ -14,6 +14,7 @@ without first spending a layer on it. Zoology's Based, GLA, DeltaNet and Mamba a
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import mlx.core as mx
@@ -44,3 +45,10 @@ class ShortConvolution(nn.Module):
         for i in range(1, self.kernel_size):
             y = y + padded[:, i:i + T] * self.weight[:, i]
         return nn.silu(y), padded[:, T:]
+
+    def split(self, *parts: mx.array, tail: mx.array | None = None):
+        """The convolution over the channels of ``parts`` side by side (q, k and v), split
+        back: (*convolved parts, new tail)."""
+        y, tail = self(mx.concatenate(parts, axis=-1), tail)
+        bounds = list(itertools.accumulate(part.shape[-1] for part in parts[:-1]))
+        return (*mx.split(y, bounds, axis=-1), tail)

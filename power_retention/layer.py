@@ -25,7 +25,7 @@ from .sympow import check_degree, expanded_dim
 # The gate's bias is set so that sigmoid(bias) = INITIAL_GATE: every head starts with a memory
 # of about 1 / (1 - INITIAL_GATE) tokens and learns to change it where that helps.
 INITIAL_GATE = 0.999
-CONV_SIZE = 0
+CONV_SIZE = 4
 
 _warned_no_kernels = False
 
@@ -225,9 +225,8 @@ class PowerRetention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.conv_size:
-            qkv, conv_state = self.conv(mx.concatenate([q, k, v], axis=-1),
-                                        None if cache is None else cache.conv_state)
-            q, k, v = mx.split(qkv, [q.shape[-1], q.shape[-1] + k.shape[-1]], axis=-1)
+            q, k, v, conv_state = self.conv.split(q, k, v,
+                                                  tail=None if cache is None else cache.conv_state)
             if cache is not None:
                 cache.conv_state = conv_state
         q = q.reshape(B, T, self.num_heads, self.head_dim)

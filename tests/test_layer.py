@@ -20,13 +20,14 @@ def test_notebook_default():
     assert np.isfinite(np.array(y)).all()
     assert (layer.deg, layer.num_heads, layer.num_kv_heads, layer.head_dim) == (2, 1, 1, 32)
     assert layer.expanded_dim == expanded_dim(32, 2) == 528
-    assert layer.state_size == 528 * 32 + 528  # S and z of one kv head
+    # S and z of one kv head, and the convolution's last 3 inputs of q, k and v
+    assert layer.state_size == 528 * 32 + 528 + 3 * 3 * 32
 
 
 def test_default_heads_are_at_most_64_wide():
     layer = PowerRetention(dim=256, num_kv_heads=2)
     assert (layer.num_heads, layer.num_kv_heads, layer.head_dim) == (4, 2, 64)
-    assert layer.state_size == 2 * 2080 * 65
+    assert layer.state_size == 2 * 2080 * 65 + 3 * (4 + 2 * 2) * 64
 
 
 def test_trains_with_value_and_grad():

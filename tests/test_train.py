@@ -327,3 +327,25 @@ def test_a_skipped_final_step_still_evaluates_and_checkpoints(tmp_path):
     state = json.loads((out / "checkpoints" / "last" / "trainer_state.json").read_text())
     assert state["step"] == 12 and state["skipped_steps"] == 1
     assert json.loads((out / "summary.json").read_text())["best_step"] == 12
+
+
+def test_weight_decay_spares_gains_and_biases_the_gate_included():
+    """One AdamW step on zero gradients moves only what weight decay applies to: the matrices
+    (the convolution's taps included), never the norm gains or the gate's bias, so the gate
+    does not drift from its initial value by decay alone."""
+    sys.path.insert(0, str(ROOT))
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_map
+
+    from llm import RetentionLLM, create_model_config
+    from train import TrainConfig, make_optimizer
+
+    model = RetentionLLM(create_model_config("ultra-tiny"))
+    before = dict(tree_flatten(model.parameters()))
+    optimizer = make_optimizer(TrainConfig(lr=0.1, weight_decay=0.5))
+    optimizer.update(model, tree_map(mx.zeros_like, model.trainable_parameters()))
+    moved = {name for name, value in tree_flatten(model.parameters())
+             if not mx.array_equal(value, before[name]).item()}
+    assert "layers.0.mixer.gate_proj.bias" not in moved
+    assert not any(name.endswith(("norm_weight", "layernorm.weight", "norm.weight")) for name in moved)
+    assert {"layers.0.mixer.conv.weight", "layers.0.mixer.q_proj.weight"} <= moved
