@@ -36,7 +36,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from llm import ModelConfig, RetentionLLM, create_model_config, load_tokenizer, param_count, train_tokenizer
-from llm.config import FIELDS_ADDED_LATER, PRESETS, RENAMED_FIELDS, describe
+from llm.config import PRESETS, RENAMED_FIELDS, describe, fields_added_later
 from llm.memory import estimate, format_bytes
 from llm.data import (DEFAULT_DATA, BatchSampler, cache_key, documents_fingerprint, read_documents,
                       tokenize_corpus, unigram_entropy, validation_batches)
@@ -844,7 +844,8 @@ def upgrade_saved_options(saved: dict) -> dict:
     a run from before --set pins the model fields added since at the values it trained with."""
     saved = {RENAMED_FIELDS.get(name, name): value for name, value in saved.items()}  # --power
     if "model_fields" not in saved:
-        saved["model_fields"] = dict(FIELDS_ADDED_LATER)
+        mixer = saved.get("mixer") or create_model_config(saved.get("model", "ultra-tiny")).mixer
+        saved["model_fields"] = fields_added_later(mixer)
     if saved.get("plan"):
         saved["plan"]["model"] = {RENAMED_FIELDS.get(name, name): value
                                   for name, value in saved["plan"]["model"].items()}

@@ -138,7 +138,7 @@ def plot(summary: dict, path: str) -> bool:
               "directory, glob or jsonl; default: this Python's standard library source")
 @click.option("--tokenizer", default="byte", show_default=True, help="train.py --tokenizer")
 @click.option("--mixers", default="softmax,p1,p2,p4", show_default=True,
-              help="softmax or pN, each optionally with :field=value,... (benchmarks/harness.py)")
+              help="softmax or pN, each optionally with :field=value settings (benchmarks/harness.py)")
 @click.option("--seeds", default="0,1", show_default=True)
 @click.option("--steps", default="1000", show_default=True, help="training budgets, comma-separated")
 @click.option("--width", default=128, show_default=True)

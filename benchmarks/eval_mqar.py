@@ -119,18 +119,34 @@ def train_cell(cell: dict) -> dict:
             "seconds": time.perf_counter() - started}
 
 
-def summarize(records: list) -> dict:
-    """{(pairs, seq_len, mixer, width): {"lr", "accuracy" spread, "state_floats"}} at the best
-    learning rate (by mean accuracy over seeds)."""
+def group_by_lr(records: list) -> dict:
+    """{(pairs, seq_len, mixer, width): {lr: [records]}}."""
     groups = {}
     for record in records:
         c = record["cell"]
         groups.setdefault((c["pairs"], c["seq_len"], c["mixer"], c["width"]), {}) \
               .setdefault(c["lr"], []).append(record)
+    return groups
+
+
+def best_lrs(records: list, sweep_seeds: list) -> dict:
+    """The learning rate with the best mean accuracy over ``sweep_seeds``, per (pairs,
+    seq_len, mixer, width)."""
+    best = {}
+    for key, by_lr in group_by_lr(records).items():
+        best[key] = max(by_lr, key=lambda lr: np.mean(
+            [r["accuracy"] for r in by_lr[lr] if r["cell"]["seed"] in sweep_seeds]))
+    return best
+
+
+def summarize(records: list, sweep_seeds: list) -> dict:
+    """{(pairs, seq_len, mixer, width): {"lr", "accuracy" spread over every seed at that lr,
+    "state_floats", "parameters", "all_lrs"}} at the best learning rate of the sweep seeds."""
     summary = {}
-    for key, by_lr in groups.items():
-        lr, runs = max(by_lr.items(), key=lambda item: np.mean([r["accuracy"] for r in item[1]]))
-        summary[key] = {"lr": lr, "accuracy": spread([r["accuracy"] for r in runs]),
+    chosen = best_lrs(records, sweep_seeds)
+    for key, by_lr in group_by_lr(records).items():
+        runs = by_lr[chosen[key]]
+        summary[key] = {"lr": chosen[key], "accuracy": spread([r["accuracy"] for r in runs]),
                         "state_floats": runs[0]["state_floats"], "parameters": runs[0]["parameters"],
                         "all_lrs": {str(l): spread([r["accuracy"] for r in rs]) for l, rs in by_lr.items()}}
     return summary
@@ -187,10 +203,13 @@ def plot(summary: dict, path: str) -> bool:
 @click.command()
 @click.option("--tasks", default="4x32,8x64,16x128", show_default=True, help="PAIRSxLENGTH, comma-separated")
 @click.option("--mixers", default="softmax,p1,p2,p4", show_default=True,
-              help="softmax or pN, each optionally with :field=value,... (benchmarks/harness.py)")
+              help="softmax or pN, each optionally with :field=value settings (benchmarks/harness.py)")
 @click.option("--widths", default="64", show_default=True, help="model widths, comma-separated")
 @click.option("--lrs", default="1e-3,3e-3", show_default=True, help="learning rates swept per cell")
 @click.option("--seeds", default="0,1", show_default=True)
+@click.option("--sweep-seeds", default=0, show_default=True,
+              help="sweep the learning rates on the first N seeds only, then train the other "
+                   "seeds at the best rate of each cell (0: every seed at every rate)")
 @click.option("--steps", default=2000, show_default=True)
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--vocab", default=256, show_default=True)
@@ -203,8 +222,8 @@ def plot(summary: dict, path: str) -> bool:
 @click.option("--out", default="", help="results JSON (default benchmarks/results/mqar-DATE.json); "
                                         "an existing one with the same settings is resumed")
 @click.option("--cell", default="", hidden=True, help="run one cell (JSON) and print its record")
-def main(tasks, mixers, widths, lrs, seeds, steps, batch_size, vocab, layers, head_dim,
-         weight_decay, test_size, eval_every, jobs, out, cell):
+def main(tasks, mixers, widths, lrs, seeds, sweep_seeds, steps, batch_size, vocab, layers,
+         head_dim, weight_decay, test_size, eval_every, jobs, out, cell):
     """Train and score every (task, mixer, width, learning rate, seed) cell."""
     reexec_with_fast_blas()
     if cell:
@@ -213,29 +232,47 @@ def main(tasks, mixers, widths, lrs, seeds, steps, batch_size, vocab, layers, he
     started = now()
     settings = dict(steps=steps, batch_size=batch_size, vocab=vocab, layers=layers, head_dim=head_dim,
                     weight_decay=weight_decay, test_size=test_size, eval_every=eval_every)
-    grid = [dict(settings, pairs=n, seq_len=t, mixer=m, width=int(w), lr=float(lr), seed=int(s))
-            for (n, t), m, w, lr, s in product([parse_task(x) for x in tasks.split(",")],
-                                               mixers.split(","), widths.split(","),
-                                               lrs.split(","), seeds.split(","))]
-    for c in grid:  # every mixer and shape is checked before anything trains
-        small_config(c["mixer"], vocab_size=vocab, width=c["width"], layers=layers,
-                     head_dim=head_dim, seq_len=c["seq_len"])
-        MQAR(vocab, c["seq_len"], c["pairs"])
+    seed_list = [int(x) for x in seeds.split(",")]
+    sweep = seed_list[:sweep_seeds] if 0 < sweep_seeds < len(seed_list) else seed_list
+    shapes = list(product([parse_task(x) for x in tasks.split(",")], mixers.split(","),
+                          [int(w) for w in widths.split(",")]))
+    lr_list = [float(lr) for lr in lrs.split(",")]
+    for (n, t), mixer, width in shapes:  # every mixer and shape is checked before anything trains
+        small_config(mixer, vocab_size=vocab, width=width, layers=layers, head_dim=head_dim, seq_len=t)
+        MQAR(vocab, t, n)
+
+    def cell_of(n, t, mixer, width, lr, seed):
+        return dict(settings, pairs=n, seq_len=t, mixer=mixer, width=width, lr=lr, seed=seed)
+
     path = out or f"{RESULTS}/mqar-{started:%Y%m%d-%H%M}.json"
     results = Results(path, settings)
-    run_cells(__file__, grid, results, jobs, lambda r: (
-        f"{r['cell']['pairs']}x{r['cell']['seq_len']} {r['cell']['mixer']} width {r['cell']['width']} "
-        f"lr {r['cell']['lr']:g} seed {r['cell']['seed']}: accuracy {r['accuracy']:.3f} "
-        f"({r['seconds']:.0f} s)"))
+
+    def describe(r):
+        c = r["cell"]
+        return (f"{c['pairs']}x{c['seq_len']} {c['mixer']} width {c['width']} lr {c['lr']:g} seed "
+                f"{c['seed']}: accuracy {r['accuracy']:.3f} ({r['seconds']:.0f} s)")
+
+    grid = [cell_of(n, t, m, w, lr, seed) for (n, t), m, w in shapes for lr in lr_list for seed in sweep]
+    run_cells(__file__, grid, results, jobs, describe)
+    if sweep != seed_list:  # the other seeds at each cell's best rate
+        best = best_lrs(results.records(grid), sweep)
+        confirm = [cell_of(n, t, m, w, best[(n, t, m, w)], seed) for (n, t), m, w in shapes
+                   for seed in seed_list if seed not in sweep]
+        run_cells(__file__, confirm, results, jobs, describe)
+        grid += confirm
 
     records = results.records(grid)
-    summary = summarize(records)
+    summary = summarize(records, sweep)
     machine = results.data["machine"]
     hours = sum(r["seconds"] for r in records) / 3600
+    protocol = (f"lr swept over {lrs} on seed{'s' if len(sweep) > 1 else ''} "
+                f"{','.join(map(str, sweep))} (best by mean accuracy), seeds {seeds} at that lr"
+                if sweep != seed_list else f"lr swept over {lrs} (best by mean accuracy over seeds "
+                                           f"{seeds})")
     table = (f"MQAR, {layers} layers, heads of {head_dim}, vocab {vocab}, {steps} steps x batch "
-             f"{batch_size}, lr swept over {lrs} (best by mean accuracy), seeds {seeds}; accuracy "
-             f"on {test_size} held-out sequences, mean (min-max) over seeds; {hours:.1f} h of "
-             f"training on {machine_line(machine)}\n\n" + markdown_table(summary))
+             f"{batch_size}, {protocol}; accuracy on {test_size} held-out sequences, mean (min-max) "
+             f"over seeds; {hours:.1f} h of training on {machine_line(machine)}\n\n"
+             + markdown_table(summary))
     base = path.removesuffix(".json")
     with open(base + ".md", "w") as file:
         file.write(table + "\n")

@@ -3,7 +3,8 @@ and kept in a resumable results file, and spreads over seeds.
 
 A mixer is named ``softmax`` (attention with rotary embeddings, the baseline) or ``pN``
 (power retention of degree N with the layer's defaults), optionally followed by ModelConfig
-fields after a colon: ``p2:conv_size=0,gate_init=0.99``. The name is also the label in tables.
+fields, each after a colon: ``p2:conv_size=0:gate_init=0.99``. Lists of mixers are
+comma-separated. The name is also the label in tables.
 
 A cell is one training run (a dict of JSON values); each runs in its own process (so a crash
 or a leak cannot touch the others, and ``--jobs 2`` uses both cores of a small machine), and
@@ -27,15 +28,15 @@ from llm.config import ModelConfig, state_floats_per_layer
 
 def parse_mixer(name: str) -> dict:
     """ModelConfig fields of the mixer ``name`` (see the module docstring)."""
-    base, _, settings = name.partition(":")
+    base, *settings = name.split(":")
     if base == "softmax":
         fields = {"mixer": "softmax"}
     elif base[:1] == "p" and base[1:].isdigit() and int(base[1:]) >= 1:
         fields = {"mixer": "power", "deg": int(base[1:])}
     else:
         raise ValueError(f"mixer {name!r}: expected softmax or pN (N >= 1), optionally with "
-                         f"':field=value,...'")
-    for assignment in filter(None, settings.split(",")):
+                         f"':field=value' settings")
+    for assignment in settings:
         field, equals, text = assignment.partition("=")
         if not equals or field not in ModelConfig.__dataclass_fields__:
             raise ValueError(f"mixer {name!r}: {assignment!r} is not FIELD=VALUE with a "

@@ -10,21 +10,25 @@ import dataclasses
 from dataclasses import dataclass, fields
 
 from power_retention.checks import is_integer
-from power_retention.layer import CONV_SIZE, INITIAL_GATE, check_gate_init
+from power_retention.layer import CONV_SIZE, INITIAL_GATE, ROPE, check_gate_init
 from power_retention.sympow import expanded_dim
 
 MIXERS = ("power", "softmax")
 # Saved configs from before a field was renamed or added: old name -> today's name, and the
 # value a file without the field meant (what the model had before the field existed).
 RENAMED_FIELDS = {"power": "deg"}
-FIELDS_ADDED_LATER = {"gate_init": 0.999, "conv_size": 0, "output_norm": True}
+
+
+def fields_added_later(mixer: str) -> dict:
+    """What a config saved before these fields existed meant for them (the model it had)."""
+    return {"gate_init": 0.999, "conv_size": 0, "output_norm": True, "rope": mixer == "softmax"}
 
 
 def upgrade_saved_fields(values: dict) -> dict:
     """A saved config's fields (config.json) in today's names, with what an older file meant
     for the fields it lacks, so that every model saved before still loads as it was."""
     values = {RENAMED_FIELDS.get(name, name): value for name, value in values.items()}
-    return {**FIELDS_ADDED_LATER, **values}
+    return {**fields_added_later(values.get("mixer", "power")), **values}
 
 
 @dataclass
@@ -44,8 +48,10 @@ class ModelConfig:
     conv_size: int | None = None  # taps of the short convolution on q, k, v (0: none; None: the
                                   # mixer's default, CONV_SIZE for power, 0 for softmax)
     output_norm: bool = True      # RMS norm on each power-mixer head's output
+    rope: bool | None = None      # rotary embeddings on q, k (None: the mixer's default, ROPE
+                                  # for power; softmax always has them)
     chunk_size: int = 64          # chunk of the power mixer's chunked form
-    rope_theta: float = 10000.0   # rotary embedding base of the softmax mixer
+    rope_theta: float = 10000.0   # rotary embedding base
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
     model_type: str = "retention_llm"
@@ -53,6 +59,11 @@ class ModelConfig:
     def __post_init__(self):
         if self.conv_size is None:
             self.conv_size = CONV_SIZE if self.mixer == "power" else 0
+        if self.rope is None:
+            self.rope = ROPE if self.mixer == "power" else True
+        if self.mixer == "softmax" and not self.rope:
+            raise ValueError("ModelConfig.rope=False applies to the power mixer only: the softmax "
+                             "mixer always has rotary embeddings")
         for field in fields(self):
             if field.type in ("int", int) or field.name == "conv_size":
                 value = getattr(self, field.name)
@@ -69,7 +80,7 @@ class ModelConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"ModelConfig.num_attention_heads={self.num_attention_heads} must be a "
                              f"multiple of num_key_value_heads={self.num_key_value_heads}")
-        if self.mixer == "softmax" and self.head_dim % 2:
+        if self.rope and self.head_dim % 2:
             raise ValueError(f"ModelConfig.head_dim must be even for rotary embeddings, "
                              f"got {self.head_dim}")
 

@@ -139,7 +139,7 @@ class Block(nn.Module):
                 config.head_dim, deg=config.deg, gating=config.gating,
                 chunk_size=config.chunk_size, use_metal_kernels=use_metal,
                 gate_init=config.gate_init, conv_size=config.conv_size,
-                output_norm=config.output_norm)
+                output_norm=config.output_norm, rope=config.rope, rope_theta=config.rope_theta)
         else:
             self.mixer = SoftmaxAttention(config)
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)

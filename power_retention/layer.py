@@ -26,6 +26,7 @@ from .sympow import check_degree, expanded_dim
 # of about 1 / (1 - INITIAL_GATE) tokens and learns to change it where that helps.
 INITIAL_GATE = 0.999
 CONV_SIZE = 4
+ROPE = False
 
 _warned_no_kernels = False
 
@@ -147,6 +148,8 @@ class PowerRetention(nn.Module):
         conv_size: taps of the causal depthwise convolution (with SiLU) on q, k and v after
             their projections (``ShortConvolution``); 0 for none.
         output_norm: the RMS norm on each head's output (below); False leaves it out.
+        rope, rope_theta: rotary position embeddings on q and k (base rope_theta), as the
+            softmax baseline has, so that weights can depend on the distance between tokens.
 
     The output of each head goes through an RMS norm (one learnable gain of head_dim entries,
     shared by the heads, as flash-linear-attention's linear-attention layers do) before the
@@ -162,7 +165,8 @@ class PowerRetention(nn.Module):
                  chunk_size: int = 64, use_metal_kernels: bool = False, *,
                  method: str = "auto", normalize: bool | None = None, scale: float | None = None,
                  norm_eps: float = 1e-6, gate_init: float = INITIAL_GATE,
-                 conv_size: int = CONV_SIZE, output_norm: bool = True):
+                 conv_size: int = CONV_SIZE, output_norm: bool = True, rope: bool = ROPE,
+                 rope_theta: float = 10000.0):
         super().__init__()
         num_heads, num_kv_heads, head_dim = resolve_heads(dim, num_heads, num_kv_heads, head_dim)
         deg = check_degree(deg)
@@ -188,6 +192,10 @@ class PowerRetention(nn.Module):
         self.gate_init = float(gate_init)
         self.conv_size = int(conv_size)
         self.output_norm = bool(output_norm)
+        if rope:
+            if head_dim % 2:
+                raise ValueError(f"rope=True needs an even head_dim, got {head_dim}")
+            self.rope = nn.RoPE(head_dim, base=rope_theta)
 
         self.q_proj = nn.Linear(dim, num_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=False)
@@ -232,6 +240,12 @@ class PowerRetention(nn.Module):
         q = q.reshape(B, T, self.num_heads, self.head_dim)
         k = k.reshape(B, T, self.num_kv_heads, self.head_dim)
         v = v.reshape(B, T, self.num_kv_heads, self.head_dim)
+        if "rope" in self:
+            # Rotating q_i and k_j by their positions makes q_i . k_j, and so every weight,
+            # depend on i - j; the features of the rotated key are what the state stores.
+            offset = 0 if cache is None else cache.offset
+            q = self.rope(q.swapaxes(1, 2), offset=offset).swapaxes(1, 2)
+            k = self.rope(k.swapaxes(1, 2), offset=offset).swapaxes(1, 2)
         log_g = nn.log_sigmoid(self.gate_proj(x)) if self.gating else None
         options = dict(deg=self.deg, scale=self.scale, normalize=self.normalize)
         sequence = power_retention if kernels is None else kernels.power_retention

@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten
 from power_retention import PowerRetention, RetentionCache, expanded_dim
 from power_retention.convolution import ShortConvolution
 from power_retention.layer import INITIAL_GATE
-from tests.helpers import FP32_TOLERANCE, STATE_FORM_DEG4_TOLERANCE, assert_close
+from tests.helpers import FP32_TOLERANCE, STATE_FORM_DEG4_TOLERANCE, assert_close, relative_error
 
 
 def test_notebook_default():
@@ -55,14 +55,16 @@ def test_trains_with_value_and_grad():
 
 
 @pytest.mark.parametrize("prefill", [1, 7, 16, 33], ids=lambda n: f"prefill{n}")
-@pytest.mark.parametrize("conv_size", [0, 4], ids=lambda n: f"conv{n}")
+@pytest.mark.parametrize("conv_size,rope", [(0, False), (4, False), (4, True)],
+                         ids=["conv0", "conv4", "conv4-rope"])
 @pytest.mark.parametrize("deg,gating", [(1, True), (2, True), (2, False), (4, True)],
                          ids=["deg1", "deg2", "deg2-ungated", "deg4"])
-def test_cache_continues_the_sequence(deg, gating, conv_size, prefill):
+def test_cache_continues_the_sequence(deg, gating, conv_size, rope, prefill):
     """Prefill (chunked, crossing chunk boundaries) then single-token steps equals one call;
-    with the short convolution, its last inputs travel in the cache."""
+    with the short convolution, its last inputs travel in the cache; with rotary embeddings,
+    every piece is rotated from its offset in the sequence."""
     layer = PowerRetention(dim=24, num_heads=4, num_kv_heads=2, head_dim=6, deg=deg,
-                           gating=gating, chunk_size=8, conv_size=conv_size)
+                           gating=gating, chunk_size=8, conv_size=conv_size, rope=rope)
     x = mx.random.normal((2, 40, 24))
     whole = layer(x)
     cache = layer.make_cache()
@@ -133,8 +135,9 @@ def test_cache_state_round_trips():
     (dict(dim=32, gate_init=0), "gate_init"),
     (dict(dim=32, conv_size=-1), "conv_size"),
     (dict(dim=32, conv_size=2.5), "conv_size"),
+    (dict(dim=30, num_heads=2, rope=True), "even head_dim"),
 ], ids=["dim-vs-heads", "kv-heads", "odd-deg-normalized", "deg0", "dim0", "chunk0", "method",
-        "gate-init-1", "gate-init-0", "conv-negative", "conv-fractional"])
+        "gate-init-1", "gate-init-0", "conv-negative", "conv-fractional", "rope-odd-head"])
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PowerRetention(**kwargs)
@@ -143,3 +146,17 @@ def test_bad_arguments(kwargs, message):
 def test_bad_input_shape():
     with pytest.raises(ValueError, match=r"x must have shape \(B, T, dim=32\)"):
         PowerRetention(dim=32)(mx.zeros((1, 4, 16)))
+
+
+def test_rope_makes_weights_depend_on_distance_only():
+    """With rotary embeddings and no convolution or gate, the same two tokens give the same
+    output wherever they sit in the sequence (their weight depends on their distance); without
+    them, only the tokens matter."""
+    layer = PowerRetention(dim=8, num_heads=1, gating=False, conv_size=0, rope=True)
+    a, b = mx.random.normal((1, 1, 8)), mx.random.normal((1, 1, 8))
+    filler = mx.zeros((1, 5, 8))  # zero keys and values: no weight, nothing to average
+    near = layer(mx.concatenate([a, b], axis=1))[:, -1]
+    shifted = layer(mx.concatenate([filler, a, b], axis=1))[:, -1]
+    apart = layer(mx.concatenate([a, filler, b], axis=1))[:, -1]
+    assert_close("shifted", shifted, near, FP32_TOLERANCE)
+    assert relative_error(apart, near) > 1e-3

@@ -94,14 +94,15 @@ def test_logits_shape_and_initial_loss(mixer):
 
 
 @pytest.mark.parametrize("prefill", [1, 8, 13], ids=lambda n: f"prefill{n}")
-@pytest.mark.parametrize("mixer,conv_size", [("power", None), ("power", 0), ("softmax", None),
-                                             ("softmax", 3)],
-                         ids=["power", "power-conv0", "softmax", "softmax-conv3"])
-def test_prefill_and_decode_equal_full_forward(mixer, conv_size, prefill):
+@pytest.mark.parametrize("mixer,options", [
+    ("power", {}), ("power", {"conv_size": 0}), ("power", {"rope": True}),
+    ("softmax", {}), ("softmax", {"conv_size": 3})],
+    ids=["power", "power-conv0", "power-rope", "softmax", "softmax-conv3"])
+def test_prefill_and_decode_equal_full_forward(mixer, options, prefill):
     """Batch 2, chunks of 8: a prefill of `prefill` tokens and token-by-token decoding to 30
     give the logits of one forward pass over all 30 (the convolution's last inputs carried
     in the cache across calls)."""
-    model = small_model(mixer, conv_size=conv_size)
+    model = small_model(mixer, **options)
     tokens = mx.random.randint(0, 1000, (2, 30))
     whole = model(tokens)
     cache = model.make_cache()

@@ -120,7 +120,7 @@ def test_run_of_an_older_version_resumes_with_its_model(tmp_path):
     for config_path in out.glob("checkpoints/*/model/config.json"):
         config = json.loads(config_path.read_text())
         config["power"] = config.pop("deg")
-        for name in ("gate_init", "conv_size", "output_norm"):
+        for name in ("gate_init", "conv_size", "output_norm", "rope"):
             del config[name]
         config_path.write_text(json.dumps(config))
 
@@ -128,7 +128,7 @@ def test_run_of_an_older_version_resumes_with_its_model(tmp_path):
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert sorted(losses(out)) == list(range(1, 15))
     saved = json.loads((out / "checkpoints" / "last" / "model" / "config.json").read_text())
-    assert (saved["deg"], saved["conv_size"], saved["gate_init"]) == (2, 0, 0.999)
+    assert (saved["deg"], saved["conv_size"], saved["gate_init"], saved["rope"]) == (2, 0, 0.999, False)
 
 
 def test_set_changes_the_model_and_rejects_unknown_fields(tmp_path):

@@ -165,3 +165,21 @@ def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@pytest.mark.parametrize("mixer", ["power", "softmax"])
+def test_a_config_saved_before_the_layer_options_loads_as_it_was(mixer, tmp_path):
+    """config.json from before deg was renamed and the layer options existed: the model it
+    describes (no convolution, the gate at 0.999, rotary embeddings only for softmax) loads."""
+    old = RetentionLLM(create_model_config("ultra-tiny", mixer=mixer, conv_size=0,
+                                           rope=mixer == "softmax"))
+    old.save_pretrained(tmp_path / "run")
+    path = tmp_path / "run" / "config.json"
+    config = json.loads(path.read_text())
+    config["power"] = config.pop("deg")
+    for name in ("gate_init", "conv_size", "output_norm", "rope"):
+        del config[name]
+    path.write_text(json.dumps(config))
+    loaded = RetentionLLM.from_pretrained(tmp_path / "run")
+    assert loaded.config == old.config
+    assert_same_weights(loaded, old)
