@@ -28,7 +28,7 @@ from pathlib import Path
 import click
 import numpy as np
 from common import RESULTS, machine_line, now
-from harness import Results, format_spread, parse_mixer, run_cells, small_config, spread
+from harness import Results, cell_model, format_spread, parse_mixer, run_cells, small_config, spread
 
 from llm.data import DEFAULT_DATA
 from power_retention.cpu_backend import reexec_with_fast_blas
@@ -152,9 +152,12 @@ def plot(summary: dict, path: str) -> bool:
 @click.option("--jobs", default=1, show_default=True, help="runs at once (one process each)")
 @click.option("--out", default="", help="results JSON (default benchmarks/results/lm-DATE.json); "
                                         "an existing one with the same settings is resumed")
+@click.option("--report", default="", help="path of the table (.md) and plot (.png), without the "
+                                           "suffix (default: --out's); tables of several grids can "
+                                           "draw on one results file")
 @click.option("--cell", default="", hidden=True, help="run one cell (JSON) and print its record")
 def main(data, tokenizer, mixers, seeds, steps, width, layers, head_dim, seq_len, batch_size, lr,
-         eval_every, eval_batches, jobs, out, cell):
+         eval_every, eval_batches, jobs, out, report, cell):
     """Train every (mixer, steps, seed) cell with train.py and compare validation losses."""
     reexec_with_fast_blas()
     if cell:
@@ -164,11 +167,10 @@ def main(data, tokenizer, mixers, seeds, steps, width, layers, head_dim, seq_len
     settings = dict(data=data, tokenizer=tokenizer,
                     width=width, layers=layers, head_dim=head_dim, seq_len=seq_len,
                     batch_size=batch_size, lr=lr, eval_every=eval_every, eval_batches=eval_batches)
-    grid = [dict(settings, mixer=m, steps=int(b), seed=int(s))
+    models = {m: cell_model(m, vocab_size=256, width=width, layers=layers, head_dim=head_dim,
+                            seq_len=seq_len) for m in mixers.split(",")}
+    grid = [dict(settings, mixer=m, model=models[m], steps=int(b), seed=int(s))
             for m, b, s in product(mixers.split(","), steps.split(","), seeds.split(","))]
-    for c in grid:
-        small_config(c["mixer"], vocab_size=256, width=width, layers=layers, head_dim=head_dim,
-                     seq_len=seq_len)
     name = Path(data).stem if os.path.exists(data) else data.replace(":", "-")
     path = out or f"{RESULTS}/lm-{name}-{started:%Y%m%d-%H%M}.json"
     results = Results(path, settings)
@@ -184,7 +186,7 @@ def main(data, tokenizer, mixers, seeds, steps, width, layers, head_dim, seq_len
              f"lr/10), seeds {seeds}; validation loss at the last step, mean (min-max) over seeds; "
              f"{hours:.1f} h of training on {machine_line(results.data['machine'])}\n\n"
              + markdown_table(summary))
-    base = path.removesuffix(".json")
+    base = report.removesuffix(".md") or path.removesuffix(".json")
     with open(base + ".md", "w") as file:
         file.write(table + "\n")
     plotted = plot(summary, base + ".png")

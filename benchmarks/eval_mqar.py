@@ -26,7 +26,8 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from common import RESULTS, machine_line, now
-from harness import Results, format_spread, run_cells, small_config, spread, state_floats
+from harness import (Results, cell_model, format_spread, run_cells, small_config, spread,
+                     state_floats)
 
 from llm import RetentionLLM, param_count
 from llm.mqar import MQAR
@@ -221,9 +222,12 @@ def plot(summary: dict, path: str) -> bool:
 @click.option("--jobs", default=1, show_default=True, help="cells run at once (one process each)")
 @click.option("--out", default="", help="results JSON (default benchmarks/results/mqar-DATE.json); "
                                         "an existing one with the same settings is resumed")
+@click.option("--report", default="", help="path of the table (.md) and plot (.png), without the "
+                                           "suffix (default: --out's); tables of several grids can "
+                                           "draw on one results file")
 @click.option("--cell", default="", hidden=True, help="run one cell (JSON) and print its record")
 def main(tasks, mixers, widths, lrs, seeds, sweep_seeds, steps, batch_size, vocab, layers,
-         head_dim, weight_decay, test_size, eval_every, jobs, out, cell):
+         head_dim, weight_decay, test_size, eval_every, jobs, out, report, cell):
     """Train and score every (task, mixer, width, learning rate, seed) cell."""
     reexec_with_fast_blas()
     if cell:
@@ -242,7 +246,10 @@ def main(tasks, mixers, widths, lrs, seeds, sweep_seeds, steps, batch_size, voca
         MQAR(vocab, t, n)
 
     def cell_of(n, t, mixer, width, lr, seed):
-        return dict(settings, pairs=n, seq_len=t, mixer=mixer, width=width, lr=lr, seed=seed)
+        model = cell_model(mixer, vocab_size=vocab, width=width, layers=layers, head_dim=head_dim,
+                           seq_len=t)
+        return dict(settings, pairs=n, seq_len=t, mixer=mixer, width=width, lr=lr, seed=seed,
+                    model=model)
 
     path = out or f"{RESULTS}/mqar-{started:%Y%m%d-%H%M}.json"
     results = Results(path, settings)
@@ -273,7 +280,7 @@ def main(tasks, mixers, widths, lrs, seeds, sweep_seeds, steps, batch_size, voca
              f"{batch_size}, {protocol}; accuracy on {test_size} held-out sequences, mean (min-max) "
              f"over seeds; {hours:.1f} h of training on {machine_line(machine)}\n\n"
              + markdown_table(summary))
-    base = path.removesuffix(".json")
+    base = report.removesuffix(".md") or path.removesuffix(".json")
     with open(base + ".md", "w") as file:
         file.write(table + "\n")
     plotted = plot(summary, base + ".png")

@@ -61,6 +61,12 @@ def small_config(mixer: str, *, vocab_size: int, width: int, layers: int, head_d
     return ModelConfig.from_dict(values, source=f"mixer {mixer!r}")
 
 
+def cell_model(mixer: str, **shape) -> dict:
+    """The model a mixer's name builds today, as JSON. Part of every cell, so that a results
+    file never takes a cell trained under older defaults for one of today's."""
+    return json.loads(json.dumps(small_config(mixer, **shape).to_dict()))
+
+
 def state_floats(config: ModelConfig, seq_len: int) -> int:
     """Floats a model keeps per sequence to continue it after ``seq_len`` tokens: recurrent
     states (power) or the KV cache (softmax), all layers: Zoology's 'state size'."""

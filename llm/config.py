@@ -47,7 +47,8 @@ class ModelConfig:
     gate_init: float = INITIAL_GATE  # the power mixer's gate at initialisation, in (0, 1)
     conv_size: int | None = None  # taps of the short convolution on q, k, v (0: none; None: the
                                   # mixer's default, CONV_SIZE for power, 0 for softmax)
-    output_norm: bool = True      # RMS norm on each power-mixer head's output
+    output_norm: bool | None = None  # RMS norm on each power-mixer head's output (None: the
+                                     # degree's default, on for odd degrees only)
     rope: bool | None = None      # rotary embeddings on q, k (None: the mixer's default, ROPE
                                   # for power; softmax always has them)
     chunk_size: int = 64          # chunk of the power mixer's chunked form
@@ -59,6 +60,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.conv_size is None:
             self.conv_size = CONV_SIZE if self.mixer == "power" else 0
+        if self.output_norm is None:
+            self.output_norm = self.deg % 2 == 1
         if self.rope is None:
             self.rope = ROPE if self.mixer == "power" else True
         if self.mixer == "softmax" and not self.rope:

@@ -42,6 +42,15 @@ def test_mqar_grid_writes_table_plot_and_resumes(tmp_path):
     again = run("eval_mqar.py", *args)
     assert "4 of 4 cells already" in again and "2 of 2 cells already" in again
     assert len(json.loads(out.read_text())["cells"]) == 6
+    # A cell trained when its mixer's name meant another model (older defaults) is not one of
+    # today's: it trains again. Another grid's table can go elsewhere (--report).
+    saved = json.loads(out.read_text())
+    saved["cells"][0]["cell"]["model"]["gate_init"] = 0.999
+    out.write_text(json.dumps(saved))
+    third = run("eval_mqar.py", *args, "--report", str(tmp_path / "table"))
+    assert "3 of 4 cells already" in third and len(json.loads(out.read_text())["cells"]) >= 7
+    assert (tmp_path / "table.md").read_text().startswith("MQAR, 2 layers")
+    assert (tmp_path / "table.png").is_file()
 
 
 def test_lm_grid_trains_through_train_py(tmp_path):

@@ -112,6 +112,13 @@ def test_without_output_norm_or_convolution():
     assert layer(mx.random.normal((1, 6, 16))).shape == (1, 6, 16)
 
 
+@pytest.mark.parametrize("deg,normalize,expected", [(2, None, False), (4, None, False),
+                                                    (1, None, True), (2, False, True)],
+                         ids=["deg2", "deg4", "deg1", "deg2-unnormalized"])
+def test_output_norm_defaults_to_the_unnormalized_form_only(deg, normalize, expected):
+    assert PowerRetention(dim=16, deg=deg, normalize=normalize).output_norm is expected
+
+
 def test_cache_state_round_trips():
     layer = PowerRetention(dim=16, num_heads=2)
     x = mx.random.normal((1, 10, 16))

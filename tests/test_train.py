@@ -111,7 +111,7 @@ def test_run_of_an_older_version_resumes_with_its_model(tmp_path):
     """A run directory written before the degree was called deg and before the layer options
     existed (train_config.json and config.json without them) resumes with the model it had."""
     out = tmp_path / "old"
-    first = run(small_run(tmp_path, out, "--set", "conv_size=0", steps=10))
+    first = run(small_run(tmp_path, out, "--set", "conv_size=0", "--set", "output_norm=true", steps=10))
     assert first.returncode == 0, first.stderr[-3000:]
     options = json.loads((out / "train_config.json").read_text())
     options["power"] = options.pop("deg")
@@ -133,11 +133,11 @@ def test_run_of_an_older_version_resumes_with_its_model(tmp_path):
 
 def test_set_changes_the_model_and_rejects_unknown_fields(tmp_path):
     out = tmp_path / "wide"
-    result = run(small_run(tmp_path, out, "--set", "hidden_size=32", "--set", "output_norm=false",
+    result = run(small_run(tmp_path, out, "--set", "hidden_size=32", "--set", "output_norm=true",
                            steps=4))
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((out / "checkpoints" / "last" / "model" / "config.json").read_text())
-    assert (config["hidden_size"], config["head_dim"], config["output_norm"]) == (32, 16, False)
+    assert (config["hidden_size"], config["head_dim"], config["output_norm"]) == (32, 16, True)
     for bad, message in ((["--set", "hidden=3"], "'hidden' is not a model field"),
                          (["--set", "vocab_size=3"], "'vocab_size' is not a model field"),
                          (["--set", "conv_size"], "expected FIELD=VALUE"),

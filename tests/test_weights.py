@@ -171,8 +171,8 @@ def _umask():
 def test_a_config_saved_before_the_layer_options_loads_as_it_was(mixer, tmp_path):
     """config.json from before deg was renamed and the layer options existed: the model it
     describes (no convolution, the gate at 0.999, rotary embeddings only for softmax) loads."""
-    old = RetentionLLM(create_model_config("ultra-tiny", mixer=mixer, conv_size=0,
-                                           rope=mixer == "softmax"))
+    old = RetentionLLM(create_model_config("ultra-tiny", mixer=mixer, conv_size=0, gate_init=0.999,
+                                           output_norm=True, rope=mixer == "softmax"))
     old.save_pretrained(tmp_path / "run")
     path = tmp_path / "run" / "config.json"
     config = json.loads(path.read_text())
