@@ -31,6 +31,7 @@ CASES = [
     ("tiny attention", "tiny", {}, 4, 512, "attention", False),
     ("tiny chunked", "tiny", {}, 4, 512, "chunked", False),
     ("tiny chunked ckpt", "tiny", {}, 4, 512, "chunked", True),
+    ("tiny chunked no-conv", "tiny", {"conv_size": 0}, 4, 512, "chunked", False),
     ("tiny softmax", "tiny", {"mixer": "softmax"}, 4, 512, None, False),
     ("tiny softmax ckpt", "tiny", {"mixer": "softmax"}, 4, 512, None, True),
     ("50M attention", "small", MID, 2, 512, "attention", False),

@@ -137,7 +137,8 @@ def plot(summary: dict, path: str) -> bool:
 @click.option("--data", default=DEFAULT_DATA, show_default=True, help="train.py --data: a text file, "
               "directory, glob or jsonl; default: this Python's standard library source")
 @click.option("--tokenizer", default="byte", show_default=True, help="train.py --tokenizer")
-@click.option("--mixers", default="softmax,p1,p2,p4", show_default=True,
+@click.option("--mixers", default="softmax,softmax:conv_size=4,p1,p2,p4",
+              show_default=True,
               help="softmax or pN, each optionally with :field=value settings (benchmarks/harness.py)")
 @click.option("--seeds", default="0,1", show_default=True)
 @click.option("--steps", default="1000", show_default=True, help="training budgets, comma-separated")

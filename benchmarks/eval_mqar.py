@@ -203,7 +203,8 @@ def plot(summary: dict, path: str) -> bool:
 
 @click.command()
 @click.option("--tasks", default="4x32,8x64,16x128", show_default=True, help="PAIRSxLENGTH, comma-separated")
-@click.option("--mixers", default="softmax,p1,p2,p4", show_default=True,
+@click.option("--mixers", default="softmax,softmax:conv_size=4,p1,p2,p4",
+              show_default=True,
               help="softmax or pN, each optionally with :field=value settings (benchmarks/harness.py)")
 @click.option("--widths", default="64", show_default=True, help="model widths, comma-separated")
 @click.option("--lrs", default="1e-3,3e-3", show_default=True, help="learning rates swept per cell")

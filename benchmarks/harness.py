@@ -96,8 +96,8 @@ class Results:
         return any(record["cell"] == cell for record in self.data["cells"])
 
     def records(self, cells: list) -> list:
-        """The records of ``cells`` (the file may hold other grids' cells too)."""
-        return [record for record in self.data["cells"] if record["cell"] in cells]
+        """The records of ``cells``, in their order (the file may hold other grids' cells too)."""
+        return [record for cell in cells for record in self.data["cells"] if record["cell"] == cell]
 
     def add(self, record: dict):
         self.data["cells"].append(record)
