@@ -28,7 +28,8 @@ from pathlib import Path
 import click
 import numpy as np
 from common import RESULTS, machine_line, now
-from harness import Results, cell_model, format_spread, parse_mixer, run_cells, small_config, spread
+from harness import (Results, cell_model, format_spread, grid_options, parse_mixer, publish,
+                     run_cells, small_config, spread)
 
 from llm.data import DEFAULT_DATA
 from power_retention.cpu_backend import reexec_with_fast_blas
@@ -103,14 +104,8 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: dict, path: str) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
-        return False
+def plot(summary: dict, plt):
+    """The figure of the table (``plt`` is matplotlib.pyplot)."""
     budgets = sorted({k[1] for k in summary})
     figure, axes = plt.subplots(1, len(budgets), figsize=(5.5 * len(budgets), 4), squeeze=False)
     for axis, budget in zip(axes[0], budgets):
@@ -128,9 +123,7 @@ def plot(summary: dict, path: str) -> bool:
         axis.set_ylabel("nats per token")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    return True
+    return figure
 
 
 @click.command()
@@ -150,13 +143,7 @@ def plot(summary: dict, path: str) -> bool:
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--eval-every", default=100, show_default=True)
 @click.option("--eval-batches", default=50, show_default=True)
-@click.option("--jobs", default=1, show_default=True, help="runs at once (one process each)")
-@click.option("--out", default="", help="results JSON (default benchmarks/results/lm-DATE.json); "
-                                        "an existing one with the same settings is resumed")
-@click.option("--report", default="", help="path of the table (.md) and plot (.png), without the "
-                                           "suffix (default: --out's); tables of several grids can "
-                                           "draw on one results file")
-@click.option("--cell", default="", hidden=True, help="run one cell (JSON) and print its record")
+@grid_options("lm")
 def main(data, tokenizer, mixers, seeds, steps, width, layers, head_dim, seq_len, batch_size, lr,
          eval_every, eval_batches, jobs, out, report, cell):
     """Train every (mixer, steps, seed) cell with train.py and compare validation losses."""
@@ -187,12 +174,7 @@ def main(data, tokenizer, mixers, seeds, steps, width, layers, head_dim, seq_len
              f"lr/10), seeds {seeds}; validation loss at the last step, mean (min-max) over seeds; "
              f"{hours:.1f} h of training on {machine_line(results.data['machine'])}\n\n"
              + markdown_table(summary))
-    base = report.removesuffix(".md") or path.removesuffix(".json")
-    with open(base + ".md", "w") as file:
-        file.write(table + "\n")
-    plotted = plot(summary, base + ".png")
-    print(table)
-    print(f"\nresults: {path}, {base}.md" + (f", {base}.png" if plotted else ""))
+    publish(table, path, report, lambda plt: plot(summary, plt))
 
 
 if __name__ == "__main__":

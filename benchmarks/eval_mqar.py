@@ -26,8 +26,8 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from common import RESULTS, machine_line, now
-from harness import (Results, cell_model, format_spread, run_cells, small_config, spread,
-                     state_floats)
+from harness import (Results, cell_model, format_spread, grid_options, publish, run_cells,
+                     small_config, spread, state_floats)
 
 from llm import RetentionLLM, param_count
 from llm.mqar import MQAR
@@ -168,14 +168,8 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: dict, path: str) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
-        return False
+def plot(summary: dict, plt):
+    """The figure of the table (``plt`` is matplotlib.pyplot)."""
     tasks = sorted({(k[0], k[1]) for k in summary})
     mixers = list(dict.fromkeys(k[2] for k in summary))
     figure, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False)
@@ -196,9 +190,7 @@ def plot(summary: dict, path: str) -> bool:
         axis.set_ylabel("accuracy")
         axis.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    return True
+    return figure
 
 
 @click.command()
@@ -220,13 +212,7 @@ def plot(summary: dict, path: str) -> bool:
 @click.option("--weight-decay", default=0.1, show_default=True)
 @click.option("--test-size", default=1000, show_default=True, help="held-out sequences")
 @click.option("--eval-every", default=500, show_default=True)
-@click.option("--jobs", default=1, show_default=True, help="cells run at once (one process each)")
-@click.option("--out", default="", help="results JSON (default benchmarks/results/mqar-DATE.json); "
-                                        "an existing one with the same settings is resumed")
-@click.option("--report", default="", help="path of the table (.md) and plot (.png), without the "
-                                           "suffix (default: --out's); tables of several grids can "
-                                           "draw on one results file")
-@click.option("--cell", default="", hidden=True, help="run one cell (JSON) and print its record")
+@grid_options("mqar")
 def main(tasks, mixers, widths, lrs, seeds, sweep_seeds, steps, batch_size, vocab, layers,
          head_dim, weight_decay, test_size, eval_every, jobs, out, report, cell):
     """Train and score every (task, mixer, width, learning rate, seed) cell."""
@@ -281,12 +267,7 @@ def main(tasks, mixers, widths, lrs, seeds, sweep_seeds, steps, batch_size, voca
              f"{batch_size}, {protocol}; accuracy on {test_size} held-out sequences, mean (min-max) "
              f"over seeds; {hours:.1f} h of training on {machine_line(machine)}\n\n"
              + markdown_table(summary))
-    base = report.removesuffix(".md") or path.removesuffix(".json")
-    with open(base + ".md", "w") as file:
-        file.write(table + "\n")
-    plotted = plot(summary, base + ".png")
-    print(table)
-    print(f"\nresults: {path}, {base}.md" + (f", {base}.png" if plotted else ""))
+    publish(table, path, report, lambda plt: plot(summary, plt))
 
 
 if __name__ == "__main__":

@@ -21,9 +21,31 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
+import click
 from common import machine_description
 
 from llm.config import ModelConfig, state_floats_per_layer
+
+
+def grid_options(name: str):
+    """The options every grid's command has: --jobs, --out, --report and the hidden --cell
+    (one cell in a worker process)."""
+    options = [
+        click.option("--jobs", default=1, show_default=True, help="cells run at once (one process each)"),
+        click.option("--out", default="", help=f"results JSON (default benchmarks/results/{name}-DATE.json); "
+                                               "an existing one with the same settings is resumed"),
+        click.option("--report", default="", help="path of the table (.md) and plot (.png), without the "
+                                                  "suffix (default: --out's); tables of several grids "
+                                                  "can draw on one results file"),
+        click.option("--cell", default="", hidden=True, help="run one cell (JSON) and print its record"),
+    ]
+
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
 
 
 def parse_mixer(name: str) -> dict:
@@ -133,6 +155,26 @@ def run_cells(script: str, cells: list, results: Results, jobs: int, describe) -
             record = future.result()
             results.add(record)
             print(f"[{index}/{len(todo)}] {describe(record)}", flush=True)
+
+
+def publish(table: str, path: str, report: str, plot) -> None:
+    """Print a grid's table and write it (.md) and its figure (``plot(matplotlib.pyplot)``,
+    as .png, when matplotlib is installed) at ``report``, or beside the results file ``path``."""
+    base = report.removesuffix(".md") or path.removesuffix(".json")
+    with open(base + ".md", "w") as file:
+        file.write(table + "\n")
+    print(table)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"\nresults: {path}, {base}.md (matplotlib is not installed: no plot)")
+        return
+    figure = plot(plt)
+    figure.tight_layout()
+    figure.savefig(base + ".png", dpi=110)
+    print(f"\nresults: {path}, {base}.md, {base}.png")
 
 
 def spread(values: list) -> dict:

@@ -46,9 +46,12 @@ class ShortConvolution(nn.Module):
             y = y + padded[:, i:i + T] * self.weight[:, i]
         return nn.silu(y), padded[:, T:]
 
-    def split(self, *parts: mx.array, tail: mx.array | None = None):
+    def split(self, *parts: mx.array, cache=None) -> list:
         """The convolution over the channels of ``parts`` side by side (q, k and v), split
-        back: (*convolved parts, new tail)."""
-        y, tail = self(mx.concatenate(parts, axis=-1), tail)
+        back. With a cache (a mixer's, with a ``conv_state``), it continues from the tail kept
+        there and keeps the new one."""
+        y, tail = self(mx.concatenate(parts, axis=-1), None if cache is None else cache.conv_state)
+        if cache is not None:
+            cache.conv_state = tail
         bounds = list(itertools.accumulate(part.shape[-1] for part in parts[:-1]))
-        return (*mx.split(y, bounds, axis=-1), tail)
+        return mx.split(y, bounds, axis=-1)

@@ -239,10 +239,7 @@ class PowerRetention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.conv_size:
-            q, k, v, conv_state = self.conv.split(q, k, v,
-                                                  tail=None if cache is None else cache.conv_state)
-            if cache is not None:
-                cache.conv_state = conv_state
+            q, k, v = self.conv.split(q, k, v, cache=cache)
         q = q.reshape(B, T, self.num_heads, self.head_dim)
         k = k.reshape(B, T, self.num_kv_heads, self.head_dim)
         v = v.reshape(B, T, self.num_kv_heads, self.head_dim)
