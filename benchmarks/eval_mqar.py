@@ -1,6 +1,6 @@
 """Multi-query associative recall (Zoology's MQAR) across mixers, widths and learning rates.
 
-    python benchmarks/eval_mqar.py                          # the default grid (README table)
+    python benchmarks/eval_mqar.py                          # the whole default grid (hours)
     python benchmarks/eval_mqar.py --jobs 2                 # two cells at a time (2+ cores)
     python benchmarks/eval_mqar.py --tasks 8x64 --mixers p2,p2:conv_size=0 --seeds 0,1,2
 
