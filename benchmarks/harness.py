@@ -6,7 +6,8 @@ A mixer is named ``softmax`` (attention with rotary embeddings, the baseline) or
 fields, each after a colon: ``p2:conv_size=0:gate_init=0.99``. Lists of mixers are
 comma-separated. The name is also the label in tables.
 
-A cell is one training run (a dict of JSON values); each runs in its own process (so a crash
+A cell is one training run (a dict of JSON values, the model its mixer's name builds
+included: ``cell_model``); each runs in its own process (so a crash
 or a leak cannot touch the others, and ``--jobs 2`` uses both cores of a small machine), and
 its record is added to the results file as soon as it ends: an interrupted grid resumes
 where it stopped when run again with the same results file.
