@@ -29,7 +29,7 @@ import click
 import numpy as np
 from common import RESULTS, machine_line, now
 from harness import (Results, cell_model, format_spread, grid_options, parse_mixer, publish,
-                     run_cells, small_config, spread)
+                     run_cells, spread)
 
 from llm.data import DEFAULT_DATA
 from power_retention.cpu_backend import reexec_with_fast_blas
@@ -40,10 +40,7 @@ TRAIN = str(Path(__file__).resolve().parent.parent / "train.py")
 def train_cell(cell: dict) -> dict:
     """One run of train.py; its validation curve and summary."""
     started = time.perf_counter()
-    # Checked here for a clear error before train.py starts (it checks again).
-    config = small_config(cell["mixer"], vocab_size=256, width=cell["width"], layers=cell["layers"],
-                          head_dim=cell["head_dim"], seq_len=cell["seq_len"])
-    fields = {name: getattr(config, name) for name in (
+    fields = {name: cell["model"][name] for name in (
         "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
         "intermediate_size", "max_position_embeddings")}
     fields.update(parse_mixer(cell["mixer"]))

@@ -27,9 +27,9 @@ import mlx.optimizers as optim
 import numpy as np
 from common import RESULTS, machine_line, now
 from harness import (Results, cell_model, format_spread, grid_options, publish, run_cells,
-                     small_config, spread, state_floats)
+                     spread, state_floats)
 
-from llm import RetentionLLM, param_count
+from llm import ModelConfig, RetentionLLM, param_count
 from llm.mqar import MQAR
 from power_retention.cpu_backend import reexec_with_fast_blas
 
@@ -82,8 +82,7 @@ def train_cell(cell: dict) -> dict:
     started = time.perf_counter()
     mx.random.seed(cell["seed"])
     task = MQAR(cell["vocab"], cell["seq_len"], cell["pairs"], seed=cell["seed"])
-    config = small_config(cell["mixer"], vocab_size=cell["vocab"], width=cell["width"],
-                          layers=cell["layers"], head_dim=cell["head_dim"], seq_len=cell["seq_len"])
+    config = ModelConfig.from_dict(cell["model"])
     model = RetentionLLM(config)
     steps = cell["steps"]
     optimizer = make_optimizer(cell["lr"], steps, max(1, steps // 10), cell["weight_decay"])
@@ -228,15 +227,15 @@ def main(tasks, mixers, widths, lrs, seeds, sweep_seeds, steps, batch_size, voca
     shapes = list(product([parse_task(x) for x in tasks.split(",")], mixers.split(","),
                           [int(w) for w in widths.split(",")]))
     lr_list = [float(lr) for lr in lrs.split(",")]
+    models = {}
     for (n, t), mixer, width in shapes:  # every mixer and shape is checked before anything trains
-        small_config(mixer, vocab_size=vocab, width=width, layers=layers, head_dim=head_dim, seq_len=t)
+        models[(t, mixer, width)] = cell_model(mixer, vocab_size=vocab, width=width, layers=layers,
+                                               head_dim=head_dim, seq_len=t)
         MQAR(vocab, t, n)
 
     def cell_of(n, t, mixer, width, lr, seed):
-        model = cell_model(mixer, vocab_size=vocab, width=width, layers=layers, head_dim=head_dim,
-                           seq_len=t)
         return dict(settings, pairs=n, seq_len=t, mixer=mixer, width=width, lr=lr, seed=seed,
-                    model=model)
+                    model=models[(t, mixer, width)])
 
     path = out or f"{RESULTS}/mqar-{started:%Y%m%d-%H%M}.json"
     results = Results(path, settings)
