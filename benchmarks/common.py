@@ -14,6 +14,7 @@ import mlx.core as mx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from llm.atomic import write_atomic  # noqa: E402
 from power_retention.cpu_backend import loaded_blas  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -57,8 +58,5 @@ def write_report(name: str, started: datetime.datetime, report: dict, out: str |
     report = {"benchmark": name, "date": started.isoformat(timespec="seconds"),
               "machine": machine_description(), **report}
     out = out or os.path.join(RESULTS, f"{name.removeprefix('bench_')}-{started:%Y%m%d-%H%M}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out + ".tmp", "w") as file:
-        json.dump(report, file, indent=1)
-    os.replace(out + ".tmp", out)
+    write_atomic(out, json.dumps(report, indent=1))
     return out

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import click
 from common import machine_description
 
+from llm.atomic import write_atomic
 from llm.config import ModelConfig, state_floats_per_layer
 
 
@@ -127,10 +128,7 @@ class Results:
         self.write()
 
     def write(self):
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        with open(self.path + ".tmp", "w") as file:
-            json.dump(self.data, file, indent=1)
-        os.replace(self.path + ".tmp", self.path)
+        write_atomic(self.path, json.dumps(self.data, indent=1))
 
 
 def run_cells(script: str, cells: list, results: Results, jobs: int, describe) -> None:

@@ -16,7 +16,6 @@ starts without tokenizing again.
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
 import json
@@ -24,13 +23,14 @@ import numbers
 import os
 import string
 import sysconfig
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from power_retention.checks import is_integer
+
+from .atomic import atomic_file
 
 DEFAULT_DATA = "stdlib"
 SYNTHETIC_PREFIX = "synthetic:"
@@ -330,8 +330,8 @@ def tokenize_corpus(documents, tokenizer, cache_root: Path, key: str, val_fracti
     (cache_dir / META_FILE).unlink(missing_ok=True)
     counts = {}
     for split, docs in (("train", train_docs), ("val", val_docs)):
-        with _atomic_file(cache_dir / f"{split}.bin") as tokens_file, \
-                _atomic_file(cache_dir / f"{split}.mask.bin") as mask_file:
+        with atomic_file(cache_dir / f"{split}.bin") as tokens_file, \
+                atomic_file(cache_dir / f"{split}.mask.bin") as mask_file:
             n_tokens = 0
             for doc in docs:
                 ids, mask = _encode_document(doc, tokenizer, dtype)
@@ -341,7 +341,7 @@ def tokenize_corpus(documents, tokenizer, cache_root: Path, key: str, val_fracti
         counts[split] = n_tokens
     meta = dict(settings, train_tokens=counts["train"], val_tokens=counts["val"],
                 n_train_documents=len(train_docs), n_val_documents=len(val_docs))
-    with _atomic_file(cache_dir / META_FILE) as f:
+    with atomic_file(cache_dir / META_FILE) as f:
         f.write((json.dumps(meta, indent=2) + "\n").encode())
     data = _load_cache(cache_dir, settings)
     assert data is not None, f"{cache_dir}: the cache just written does not read back"
@@ -394,22 +394,6 @@ def _encode_document(doc: Document, tokenizer, dtype) -> tuple[np.ndarray, np.nd
     mask = np.ones(len(ids), dtype=np.uint8)
     mask[:1 + len(prompt)] = 0
     return ids, mask
-
-
-@contextlib.contextmanager
-def _atomic_file(path: Path):
-    """A binary file that appears at ``path`` complete, or not at all."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _load_cache(cache_dir: Path, settings: dict) -> TokenizedData | None:

@@ -10,92 +10,18 @@ does not match its weights fails with a message that names the file or tensor.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .atomic import recover_directory, replace_directory
 from .config import ModelConfig, upgrade_saved_fields
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 5 * 2**30  # as mlx-lm
-
-
-def _fsync(path: Path):
-    """Flush a file, or a directory's entries (after renames), to disk. Directories cannot be
-    opened or synced on every platform; their sync is then skipped."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:
-        if path.is_dir():
-            return
-        raise
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        if not path.is_dir():
-            raise
-    finally:
-        os.close(descriptor)
-
-
-def recover_directory(directory) -> None:
-    """Undo a replacement that a kill interrupted: if ``directory`` is missing but its
-    previous version is still parked beside it, put that back; then remove leftovers."""
-    directory = Path(directory)
-    parent = directory.parent
-    if not parent.is_dir():
-        return
-    parked = sorted(parent.glob(f".{directory.name}.old-*"))
-    if not directory.exists():
-        for old in parked:
-            if (old / "replaced").is_dir():
-                os.rename(old / "replaced", directory)
-                break
-    for leftover in [*parent.glob(f".{directory.name}.tmp-*"), *parked]:
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
-def replace_directory(build, directory) -> Path:
-    """Call ``build(tmp)`` to fill a fresh temporary directory, then move it to ``directory``
-    (replacing any previous one). The previous version is parked beside it during the two
-    renames; a kill at any moment leaves the old or the new version complete, and
-    ``recover_directory`` (run here first, and by the loaders) restores the old one if the
-    kill fell between the renames."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    recover_directory(directory)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a saved model should not be
-    try:
-        build(tmp)
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                _fsync(path)
-        old = None
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-            os.rename(directory, old / "replaced")
-        try:
-            os.rename(tmp, directory)
-        except BaseException:
-            if old is not None and not directory.exists():
-                os.rename(old / "replaced", directory)
-            raise
-        _fsync(directory.parent)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
 
 
 def _shards(weights: dict, max_shard_bytes: int) -> list[dict]:

@@ -140,7 +140,7 @@ def test_a_save_killed_between_its_renames_is_recovered(model, tmp_path):
     """The state a kill between replace_directory's two renames leaves: the target missing,
     the previous version parked beside it, a complete new version still temporary. Loading
     puts the previous version back and removes the leftovers."""
-    from llm.weights import recover_directory
+    from llm.atomic import recover_directory
 
     model.save_pretrained(tmp_path / "run")
     parked = tmp_path / ".run.old-abc123"
