@@ -1,4 +1,5 @@
-"""An independent float64 NumPy implementation of SPEC.md, used as the ground truth.
+"""An independent float64 NumPy implementation of the definition in power_retention/README.md
+("Definition"), used as the ground truth.
 
 It builds every weight w_ij = (s q_i . k_j)^p exp(L_i - L_j) explicitly, with no features,
 chunks or states: nothing here shares code with the package.
