@@ -8,7 +8,7 @@ import time
 import mlx.core as mx
 
 from power_retention import RetentionState, expanded_dim, power_retention, power_retention_step
-from power_retention.cpu_backend import loaded_blas, reexec_with_fast_blas
+from power_retention.cpu_tuning import loaded_blas, tune_process
 
 
 def timed(fn):
@@ -19,7 +19,7 @@ def timed(fn):
 
 
 def main():
-    reexec_with_fast_blas()
+    tune_process()
     mx.random.seed(0)
     B, H, d, deg = 1, 4, 64, 2
     print(f"BLAS: {loaded_blas()}")

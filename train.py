@@ -44,7 +44,7 @@ from llm.generate import generate_tokens
 from llm.plan import DEVICE_PROFILES, RunShape, device_limits, plan_training
 from llm.tokenizer import ByteTokenizer
 from llm.weights import read_weights, recover_directory, replace_directory
-from power_retention.cpu_backend import reexec_with_fast_blas
+from power_retention.cpu_tuning import tune_process
 
 OPTIMIZERS = ("adamw", "lion", "muon")
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -764,7 +764,7 @@ def cli(ctx, mode, resume, quick_test, **options):
     """Train a RetentionLLM (subcommands: sample, report)."""
     if ctx.invoked_subcommand is not None:
         return
-    reexec_with_fast_blas()
+    tune_process()
     given = {name for name in options
              if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
     if resume is not None:
@@ -899,7 +899,7 @@ def sample(run_dir, prompt, max_new_tokens, temperature, top_p, top_k, seed, che
     """Generate text from a run's checkpoint."""
     from llm import load, stream_generate
 
-    reexec_with_fast_blas()
+    tune_process()
     directory = Path(run_dir) / "checkpoints" / checkpoint / "model"
     if not (directory / "config.json").is_file():
         directory = _checkpoint_model_dir(Path(run_dir))

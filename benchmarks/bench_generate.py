@@ -19,7 +19,7 @@ import mlx.core as mx
 from common import machine_description, machine_line, median_seconds, now, write_report
 
 from llm import RetentionLLM, create_model_config
-from power_retention.cpu_backend import reexec_with_fast_blas
+from power_retention.cpu_tuning import tune_process
 
 PREFILL_PIECE = 2048
 
@@ -36,7 +36,7 @@ def fill(model, cache, tokens):
 @click.option("--steps", default=20, show_default=True, help="timed decode steps (median)")
 @click.option("--out", default=None, help="JSON path (default benchmarks/results/generate-DATE.json)")
 def main(preset, contexts, steps, out):
-    reexec_with_fast_blas()
+    tune_process()
     contexts = sorted(int(c) for c in contexts.split(","))
     started = now()
     machine = machine_description()

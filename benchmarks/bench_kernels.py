@@ -18,7 +18,7 @@ import numpy as np
 from common import machine_description, machine_line, median_seconds, now, write_report
 
 from llm import create_model_config
-from metal_kernels import dispatch
+from metal_kernels import launch
 from power_retention import RetentionState, expanded_dim, power_retention, power_retention_step
 
 PRESETS = ("ultra-tiny", "tiny", "small", "medium", "1b")
@@ -46,8 +46,8 @@ def step_inputs(preset: str, seed: int = 0):
 
 def correctness_case(preset: str, order: str) -> dict:
     config, inputs = step_inputs(preset)
-    dispatch.set_backend("emulator", order=order)
-    y, state = dispatch.decode_step(*inputs, deg=config.deg)
+    launch.set_backend("emulator", order=order)
+    y, state = power_retention_step(*inputs, deg=config.deg, use_metal=True)
     expected_y, expected = power_retention_step(*inputs, deg=config.deg)
     return {"kernel": "decode_step", "preset": preset, "head_dim": config.head_dim,
             "query_heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
@@ -68,8 +68,8 @@ def prefill_case(preset: str, order: str, T: int = 133, seed: int = 0) -> dict:
     log_g = mx.array(-0.01 * rng.random((1, T, H)).astype(np.float32))
     _, state = power_retention(q[:, :9], k[:, :9], v[:, :9], deg=deg, return_state=True)
     options = dict(deg=deg, method="chunked", chunk_size=64, initial_state=state, return_state=True)
-    dispatch.set_backend("emulator", order=order)
-    y, final = dispatch.power_retention(q, k, v, log_g, **options)
+    launch.set_backend("emulator", order=order)
+    y, final = power_retention(q, k, v, log_g, use_metal=True, **options)
     expected_y, expected = power_retention(q, k, v, log_g, **options)
     return {"kernel": "prefill", "preset": preset, "head_dim": d, "query_heads": Hq,
             "kv_heads": H, "deg": deg, "order": order, "error_y": relative_error(y, expected_y),
@@ -81,16 +81,16 @@ def timing_case(preset: str) -> dict:
     """One layer's decode step on Metal: kernel vs MLX path, and the state bytes the kernel
     must move (read S and z, write them back) per second of its time."""
     config, inputs = step_inputs(preset)
-    dispatch.set_backend("metal")
+    launch.set_backend("metal")
     deg = config.deg
-    kernel = median_seconds(lambda: dispatch.decode_step(*inputs, deg=deg), 50)
+    kernel = median_seconds(lambda: power_retention_step(*inputs, deg=deg, use_metal=True), 50)
     mlx_path = median_seconds(lambda: power_retention_step(*inputs, deg=deg), 50)
     state_bytes = 2 * 4 * sum(s.size for s in inputs[-1])
     q, k, v = (mx.random.normal((1, 4096, heads, config.head_dim))
                for heads in (config.num_attention_heads, config.num_key_value_heads,
                              config.num_key_value_heads))
     prefill_kernel = median_seconds(
-        lambda: dispatch.power_retention(q, k, v, deg=deg, method="chunked"), 5)
+        lambda: power_retention(q, k, v, deg=deg, method="chunked", use_metal=True), 5)
     prefill_mlx = median_seconds(lambda: power_retention(q, k, v, deg=deg, method="chunked"), 5)
     return {"preset": preset, "kernel_s": kernel, "mlx_path_s": mlx_path,
             "speedup": mlx_path / kernel, "state_bytes": state_bytes,

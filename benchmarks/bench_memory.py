@@ -18,7 +18,7 @@ from common import machine_description, machine_line, now, write_report
 
 from llm import RetentionLLM, create_model_config
 from llm.memory import estimate, format_bytes
-from power_retention.cpu_backend import reexec_with_fast_blas, release_freed_memory
+from power_retention.cpu_tuning import release_freed_memory, tune_process
 
 # A ~50M model: the small preset at half width and two thirds of the depth.
 MID = dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=8, head_dim=64,
@@ -68,7 +68,7 @@ def measure(config, batch, seq_len, method, checkpointing) -> int:
 @click.option("--cases", default="", help="comma-separated case names (default: all)")
 @click.option("--out", default=None, help="JSON path (default benchmarks/results/memory-DATE.json)")
 def main(cases, out):
-    reexec_with_fast_blas()
+    tune_process()
     wanted = {c.strip() for c in cases.split(",") if c.strip()}
     unknown = wanted - {case[0] for case in CASES}
     if unknown:

@@ -19,11 +19,10 @@ import click
 import mlx.core as mx
 from common import machine_description, machine_line, median_seconds, now, write_report
 
-from power_retention import expanded_dim, power_retention
-from power_retention.cpu_backend import (blas_threads, loaded_blas, reexec_with_fast_blas,
-                                        release_freed_memory, set_blas_threads)
-from power_retention.ops import choose_method
-from power_retention.streams import parallel_cpu_streams, stream_parts
+from power_retention import choose_method, expanded_dim, power_retention
+from power_retention.cpu_tuning import (blas_threads, loaded_blas, parallel_cpu_streams,
+                                        release_freed_memory, set_blas_threads,
+                                        split_across_cpu_streams, stream_parts, tune_process)
 
 METHODS = ("attention", "chunked", "recurrent", "auto", "softmax")
 
@@ -61,7 +60,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
 @contextlib.contextmanager
 def blas_configuration(mode):
     """How the run uses the cores: "blas" = a threaded BLAS on one stream; "streams" = a
-    single-threaded BLAS, heads split across one stream per core (see power_retention.streams).
+    single-threaded BLAS, heads split across one stream per core (see power_retention.cpu_tuning).
     Needs OpenBLAS loaded to switch; otherwise the run takes the machine as it is."""
     if not loaded_blas().startswith("OpenBLAS"):
         yield
@@ -115,8 +114,11 @@ def make_case(method, B, T, H, d, deg, chunk_size):
                     outs.append(attend(*(x[:, :, start:stop] for x in (q, k, v))))
             return mx.concatenate(outs, axis=2)
     else:
+        split_power_retention = split_across_cpu_streams(power_retention)
+
         def forward(q, k, v, log_g):
-            return power_retention(q, k, v, log_g, deg=deg, method=method, chunk_size=chunk_size)
+            return split_power_retention(q, k, v, log_g, deg=deg, method=method,
+                                         chunk_size=chunk_size)
     gradient = mx.grad(lambda *args: forward(*args).sum(), argnums=(0, 1, 2, 3))
     inputs = (q, k, v, log_g)
     return (lambda: forward(*inputs)), (lambda: gradient(*inputs))
@@ -203,7 +205,7 @@ def interleaved_fraction_of_peak(run, flops, repeats) -> float:
 @click.option("--out", default=None, help="JSON path (default benchmarks/results/retention-DATE.json)")
 def main(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, memory_limit, methods, cpu_parallel,
          out):
-    reexec_with_fast_blas()
+    tune_process()
     # Read by MLX at its first evaluation (none has run yet). The streams overlap only when the
     # breadth-first order spans both parts of a graph, whose width grows with the number of
     # chunks: at T=8192, chunk 64, fwd+bwd took 1.79 s with 256, 1.45 s with 4096.

@@ -15,7 +15,7 @@ import mlx.core as mx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llm.atomic import write_atomic  # noqa: E402
-from power_retention.cpu_backend import loaded_blas  # noqa: E402
+from power_retention.cpu_tuning import loaded_blas  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -32,7 +32,7 @@ from harness import (Results, cell_model, format_spread, grid_options, parse_mix
                      run_cells, spread)
 
 from llm.data import DEFAULT_DATA
-from power_retention.cpu_backend import reexec_with_fast_blas
+from power_retention.cpu_tuning import tune_process
 
 TRAIN = str(Path(__file__).resolve().parent.parent / "train.py")
 
@@ -144,7 +144,7 @@ def plot(summary: dict, plt):
 def main(data, tokenizer, mixers, seeds, steps, width, layers, head_dim, seq_len, batch_size, lr,
          eval_every, eval_batches, jobs, out, report, cell):
     """Train every (mixer, steps, seed) cell with train.py and compare validation losses."""
-    reexec_with_fast_blas()
+    tune_process()
     if cell:
         print(json.dumps(train_cell(json.loads(cell))))
         return

@@ -31,7 +31,7 @@ from harness import (Results, cell_model, format_spread, grid_options, publish, 
 
 from llm import ModelConfig, RetentionLLM, param_count
 from llm.mqar import MQAR
-from power_retention.cpu_backend import reexec_with_fast_blas
+from power_retention.cpu_tuning import tune_process
 
 EVAL_BATCH = 250  # held-out sequences per forward pass
 
@@ -215,7 +215,7 @@ def plot(summary: dict, plt):
 def main(tasks, mixers, widths, lrs, seeds, sweep_seeds, steps, batch_size, vocab, layers,
          head_dim, weight_decay, test_size, eval_every, jobs, out, report, cell):
     """Train and score every (task, mixer, width, learning rate, seed) cell."""
-    reexec_with_fast_blas()
+    tune_process()
     if cell:
         print(json.dumps(train_cell(json.loads(cell))))
         return

@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, fields
 
-from power_retention.checks import is_integer
-from power_retention.layer import CONV_SIZE, INITIAL_GATE, ROPE, check_gate_init
-from power_retention.sympow import expanded_dim
+from power_retention.convolution import ShortConvolution
+from power_retention.layer import CONV_SIZE, INITIAL_GATE, ROPE, check_gate_init, state_floats
+from power_retention.validation import check_integer
 
 MIXERS = ("power", "softmax")
 # Saved configs from before a field was renamed or added: old name -> today's name, and the
@@ -70,10 +70,8 @@ class ModelConfig:
         for field in fields(self):
             if field.type in ("int", int) or field.name == "conv_size":
                 value = getattr(self, field.name)
-                lowest = 0 if field.name == "conv_size" else 1
-                if not is_integer(value) or value < lowest:
-                    raise ValueError(f"ModelConfig.{field.name} must be an integer >= {lowest}, "
-                                     f"got {value!r}")
+                check_integer(f"ModelConfig.{field.name}", value,
+                              minimum=0 if field.name == "conv_size" else 1)
         try:
             check_gate_init(self.gate_init)
         except ValueError as error:
@@ -119,8 +117,8 @@ def _preset(hidden_size, layers, heads, kv_heads, intermediate_size, max_len, vo
                 max_position_embeddings=max_len, **extra)
 
 
-# Heads are at most 64 wide: a head's degree-2 state is C(d + 1, 2) x d floats, 0.53 MB at
-# d = 64 but 33.7 MB at d = 256 (SPEC "Costs"). The larger presets share each key/value
+# Heads are at most 64 wide: a head's degree-2 state is C(d + 1, 2) x (d + 1) floats, 0.54 MB
+# at d = 64 but 33.8 MB at d = 256 (power_retention/README.md, "Costs"). The larger presets share each key/value
 # head among 4 query heads, which divides the recurrent state (and the KV cache) by 4.
 PRESETS = {
     "ultra-tiny": _preset(64, 3, 2, 2, 128, 128, vocab=1000, chunk_size=32),   # ffn_mult 2
@@ -168,12 +166,12 @@ def param_count(config: ModelConfig) -> int:
 def state_floats_per_layer(config: ModelConfig, context: int = 0) -> int:
     """Floats a layer keeps per sequence while decoding: the recurrent state of the power
     mixer (independent of ``context``), or the KV cache of the softmax mixer at ``context``."""
-    conv = max(config.conv_size - 1, 0) * (config.num_attention_heads
-                                           + 2 * config.num_key_value_heads) * config.head_dim
     if config.mixer == "softmax":
-        return 2 * config.num_key_value_heads * config.head_dim * context + conv
-    D = expanded_dim(config.head_dim, config.deg)
-    return config.num_key_value_heads * D * (config.head_dim + 1) + conv
+        channels = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+        return (2 * config.num_key_value_heads * config.head_dim * context
+                + ShortConvolution.state_floats(channels, config.conv_size))
+    return state_floats(num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
+                        head_dim=config.head_dim, deg=config.deg, conv_size=config.conv_size)
 
 
 def describe(config: ModelConfig) -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from power_retention.checks import is_integer
+from power_retention.validation import check_integer, is_integer
 
 from .atomic import atomic_file
 
@@ -231,10 +231,8 @@ def synthetic_documents(name: str, n_documents: int = 4000, seed: int = 0) -> li
     if name not in _SYNTHETIC:
         raise ValueError(f"unknown synthetic data {name!r}: expected one of "
                          f"{', '.join(SYNTHETIC_PREFIX + n for n in SYNTHETIC_NAMES)}")
-    if not is_integer(n_documents) or n_documents < 1:
-        raise ValueError(f"n_documents must be an integer >= 1, got {n_documents!r}")
-    if not is_integer(seed) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    check_integer("n_documents", n_documents)
+    check_integer("seed", seed, minimum=0)
     rng = np.random.default_rng(seed)
     return [_SYNTHETIC[name](rng) for _ in range(n_documents)]
 
@@ -309,8 +307,7 @@ def tokenize_corpus(documents, tokenizer, cache_root: Path, key: str, val_fracti
                              f"[0, {len(doc.text)}], got {doc.prompt_chars!r}")
     if not isinstance(val_fraction, numbers.Real) or not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
-    if not is_integer(seed) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    check_integer("seed", seed, minimum=0)
     if not isinstance(key, str) or not key or {"/", os.sep} & set(key) or key.startswith("."):
         raise ValueError(f"key must be a directory name (see cache_key), got {key!r}")
 
@@ -444,12 +441,6 @@ def _check_stream(tokens, mask, name: str):
                          f"({len(tokens)}), got shape {getattr(mask, 'shape', None)}")
 
 
-def _check_positive(**values):
-    for name, value in values.items():
-        if not is_integer(value) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
 class BatchSampler:
     """Fixed-length training sequences from a token stream, in a seeded random order.
 
@@ -461,9 +452,9 @@ class BatchSampler:
 
     def __init__(self, tokens, mask, seq_len: int, batch_size: int, seed: int):
         _check_stream(tokens, mask, "training")
-        _check_positive(seq_len=seq_len, batch_size=batch_size)
-        if not is_integer(seed) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        check_integer("seq_len", seq_len)
+        check_integer("batch_size", batch_size)
+        check_integer("seed", seed, minimum=0)
         if len(tokens) < seq_len + 1:
             raise ValueError(f"the training split has {len(tokens)} tokens, but one sequence of "
                              f"seq_len={seq_len} needs {seq_len + 1}: use a smaller --seq-len "
@@ -528,7 +519,8 @@ def validation_batches(tokens, mask, seq_len: int, batch_size: int,
     window of all of it (inputs of length len(tokens) - 1).
     """
     _check_stream(tokens, mask, "validation")
-    _check_positive(seq_len=seq_len, batch_size=batch_size, max_batches=max_batches)
+    for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("max_batches", max_batches)):
+        check_integer(name, value)
     if len(tokens) < 2:
         raise ValueError(f"the validation split is empty: it has {len(tokens)} token(s) and "
                          "needs at least 2 (one input and its target)")
@@ -548,7 +540,7 @@ def validation_batches(tokens, mask, seq_len: int, batch_size: int,
 def unigram_entropy(tokens, vocab_size) -> float:
     """Entropy in nats of the tokens' frequencies: the loss of a model that ignores context,
     so a model that has learned anything must get below it."""
-    _check_positive(vocab_size=vocab_size)
+    check_integer("vocab_size", vocab_size)
     if len(tokens) == 0:
         raise ValueError("tokens is empty: the entropy of no tokens is undefined")
     counts = np.zeros(vocab_size, dtype=np.int64)

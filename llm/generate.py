@@ -14,7 +14,7 @@ from typing import Iterator
 
 import mlx.core as mx
 
-from power_retention.checks import is_integer
+from power_retention.validation import check_integer
 
 from .tokenizer import StreamingDetokenizer
 
@@ -29,8 +29,7 @@ def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0):
         raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
     if not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not is_integer(top_k) or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    check_integer("top_k", top_k, minimum=0, meaning="0: off")
 
     if temperature == 0:
         return lambda logits, key=None: mx.argmax(logits, axis=-1)
@@ -59,8 +58,7 @@ def generate_tokens(model, prompt: mx.array, cache: list, max_new_tokens: int, *
 
     The last token yielded has not been fed to the model (the caller feeds it, or not).
     """
-    if not is_integer(max_new_tokens) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    check_integer("max_new_tokens", max_new_tokens, minimum=0)
     if prompt.ndim != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt must hold at least one token, shape (B, T >= 1); "
                          f"got {tuple(prompt.shape)}")

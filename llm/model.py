@@ -134,7 +134,7 @@ class Block(nn.Module):
             self.mixer = PowerRetention(
                 config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
                 config.head_dim, deg=config.deg, gating=config.gating,
-                chunk_size=config.chunk_size, use_metal_kernels=use_metal,
+                chunk_size=config.chunk_size, use_metal=use_metal,
                 gate_init=config.gate_init, conv_size=config.conv_size,
                 output_norm=config.output_norm, rope=config.rope, rope_theta=config.rope_theta)
         else:

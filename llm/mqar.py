@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from power_retention.checks import is_integer
+from power_retention.validation import check_integer
 
 GAP_DISTRIBUTIONS = ("power", "uniform")
 POWER_LAW_A = 0.01
@@ -38,11 +38,8 @@ class MQAR:
 
     def __post_init__(self):
         for name in ("vocab_size", "seq_len", "num_pairs"):
-            value = getattr(self, name)
-            if not is_integer(value) or value < 1:
-                raise ValueError(f"MQAR {name} must be a positive integer, got {value!r}")
-        if not is_integer(self.seed) or self.seed < 0:
-            raise ValueError(f"MQAR seed must be an integer >= 0, got {self.seed!r}")
+            check_integer(f"MQAR {name}", getattr(self, name))
+        check_integer("MQAR seed", self.seed, minimum=0)
         if self.gaps not in GAP_DISTRIBUTIONS:
             raise ValueError(f"MQAR gaps must be one of {GAP_DISTRIBUTIONS}, got {self.gaps!r}")
         if 4 * self.num_pairs > self.seq_len:
@@ -68,8 +65,7 @@ class MQAR:
     def _sample(self, rng: np.random.Generator, size: int):
         """inputs and targets (size, seq_len) int32, mask (size, seq_len) float32: 1 at the
         queries, where targets[i] is the value of the key inputs[i]."""
-        if not is_integer(size) or size < 1:
-            raise ValueError(f"batch size must be a positive integer, got {size!r}")
+        check_integer("batch size", size)
         V, T, N = self.vocab_size, self.seq_len, self.num_pairs
         half = V // 2
         # Distinct keys in [1, half) and distinct values in [half, V), per sequence.

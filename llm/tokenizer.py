@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
-from power_retention.checks import is_integer
+from power_retention.validation import check_integer, is_integer
 
 CONFIG_FILE = "tokenizer_config.json"
 MODEL_FILE = "tokenizer.model"
@@ -165,11 +165,9 @@ def train_tokenizer(inputs, vocab_size: int, *, model_type: str = "bpe",
     """
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
-    if not is_integer(vocab_size) or vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(f"vocab_size must be an integer >= {MIN_VOCAB_SIZE} (256 byte pieces, "
-                         f"unk, bos, eos and at least one character), got {vocab_size!r}")
-    if not is_integer(max_sentences) or max_sentences < 1:
-        raise ValueError(f"max_sentences must be an integer >= 1, got {max_sentences!r}")
+    check_integer("vocab_size", vocab_size, minimum=MIN_VOCAB_SIZE,
+                  meaning="256 byte pieces, unk, bos, eos and at least one character")
+    check_integer("max_sentences", max_sentences)
     if not is_integer(seed) or not 0 <= seed < 2**32:
         raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
 

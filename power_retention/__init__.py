@@ -4,16 +4,15 @@
     y = power_retention(q, k, v, log_g, deg=2)          # the op: (B, T, Hq, e)
     layer = PowerRetention(dim=256)                     # the layer: (B, T, 256) -> (B, T, 256)
 
-See SPEC.md for the math and README.md for the forms and their costs.
+The math is in power_retention/README.md. Importing this package changes nothing else in the
+process: the Linux CPU tuning is opt-in (``power_retention.cpu_tuning``).
 """
 
-from .cpu_backend import keep_freed_memory, release_freed_memory
+from .cost import choose_method, estimated_seconds
 from .layer import PowerRetention, RetentionCache
-from .ops import choose_method, estimated_seconds, power_retention, power_retention_step
+from .ops import power_retention, power_retention_step
 from .state import RetentionState
 from .sympow import expanded_dim, sympow
-
-keep_freed_memory()
 
 __all__ = [
     "PowerRetention",
@@ -24,6 +23,5 @@ __all__ = [
     "expanded_dim",
     "power_retention",
     "power_retention_step",
-    "release_freed_memory",
     "sympow",
 ]

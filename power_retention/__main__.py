@@ -3,7 +3,7 @@
 import os
 import sys
 
-from .cpu_backend import fast_blas_environment, loaded_blas, openblas_library
+from .cpu_tuning import fast_blas_environment, loaded_blas, openblas_library
 
 
 def main(argv: list[str]) -> int:

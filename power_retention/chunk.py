@@ -1,8 +1,8 @@
 """Chunked form: attention inside chunks of c positions, a recurrent state across chunks.
 
 The attention form is this with one chunk spanning the sequence (c = T): the T x T weight
-matrix and no scan. Inputs here are already validated, in the compute dtype (float32 or
-float64), with the scale applied to q (see ``ops.power_retention``).
+matrix and no scan (``attention_power_retention``). Inputs here are already validated, in
+the compute dtype (float32 or float64), with the scale applied to q (``inputs.prepare_inputs``).
 
 Layout inside is chunk-major so that the scan reads contiguous slices: q (n, B, H, G, c, d)
 where query head h * G + g reads key/value head h; k (n, B, H, 1, c, d); values with a
@@ -24,7 +24,7 @@ import mlx.core as mx
 
 from .normalize import divide_by_weight_sum
 from .state import RetentionState
-from .streams import custom_function
+from .autodiff import custom_function
 from .sympow import StateLayout, integer_power
 
 
@@ -144,10 +144,10 @@ def _read_states_vjp(primals, cotangent, output):
 _read_states = custom_function(_read_states_forward, _read_states_vjp)
 
 
-def chunk_power_retention(q, k, v, log_g, *, deg, chunk_size, initial_state, return_state,
-                          normalize, state_kernels=None):
-    """y (B, T, Hq, e) and the final RetentionState (None unless return_state).
-    ``state_kernels``: fused kernels for the two state products (see ``run_power_retention``)."""
+def chunk_power_retention(q, k, v, log_g, *, deg, normalize, initial_state=None,
+                          return_state=False, chunk_size=64, state_kernels=None):
+    """y (B, T, Hq, e) and the final RetentionState (None unless ``return_state``).
+    ``state_kernels``: fused kernels for the two state products (``kernels.StateKernels``)."""
     B, T, Hq, d = q.shape
     H, e = k.shape[2], v.shape[-1]
     G = Hq // H
@@ -213,3 +213,11 @@ def chunk_power_retention(q, k, v, log_g, *, deg, chunk_size, initial_state, ret
     if pad:
         y = y[:, :T]
     return y, (final_state if return_state else None)
+
+
+def attention_power_retention(q, k, v, log_g, *, deg, normalize, initial_state=None,
+                              return_state=False, state_kernels=None):
+    """The attention form: one chunk spanning the sequence (its T x T weights, no scan)."""
+    return chunk_power_retention(q, k, v, log_g, deg=deg, normalize=normalize,
+                                 initial_state=initial_state, return_state=return_state,
+                                 chunk_size=q.shape[1], state_kernels=state_kernels)

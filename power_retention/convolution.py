@@ -32,6 +32,11 @@ class ShortConvolution(nn.Module):
         bound = 1 / math.sqrt(kernel_size)
         self.weight = mx.random.uniform(-bound, bound, (channels, kernel_size))
 
+    @staticmethod
+    def state_floats(channels: int, kernel_size: int) -> int:
+        """Floats of the tail a cache keeps per sequence: the last kernel_size - 1 inputs."""
+        return max(kernel_size - 1, 0) * channels
+
     def __call__(self, x: mx.array, tail: mx.array | None = None) -> tuple[mx.array, mx.array]:
         """(y, new tail): y (B, T, channels), the tail (B, kernel_size - 1, channels)."""
         B, T, channels = x.shape

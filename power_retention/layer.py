@@ -16,50 +16,20 @@ import warnings
 import mlx.core as mx
 import mlx.nn as nn
 
-from .checks import is_integer
 from .convolution import ShortConvolution
-from .ops import METHODS, power_retention, power_retention_step
+from .ops import power_retention, power_retention_step
 from .state import RetentionState
-from .sympow import check_degree, expanded_dim
+from .sympow import expanded_dim
+from .validation import check_degree, check_integer, check_method, check_normalize
 
 # The gate's bias is set so that sigmoid(bias) = INITIAL_GATE: every head starts with a memory
 # of about 1 / (1 - INITIAL_GATE) tokens and learns to lengthen it where that helps. A short
 # start (0.9, not 0.999) lowered character-level validation loss (by 0.06 nats with the
 # output norm, 0.01 without) at the price of 0.002-0.004 of MQAR recall at 8 pairs in 64
-# tokens (the README's ablation).
+# tokens (the ablation table in benchmarks/README.md).
 INITIAL_GATE = 0.9
 CONV_SIZE = 4
 ROPE = False
-
-_warned_no_kernels = False
-
-
-def _kernel_dispatch():
-    """``metal_kernels.dispatch`` when the kernels run on this machine, else None (after one
-    warning per process)."""
-    # Imported on use: the kernels package builds on this one.
-    from metal_kernels import dispatch
-
-    global _warned_no_kernels
-    if dispatch.backend() is not None:
-        return dispatch
-    if not _warned_no_kernels:
-        _warned_no_kernels = True
-        reason = ("the kernels are switched off (metal_kernels.dispatch.set_backend(None))"
-                  if mx.metal.is_available() else "Metal is not available on this machine")
-        warnings.warn(f"use_metal_kernels=True: {reason}; PowerRetention runs on the MLX path "
-                      "(same results).", stacklevel=3)
-    return None
-
-
-def _positive_int(name, value, allow_none=True):
-    if value is None and allow_none:
-        return None
-    if not is_integer(value) or value < 1:
-        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, "
-                         f"got {value!r}")
-    return int(value)
-
 
 def check_gate_init(gate_init) -> float:
     if isinstance(gate_init, bool) or not isinstance(gate_init, (int, float)) \
@@ -69,16 +39,25 @@ def check_gate_init(gate_init) -> float:
     return float(gate_init)
 
 
+def state_floats(*, num_heads: int, num_kv_heads: int, head_dim: int, deg: int,
+                 conv_size: int) -> int:
+    """Floats of recurrent state one layer keeps per sequence: S (D x head_dim) and z (D) per
+    key/value head, and the short convolution's last inputs."""
+    return (num_kv_heads * expanded_dim(head_dim, deg) * (head_dim + 1)
+            + ShortConvolution.state_floats((num_heads + 2 * num_kv_heads) * head_dim, conv_size))
+
+
 def resolve_heads(dim, num_heads=None, num_kv_heads=None, head_dim=None):
     """(num_heads, num_kv_heads, head_dim) with the layer's defaults filled in.
 
     With neither given, heads are 64 wide (narrower if dim < 64): the state per head is
-    C(d + 1, 2) x d floats at degree 2, so narrow heads keep it small (SPEC "Costs").
+    D x (d + 1) floats with D = C(d + 1, 2) at degree 2 (``state_floats``), so narrow heads
+    keep it small (power_retention/README.md, "Costs").
     """
-    dim = _positive_int("dim", dim, allow_none=False)
-    num_heads = _positive_int("num_heads", num_heads)
-    num_kv_heads = _positive_int("num_kv_heads", num_kv_heads)
-    head_dim = _positive_int("head_dim", head_dim)
+    dim = check_integer("dim", dim)
+    num_heads = check_integer("num_heads", num_heads, allow_none=True)
+    num_kv_heads = check_integer("num_kv_heads", num_kv_heads, allow_none=True)
+    head_dim = check_integer("head_dim", head_dim, allow_none=True)
     if head_dim is None:
         if num_heads is None:
             head_dim = min(dim, 64)
@@ -143,10 +122,11 @@ class PowerRetention(nn.Module):
         chunk_size, method: passed to ``power_retention``; "auto" picks the cheapest form.
         normalize: divide by the sum of weights; default True for even deg, False for odd.
         scale: the query scale (only matters when normalize=False); default 1/sqrt(head_dim).
-        use_metal_kernels: run on the fused Metal kernels (``metal_kernels``): one-token
+        use_metal: run on the fused Metal kernels where they run (``kernels``): one-token
             steps on the decode kernel, the chunked form's state products on the prefill
-            kernels; where Metal is absent, warn once and use the MLX path. Gradients through
-            the kernels are those of the MLX path.
+            kernels; where they do not (no Metal, or the CPU as MLX's default device), warn
+            once and use the MLX path. Gradients through the kernels are those of the MLX
+            path. (``use_metal_kernels``, its former name, is still accepted.)
         gate_init: the gate every head starts at, in (0, 1).
         conv_size: taps of the causal depthwise convolution (with SiLU) on q, k and v after
             their projections (``ShortConvolution``); 0 for none.
@@ -161,41 +141,42 @@ class PowerRetention(nn.Module):
     unit scale at any context length. The normalized form's output is already a weighted
     average of values, as softmax attention's is, and there the norm only throws away its
     size (how spread the weights are, how far the values agree), which the model uses:
-    removing it lowered character-level validation loss by 0.10 nats (the README's
-    ablation), so it is off by default for even p. Since any factor common to a query's
+    removing it lowered character-level validation loss by 0.10 nats (the ablation table in
+    benchmarks/README.md), so it is off by default for even p. Since any factor common to a query's
     weights cancels in the normalized form, and in the norm, a learned temperature on q
     would change nothing: sharper weights come from a higher degree or from key sizes.
     """
 
     def __init__(self, dim: int, num_heads: int | None = None, num_kv_heads: int | None = None,
                  head_dim: int | None = None, deg: int = 2, gating: bool = True,
-                 chunk_size: int = 64, use_metal_kernels: bool = False, *,
+                 chunk_size: int = 64, use_metal: bool = False, *,
                  method: str = "auto", normalize: bool | None = None, scale: float | None = None,
                  norm_eps: float = 1e-6, gate_init: float = INITIAL_GATE,
                  conv_size: int = CONV_SIZE, output_norm: bool | None = None, rope: bool = ROPE,
-                 rope_theta: float = 10000.0):
+                 rope_theta: float = 10000.0, use_metal_kernels: bool | None = None):
         super().__init__()
+        if use_metal_kernels is not None:
+            warnings.warn("PowerRetention(use_metal_kernels=...) is now use_metal=...",
+                          DeprecationWarning, stacklevel=2)
+            use_metal = use_metal_kernels
         num_heads, num_kv_heads, head_dim = resolve_heads(dim, num_heads, num_kv_heads, head_dim)
         deg = check_degree(deg)
         if normalize is None:
             normalize = deg % 2 == 0
-        if normalize and deg % 2:
-            raise ValueError(f"normalize=True needs an even deg, got deg={deg}: use normalize=False")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
+        check_normalize(deg, normalize)
+        check_method(method)
         check_gate_init(gate_init)
-        if not is_integer(conv_size) or conv_size < 0:
-            raise ValueError(f"conv_size must be an integer >= 0 (0: no convolution), got {conv_size!r}")
+        check_integer("conv_size", conv_size, minimum=0, meaning="0: no convolution")
         self.dim = dim
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.deg = deg
         self.gating = bool(gating)
-        self.chunk_size = _positive_int("chunk_size", chunk_size, allow_none=False)
+        self.chunk_size = check_integer("chunk_size", chunk_size)
         self.method = method
         self.normalize = bool(normalize)
         self.scale = scale
         self.norm_eps = norm_eps
-        self.use_metal_kernels = bool(use_metal_kernels)
+        self.use_metal = bool(use_metal)
         self.gate_init = float(gate_init)
         self.conv_size = int(conv_size)
         self.output_norm = (not normalize) if output_norm is None else bool(output_norm)
@@ -227,8 +208,8 @@ class PowerRetention(nn.Module):
     def state_size(self) -> int:
         """Floats of recurrent state per sequence: S (D x head_dim) and z (D) per kv head, and
         the convolution's last conv_size - 1 inputs."""
-        conv = max(self.conv_size - 1, 0) * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
-        return self.num_kv_heads * self.expanded_dim * (self.head_dim + 1) + conv
+        return state_floats(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                            head_dim=self.head_dim, deg=self.deg, conv_size=self.conv_size)
 
     def make_cache(self) -> RetentionCache:
         return RetentionCache()
@@ -236,7 +217,6 @@ class PowerRetention(nn.Module):
     def __call__(self, x: mx.array, cache: RetentionCache | None = None) -> mx.array:
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (B, T, dim={self.dim}), got {tuple(x.shape)}")
-        kernels = _kernel_dispatch() if self.use_metal_kernels else None
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.conv_size:
@@ -251,20 +231,19 @@ class PowerRetention(nn.Module):
             q = self.rope(q.swapaxes(1, 2), offset=offset).swapaxes(1, 2)
             k = self.rope(k.swapaxes(1, 2), offset=offset).swapaxes(1, 2)
         log_g = nn.log_sigmoid(self.gate_proj(x)) if self.gating else None
-        options = dict(deg=self.deg, scale=self.scale, normalize=self.normalize)
-        sequence = power_retention if kernels is None else kernels.power_retention
-        step = power_retention_step if kernels is None else kernels.decode_step
+        options = dict(deg=self.deg, scale=self.scale, normalize=self.normalize,
+                       use_metal=self.use_metal)
 
         if cache is None:
-            y = sequence(q, k, v, log_g, method=self.method, chunk_size=self.chunk_size,
+            y = power_retention(q, k, v, log_g, method=self.method, chunk_size=self.chunk_size,
                          **options)
         elif T == 1:
-            y, cache.retention_state = step(
+            y, cache.retention_state = power_retention_step(
                 q[:, 0], k[:, 0], v[:, 0], None if log_g is None else log_g[:, 0],
                 cache.retention_state, **options)
             y = y[:, None]
         else:
-            y, cache.retention_state = sequence(
+            y, cache.retention_state = power_retention(
                 q, k, v, log_g, method=self.method, chunk_size=self.chunk_size,
                 initial_state=cache.retention_state, return_state=True, **options)
         if cache is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .streams import custom_function
+from .autodiff import custom_function
 
 
 def _forward(numerator, denominator):

@@ -44,8 +44,10 @@ def recurrent_step(q, k, v, log_g, state, *, deg, normalize):
     return y.reshape(B, Hq, e), new_state
 
 
-def recurrent_power_retention(q, k, v, log_g, *, deg, initial_state, normalize):
-    """y (B, T, Hq, e) by T recurrent steps, and the final state."""
+def recurrent_power_retention(q, k, v, log_g, *, deg, normalize, initial_state=None,
+                              return_state=False):
+    """y (B, T, Hq, e) by T recurrent steps, and the final state (None unless
+    ``return_state``)."""
     state = initial_state
     outputs = []
     for t in range(q.shape[1]):
@@ -53,4 +55,4 @@ def recurrent_power_retention(q, k, v, log_g, *, deg, initial_state, normalize):
                                   None if log_g is None else log_g[:, t], state,
                                   deg=deg, normalize=normalize)
         outputs.append(y)
-    return mx.stack(outputs, axis=1), state
+    return mx.stack(outputs, axis=1), (state if return_state else None)

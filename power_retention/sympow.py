@@ -15,26 +15,16 @@ from typing import Callable, NamedTuple
 import mlx.core as mx
 import numpy as np
 
-from .checks import is_integer
-from .streams import custom_function
+from .autodiff import custom_function
+from .validation import check_degree, check_integer
 
 _SQRT2 = math.sqrt(2.0)
-
-
-def check_degree(deg) -> int:
-    """Return ``deg`` as an int, or raise ValueError unless it is an integer >= 1."""
-    if not is_integer(deg):
-        raise ValueError(f"deg must be an integer >= 1, got {deg!r} ({type(deg).__name__})")
-    if deg < 1:
-        raise ValueError(f"deg must be an integer >= 1, got {deg}")
-    return int(deg)
 
 
 def expanded_dim(d: int, deg: int) -> int:
     """Number of symmetric power features D = C(d + deg - 1, deg) of a d-vector."""
     deg = check_degree(deg)
-    if not is_integer(d) or d < 1:
-        raise ValueError(f"d must be an integer >= 1, got {d!r}")
+    check_integer("d", d)
     return math.comb(int(d) + deg - 1, deg)
 
 

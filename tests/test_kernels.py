@@ -1,9 +1,13 @@
-"""Metal kernels against the MLX path, through the dispatch code: on real Metal where there is
-one, and on the CPU emulator (which compiles kernels with g++) in every thread order."""
+"""Metal kernels against the MLX path, through the op with ``use_metal=True``: on real Metal
+where there is one, and on the CPU emulator (which compiles kernels with g++) in every thread
+order."""
 
 import os
 import shutil
 import tempfile
+import warnings
+from functools import partial
+from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
@@ -11,7 +15,7 @@ import pytest
 
 os.environ.setdefault("POWER_RETENTION_EMULATOR_CACHE",
                       os.path.join(tempfile.gettempdir(), "power-retention-emulator-tests"))
-from metal_kernels import dispatch, emulator  # noqa: E402
+from metal_kernels import emulator, launch  # noqa: E402
 from metal_kernels.sources import header, kernel_body  # noqa: E402
 from power_retention import PowerRetention, RetentionState, expanded_dim, sympow  # noqa: E402
 from power_retention import power_retention, power_retention_step  # noqa: E402
@@ -32,24 +36,25 @@ OUTPUT_ROUNDING = {mx.float16: 2.0**-10, mx.bfloat16: 2.0**-7}
 
 
 def _on_backend(name, order=None):
-    previous, device = dispatch.backend(), mx.default_device()
-    dispatch.set_backend(name, **({"order": order} if order else {}))
+    previous, device = launch.backend(), mx.default_device()
+    launch.set_backend(name, **({"order": order} if order else {}))
     if name == "metal":
         mx.set_default_device(mx.gpu)
-    yield dispatch
+    yield SimpleNamespace(decode_step=partial(power_retention_step, use_metal=True),
+                          power_retention=partial(power_retention, use_metal=True))
     mx.set_default_device(device)
-    dispatch.set_backend(previous)
+    launch.set_backend(previous)
 
 
 @pytest.fixture(params=BACKENDS, ids=[order or name for name, order in BACKENDS])
 def kernels(request):
-    """The dispatch on each backend here: the emulator in each thread order, Metal."""
+    """The op with use_metal=True on each backend here: the emulator in each thread order, Metal."""
     yield from _on_backend(*request.param)
 
 
 @pytest.fixture
 def on_kernels():
-    """The dispatch on Metal where there is one, else on the emulator."""
+    """The op with use_metal=True on Metal where there is one, else on the emulator."""
     yield from _on_backend(*BACKENDS[-1])
 
 
@@ -259,12 +264,12 @@ def test_prefill_gradients_are_the_mlx_paths(on_kernels, case):
 
 
 def test_layer_runs_on_the_kernels(on_kernels):
-    """PowerRetention(use_metal_kernels=True): a whole sequence and a prefill on the prefill
+    """PowerRetention(use_metal=True): a whole sequence and a prefill on the prefill
     kernels, then one-token steps on the decode kernel."""
     mx.random.seed(5)
     plain = PowerRetention(32, num_heads=4, num_kv_heads=2, chunk_size=4, method="chunked")
     fast = PowerRetention(32, num_heads=4, num_kv_heads=2, chunk_size=4, method="chunked",
-                          use_metal_kernels=True)
+                          use_metal=True)
     fast.update(plain.parameters())
     x = mx.random.normal((2, 10, 32))
     assert_close("sequence", fast(x), plain(x), FP32_TOLERANCE)
@@ -277,21 +282,23 @@ def test_layer_runs_on_the_kernels(on_kernels):
 
 
 def test_without_kernels_the_dispatch_is_the_mlx_path():
-    previous = dispatch.backend()
-    dispatch.set_backend(None)
+    previous = launch.backend()
+    launch.set_backend(None)
     try:
         q, k, v, log_g, state = random_step_inputs(1, 2, 1, 8, 8, 2)
         expected = power_retention_step(q, k, v, log_g, state)
-        actual = dispatch.decode_step(q, k, v, log_g, state)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # that the kernels are off
+            actual = power_retention_step(q, k, v, log_g, state, use_metal=True)
     finally:
-        dispatch.set_backend(previous)
+        launch.set_backend(previous)
     assert_close("y", actual[0], expected[0], 0.0)
 
 
 def test_inputs_the_kernel_cannot_take_go_to_the_mlx_path(on_kernels):
     """The kernel reads q, k and v in one dtype: mixed dtypes run on the MLX path (exactly its
     result), as do float64 inputs and value widths above the threadgroup cap."""
-    wide = dispatch.MAX_THREADS_PER_THREADGROUP + 1
+    wide = launch.MAX_THREADS_PER_THREADGROUP + 1
     cases = {"mixed": random_step_inputs(1, 2, 1, 4, 4, 2), "float64": None,
              f"e{wide}": random_step_inputs(1, 2, 1, 4, wide, 2)}
     q, k, v, log_g, state = cases["mixed"]
@@ -304,23 +311,42 @@ def test_inputs_the_kernel_cannot_take_go_to_the_mlx_path(on_kernels):
                          power_retention_step(*inputs)[0], 0.0)
 
 
+@pytest.mark.skipif(not HAS_METAL, reason="needs Metal")
+def test_metal_with_the_cpu_as_default_device_runs_the_mlx_path():
+    """A Mac whose MLX default device is the CPU keeps the op on the CPU, off the kernels."""
+    previous, device = launch.backend(), mx.default_device()
+    launch.set_backend("metal")
+    mx.set_default_device(mx.cpu)
+    try:
+        q, k, v, log_g, state = random_step_inputs(1, 2, 1, 8, 8, 2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            actual = power_retention_step(q, k, v, log_g, state, use_metal=True)
+        expected = power_retention_step(q, k, v, log_g, state)
+    finally:
+        mx.set_default_device(device)
+        launch.set_backend(previous)
+    assert_close("y", actual[0], expected[0], 0.0)
+
+
 def test_set_backend_rejects_unknown_names():
     with pytest.raises(ValueError, match="backend must be one of"):
-        dispatch.set_backend("cuda")
+        launch.set_backend("cuda")
     if not mx.metal.is_available():
         with pytest.raises(ValueError, match="needs a Mac with Metal"):
-            dispatch.set_backend("metal")
+            launch.set_backend("metal")
 
 
 def kernel_launches(deg, dtype):
-    """(kernel name, call arguments) of every kernel, as the dispatch calls them."""
+    """(kernel name, call arguments) of every kernel, as the op calls them."""
     q, k, v, log_g, state = random_step_inputs(1, 4, 2, 8, 8, deg, dtype=dtype)
-    yield "decode_step", dispatch.decode_launch(q.astype(mx.float32), k, v, log_g, *state,
+    yield "decode_step", launch.decode_launch(q.astype(mx.float32), k, v, log_g, *state,
                                                 deg=deg)
     if dtype == mx.float32:  # the prefill kernels take the op's fp32 compute arrays
         keys, v1, S1 = mx.zeros((6, 16, 8)), mx.zeros((6, 16, 9)), mx.zeros((3, state.S.shape[2], 9))
-        yield "chunk_states", dispatch.chunk_states_launch(keys, v1, deg=deg)
-        yield "query_states", dispatch.query_states_launch(keys, S1, deg=deg)
+        yield "chunk_states", launch.chunk_states_launch(keys, v1, deg=deg,
+                                                                 features=S1.shape[1])
+        yield "query_states", launch.query_states_launch(keys, S1, deg=deg)
 
 
 @pytest.mark.skipif(shutil.which("clang++") is None or not shutil.which("g++"),
@@ -328,12 +354,12 @@ def kernel_launches(deg, dtype):
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("deg", [1, 2, 4])
 def test_kernels_pass_a_clang_syntax_check(deg, dtype):
-    """Every kernel as the dispatch calls it, wrapped as MLX wraps it, compiles under clang
+    """Every kernel as the op calls it, wrapped as MLX wraps it, compiles under clang
     as well as g++ (against the Metal shim)."""
-    for name, launch in kernel_launches(deg, dtype):
-        inputs, outputs, headers = dispatch.KERNELS[name]
+    for name, arguments in kernel_launches(deg, dtype):
+        inputs, outputs, headers = launch.KERNELS[name]
         emulator.check_syntax(name, inputs, outputs, kernel_body(name), header(*headers),
-                              **launch)
+                              **arguments)
 
 
 @pytest.mark.skipif(HAS_METAL, reason="the fallback of a machine without Metal")
@@ -344,7 +370,7 @@ def test_metal_flag_without_metal_warns_once_and_falls_back():
         "from power_retention import PowerRetention\n"
         "x = mx.random.normal((1, 8, 16))\n"
         "plain = PowerRetention(16, num_heads=2)\n"
-        "fast = PowerRetention(16, num_heads=2, use_metal_kernels=True)\n"
+        "fast = PowerRetention(16, num_heads=2, use_metal=True)\n"
         "fast.update(plain.parameters())\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"

@@ -52,7 +52,7 @@ def test_power_law_gaps_favour_short_distances():
 @pytest.mark.parametrize("kwargs,message", [
     (dict(vocab_size=256, seq_len=30, num_pairs=8), "seq_len >= 4 \\* num_pairs"),
     (dict(vocab_size=16, seq_len=64, num_pairs=8), "too few keys"),
-    (dict(vocab_size=256, seq_len=64, num_pairs=0), "num_pairs must be a positive integer"),
+    (dict(vocab_size=256, seq_len=64, num_pairs=0), "num_pairs must be an integer >= 1"),
     (dict(vocab_size=256, seq_len=64, num_pairs=4, gaps="normal"), "gaps must be one of"),
     (dict(vocab_size=256, seq_len=64, num_pairs=4, seed=-1), "seed must be an integer >= 0"),
 ], ids=["too-short", "small-vocab", "no-pairs", "bad-gaps", "negative-seed"])

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from power_retention import RetentionState, expanded_dim, power_retention, power_retention_step, sympow
+from power_retention.naive import naive_power_retention, naive_recurrent_power_retention
 from tests.helpers import (FP32_TOLERANCE, STATE_FORM_DEG4_TOLERANCE, assert_close, make_inputs,
                            relative_error)
 from tests.reference import reference_power_retention, reference_state
@@ -33,6 +34,34 @@ def test_matches_float64_reference(method, chunk_size, deg, normalize, gated, T)
     S, z = reference_state(sympow(k.astype(mx.float64), deg), v, log_g)
     assert_close("S", state.S, S, FP32_TOLERANCE)
     assert_close("z", state.z, z, FP32_TOLERANCE)
+
+
+NAIVE_FORMS = {"naive": naive_power_retention, "naive-recurrent": naive_recurrent_power_retention}
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+@pytest.mark.parametrize("deg,normalize", DEGREES, ids=DEGREE_IDS)
+@pytest.mark.parametrize("form", NAIVE_FORMS, ids=list(NAIVE_FORMS))
+def test_naive_definition_matches_float64_reference(form, deg, normalize, gated):
+    """The reader's definition (``naive.py``) is the reference's math, state passing included:
+    the second half of a sequence continued from the first half's final state."""
+    q, k, v, log_g = make_inputs(B=2, T=40, Hq=4, H=2, d=6, e=5, gated=gated, seed=3,
+                                 dtype=mx.float64)
+    naive = NAIVE_FORMS[form]
+    options = dict(deg=deg, normalize=normalize, return_state=True)
+
+    def half(x, part):
+        return None if x is None else x[:, :20] if part == 0 else x[:, 20:]
+
+    with mx.stream(mx.cpu):  # float64 exists on the CPU only
+        y1, state = naive(*(half(x, 0) for x in (q, k, v, log_g)), **options)
+        y2, final = naive(*(half(x, 1) for x in (q, k, v, log_g)), initial_state=state, **options)
+        S, z = reference_state(sympow(k, deg), v, log_g)
+    expected = reference_power_retention(q, k, v, log_g, deg=deg, normalize=normalize)
+    # float64 throughout, but MLX's CPU exp is float32-accurate (see below): 1e-6 covers it.
+    assert_close("y", mx.concatenate([y1, y2], axis=1), expected, 1e-6)
+    assert_close("S", final.S, S, 1e-6)
+    assert_close("z", final.z, z, 1e-6)
 
 
 # MLX's CPU exp is float32-accurate even on float64 (8e-8 relative, measured), so the gates

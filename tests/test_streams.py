@@ -1,14 +1,16 @@
-"""Heads split across CPU streams: the same numbers as one stream, backward passes on the
-streams of their forwards, and the switch that turns the split on."""
+"""Heads split across CPU streams (``split_across_cpu_streams``): the same numbers as one
+stream, backward passes on the streams of their forwards, and the switch that turns it on."""
 
 import os
 
 import mlx.core as mx
 import pytest
 
-from power_retention import RetentionState, estimated_seconds, ops, power_retention
-from power_retention.cpu_backend import blas_threads, loaded_blas, set_blas_threads
-from power_retention.streams import CPU_STREAMS_VARIABLE, custom_function, parallel_cpu_streams
+from power_retention import RetentionState, estimated_seconds, power_retention
+from power_retention.autodiff import custom_function
+from power_retention.cpu_tuning import (CPU_STREAMS_VARIABLE, MIN_SECONDS_TO_SPLIT, blas_threads,
+                                        loaded_blas, parallel_cpu_streams, set_blas_threads,
+                                        split_across_cpu_streams)
 
 from tests.helpers import FP32_TOLERANCE, assert_close, make_inputs
 
@@ -18,8 +20,10 @@ needs_loaded_openblas = pytest.mark.skipif(not loaded_blas().startswith("OpenBLA
 
 def _outputs_and_gradients(inputs, **options):
     """y, the final state and the gradients of a weighted sum of y and the state in q, k, v, log_g."""
+    split_power_retention = split_across_cpu_streams(power_retention)
+
     def loss(q, k, v, log_g):
-        y, state = power_retention(q, k, v, log_g, return_state=True, **options)
+        y, state = split_power_retention(q, k, v, log_g, return_state=True, **options)
         weighted = (y * mx.cos(mx.arange(y.size).reshape(y.shape))).sum() + state.S.sum() + state.z.sum()
         return weighted, y, state.S, state.z
 
@@ -38,7 +42,7 @@ LENGTHS = {"chunked": 2401, "attention": 1201}
 def test_split_across_streams_equals_one_stream(monkeypatch, method, B, Hq, H, streams):
     T, d, e, chunk_size = LENGTHS[method], 8, 6, 16
     assert estimated_seconds(method, B=B, T=T, Hq=Hq, H=H, d=d, e=e, deg=2,
-                             chunk_size=chunk_size) >= ops._MIN_SECONDS_TO_SPLIT
+                             chunk_size=chunk_size) >= MIN_SECONDS_TO_SPLIT
     inputs = make_inputs(B=B, T=T, Hq=Hq, H=H, d=d, e=e)
     initial = RetentionState(mx.random.uniform(shape=(B, H, 36, e)), mx.random.uniform(shape=(B, H, 36)))
     options = dict(deg=2, method=method, chunk_size=chunk_size, initial_state=initial)

@@ -1,6 +1,10 @@
-"""Making MLX's CPU backend fast on Linux: a real BLAS and a malloc that keeps its memory.
+"""Making MLX's CPU backend fast on Linux: a real BLAS, a malloc that keeps its memory, and the
+op's heads split across CPU streams. Nothing here runs unless an entry point asks:
+``tune_process()`` (train.py, demo.py and the benchmarks call it first thing in ``main``)
+does the first two; ``split_across_cpu_streams`` wraps the op for the third. Importing
+``power_retention`` or ``llm`` changes nothing in the process.
 
-BLAS. 
+BLAS.
 The Linux wheel of MLX (``mlx[cpu]``) links a reference BLAS: about 3 GFLOP/s for an fp32
 matmul on a small x86 server. Debian's OpenBLAS exports the same symbols, so loading it first
 with ``LD_PRELOAD`` makes MLX's matmuls run through it (about 50x faster). On macOS MLX uses
@@ -11,8 +15,6 @@ Get it with ``apt-get install libopenblas0-pthread`` (Debian/Ubuntu). Then:
     python -m power_retention                 # which BLAS this process would use
     python -m power_retention -- CMD ARGS...  # run CMD with OpenBLAS preloaded
 
-``train.py`` and the benchmarks call :func:`reexec_with_fast_blas` themselves.
-
 Memory. MLX's CPU allocator hands every buffer to malloc and back. glibc serves large
 requests with a fresh mmap and unmaps them on free, so each op's output is page-faulted in
 and zeroed by the kernel again: measured here, that is 90% of the time of an elementwise op
@@ -20,11 +22,30 @@ on a 272 MB array (200 ms instead of 22 ms). Raising the mmap threshold alone is
 glibc also gives the top of its heap back to the kernel once more than the trim threshold
 (at most 2 GB through mallopt) is free there, and a training step that peaks at 6 GB frees
 more than that, so the next step faulted its pages in again (fwd+bwd at T=16384: 1.0M page
-faults and 8 s of system time per step, 12.8 s instead of 5.4 s). :func:`keep_freed_memory`,
-run when ``power_retention`` is imported, stops both: large buffers come from the heap and
-the heap is never trimmed, so freed buffers are reused. MLX's own memory accounting (``mx.get_peak_memory``) is unaffected; the
-process's resident size stays at its peak instead of shrinking after it. Set
-POWER_RETENTION_KEEP_MALLOC=1 to leave malloc alone.
+faults and 8 s of system time per step, 12.8 s instead of 5.4 s). :func:`keep_freed_memory`
+stops both: large buffers come from the heap and the heap is never trimmed, so freed buffers
+are reused. It applies to the whole process (numpy's buffers too), which is why only entry
+points call it. MLX's own memory accounting (``mx.get_peak_memory``) is unaffected; the
+process's resident size stays at its peak instead of shrinking after it (until
+:func:`release_freed_memory`). Set POWER_RETENTION_KEEP_MALLOC=1 to leave malloc alone.
+
+Streams. MLX's CPU backend runs the ops of one stream one after another on one thread. With a threaded
+BLAS the products use every core, but the elementwise ops, reductions and scans between them
+(about a third of the chunked form's time here) use one, and the BLAS threads spin meanwhile.
+With a single-threaded BLAS, heads split across one stream per core run side by side,
+products and everything else alike. So ``split_across_cpu_streams(power_retention)``
+splits its heads across ``parallel_cpu_streams()`` when BLAS runs single-threaded on a
+multi-core CPU; two streams calling a threaded BLAS at once contend for its threads and run
+slower than one stream.
+
+MLX builds its evaluation order breadth-first up to ``MLX_BFS_MAX_WIDTH`` arrays (default 20)
+and keeps at most 10 ops in flight: with the default width one stream's part of a large graph
+is queued before the other's and the streams take turns. The width a graph needs grows with
+its number of chunks (the scan is a loop over them): set ``MLX_BFS_MAX_WIDTH=16384`` before MLX
+evaluates anything to let the streams overlap (the benchmark does; MLX's peak memory at
+T=32768, chunk 64, fwd+bwd: 9.3 GB instead of 8.9 GB with a width of 1024).
+
+The hand-written backward passes run on the stream of their forward (``autodiff``).
 """
 
 from __future__ import annotations
@@ -37,6 +58,10 @@ import os
 import sys
 
 import mlx.core as mx
+
+from .cost import choose_method, estimated_seconds
+from .state import RetentionState
+from .validation import check_integer
 
 # Where Debian/Ubuntu put the pthread build of OpenBLAS (package libopenblas0-pthread).
 _OPENBLAS_PATTERNS = (
@@ -154,8 +179,7 @@ def set_blas_threads(threads: int) -> None:
     openblas = _openblas_symbols()
     if openblas is None:
         raise ValueError("set_blas_threads needs OpenBLAS loaded (see python -m power_retention)")
-    if not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+    check_integer("threads", threads)
     openblas.openblas_set_num_threads(threads)
 
 
@@ -191,3 +215,110 @@ def reexec_with_fast_blas() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, list(sys.orig_argv), env)
+
+
+# Set to a number of streams to force a split (1: never split), whatever the BLAS.
+CPU_STREAMS_VARIABLE = "POWER_RETENTION_CPU_STREAMS"
+
+_streams: list = []
+
+
+def _requested_streams() -> int:
+    value = os.environ.get(CPU_STREAMS_VARIABLE, "")
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"{CPU_STREAMS_VARIABLE} must be an integer >= 1, got {value!r}")
+        return int(value)
+    return (os.cpu_count() or 1) if blas_threads() == 1 else 1
+
+
+def parallel_cpu_streams() -> list:
+    """The CPU streams to split the op's heads across: one per core when the default device is
+    the CPU and BLAS runs single-threaded, else none (POWER_RETENTION_CPU_STREAMS=N overrides
+    the count). Created once and reused."""
+    if mx.default_device() != mx.cpu:
+        return []
+    count = _requested_streams()
+    if count < 2:
+        return []
+    while len(_streams) < count:
+        _streams.append(mx.new_stream(mx.cpu))
+    return _streams[:count]
+
+
+def stream_parts(size: int, streams: list) -> list:
+    """(stream, start, stop) for an axis of ``size`` entries cut into near-equal parts, one per
+    stream (fewer when the axis is shorter than the list of streams)."""
+    parts = min(len(streams), size)
+    bounds = [size * i // parts for i in range(parts + 1)]
+    return list(zip(streams, bounds, bounds[1:]))
+
+# Estimated work below which a call stays on one stream.
+MIN_SECONDS_TO_SPLIT = 0.01
+
+
+def split_across_cpu_streams(op):
+    """``op`` (``power_retention``'s signature) with its heads, or its batch when there is one
+    head, cut into parts that run side by side on ``parallel_cpu_streams()``; the outputs and
+    final states joined again. Calls that would not gain run ``op`` as they are: no streams to
+    split across, the recurrent form (T steps of small ops, which a split only doubles: 0.22 s
+    on one stream, 0.51 s on two at T=256), and calls estimated under ``MIN_SECONDS_TO_SPLIT``
+    (the attention form at T=256: 2.2 ms on one stream, 5.7 ms on two)."""
+
+    @functools.wraps(op)
+    def split_op(q, k, v, log_g=None, *, initial_state=None, return_state=False, **options):
+        def whole():
+            return op(q, k, v, log_g, initial_state=initial_state, return_state=return_state,
+                      **options)
+
+        streams = parallel_cpu_streams()
+        if len(streams) < 2 or not all(isinstance(x, mx.array) and x.ndim == 4 for x in (q, k, v)) \
+                or q.shape[2] % k.shape[2]:
+            return whole()  # and the op reports any bad input
+        B, T, Hq, d = q.shape
+        H = k.shape[2]
+        shape = dict(B=B, T=T, Hq=Hq, H=H, d=d, e=v.shape[-1], deg=options.get("deg", 2),
+                     chunk_size=options.get("chunk_size", 64), gated=log_g is not None)
+        method = options.pop("method", "auto")
+        if method == "auto":  # chosen for the whole call, not for a part
+            method = choose_method(**shape)
+        options["method"] = method
+        if method == "recurrent" or max(B, H) < 2 or \
+                estimated_seconds(method, **shape) < MIN_SECONDS_TO_SPLIT:
+            return whole()
+
+        G = Hq // H
+        by_heads = H > 1
+        state_axis = 1 if by_heads else 0  # heads: axis 2 of q, k, v and log_g, axis 1 of a state
+
+        def part(x, axis, start, stop):
+            return None if x is None else x[(slice(None),) * axis + (slice(start, stop),)]
+
+        ys, states = [], []
+        for stream, start, stop in stream_parts(H if by_heads else B, streams):
+            with mx.stream(stream):
+                if by_heads:
+                    inputs = (part(q, 2, start * G, stop * G), part(k, 2, start, stop),
+                              part(v, 2, start, stop), part(log_g, 2, start, stop))
+                else:
+                    inputs = tuple(part(x, 0, start, stop) for x in (q, k, v, log_g))
+                initial = None if initial_state is None else RetentionState(
+                    *(part(x, state_axis, start, stop) for x in initial_state))
+                result = op(*inputs, initial_state=initial, return_state=return_state, **options)
+            y, state = result if return_state else (result, None)
+            ys.append(y)
+            states.append(state)
+        y = mx.concatenate(ys, axis=2 if by_heads else 0)
+        if not return_state:
+            return y
+        return y, RetentionState(*(mx.concatenate(arrays, axis=state_axis) for arrays in zip(*states)))
+
+    return split_op
+
+
+def tune_process() -> None:
+    """What an entry point calls first thing: restart with OpenBLAS preloaded where that helps
+    (``reexec_with_fast_blas``), then keep freed memory for reuse (``keep_freed_memory``).
+    Does nothing on macOS."""
+    reexec_with_fast_blas()
+    keep_freed_memory()
