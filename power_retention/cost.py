@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from .sympow import expanded_dim
-
-FORMS = ("attention", "chunked", "recurrent")
+from .validation import METHODS
 
 # Cost model for method="auto", in seconds: dense matmul flops, elementwise passes over
 # intermediate arrays, and the fixed cost of one small op (which dominates the recurrent
@@ -44,9 +43,9 @@ def estimated_seconds(method, *, B, T, Hq, H, d, e, deg, chunk_size, gated=True)
     if method == "recurrent":
         per_step = B * (H + Hq) * D * e
         return seconds(2 * T * per_step, 3 * T * per_step, 15 * T)
-    raise ValueError(f"method must be one of {FORMS}, got {method!r}")
+    raise ValueError(f"method must be one of {METHODS[1:]}, got {method!r}")
 
 
 def choose_method(**shape) -> str:
     """The form with the smallest estimated cost (ties go to the attention form)."""
-    return min(FORMS, key=lambda method: estimated_seconds(method, **shape))
+    return min(METHODS[1:], key=lambda method: estimated_seconds(method, **shape))
