@@ -11,6 +11,10 @@ least loss of fidelity first, recording every rung it tried:
     4. narrower heads, more of them, at the same width (smaller D)   } these change the model
     5. power 2 -> 1                                                   } and are taken only when
     6. fewer layers, then a narrower model                            } 1-3 cannot fit
+
+``make_plan`` does this for a training run's options and prints the table; the rung it chose
+is stored in the run's train_config.json (``rung_to_plan``) and read back on resume
+(``apply_plan``), so a resumed run keeps its plan.
 """
 
 from __future__ import annotations
@@ -104,6 +108,15 @@ class RunShape:
         return self.replace(config=dataclasses.replace(self.config, **changes))
 
 
+def resize_heads(config: ModelConfig, head_dim: int) -> dict:
+    """The head fields of ``config`` with heads ``head_dim`` wide: as many heads as keep their
+    total width, and as many query heads per key/value head as before."""
+    heads = config.num_attention_heads * config.head_dim // head_dim
+    group = config.num_attention_heads // config.num_key_value_heads
+    return {"head_dim": head_dim, "num_attention_heads": heads,
+            "num_key_value_heads": max(1, heads // group)}
+
+
 @dataclass
 class Rung:
     name: str
@@ -166,10 +179,7 @@ def _ladder(shape: RunShape):
         # The model-changing rungs go back to the automatic form: with smaller heads the
         # cheapest form changes, and each rung's estimate uses it.
         while shape.config.head_dim > 16 and shape.config.head_dim % 2 == 0:
-            config = shape.config
-            shape = shape.with_model(head_dim=config.head_dim // 2,
-                                     num_attention_heads=config.num_attention_heads * 2,
-                                     num_key_value_heads=config.num_key_value_heads * 2)
+            shape = shape.with_model(**resize_heads(shape.config, shape.config.head_dim // 2))
             yield (f"4. heads of {shape.config.head_dim} x {shape.config.num_attention_heads}",
                    shape, True)
         if shape.config.deg > 1:
@@ -219,3 +229,48 @@ def plan_training(shape: RunShape, limits: DeviceLimits, *, dtype: str = "float3
         if fits:
             break
     return plan
+
+
+class ModelMustChange(Exception):
+    """Only rungs that change the model are left: the run restarts with the smaller model."""
+
+
+class NoPlanFits(ValueError):
+    """Not even the last rung the options allow fits the machine."""
+
+
+def run_limits(options) -> DeviceLimits:
+    """The limits a run's options plan for (``device_profile``, ``memory_budget``; empty or 0:
+    this machine's)."""
+    return device_limits(options.device_profile or None, options.memory_budget or None)
+
+
+def make_plan(options, requested: RunShape, start_after: str | None = None) -> tuple[Plan, DeviceLimits]:
+    """Plan ``requested`` as a run's options say (``device_profile``, ``memory_budget``,
+    ``dtype``, ``optimizer``, ``degrade``: the fields of llm.trainer.TrainConfig), and print
+    the table of the rungs tried. Raises NoPlanFits when none fits."""
+    limits = run_limits(options)
+    plan = plan_training(requested, limits, dtype=options.dtype, optimizer=options.optimizer,
+                         degrade=options.degrade, start_after=start_after)
+    print(plan.table())
+    if plan.chosen is None:
+        hint = "" if options.degrade else " (and --no-degrade forbids stepping down)"
+        raise NoPlanFits(f"the run does not fit in {limits.name}{hint}: see the table above")
+    return plan, limits
+
+
+def rung_to_plan(rung: Rung, requested: RunShape) -> dict:
+    """What a chosen rung changes, as stored in train_config.json."""
+    model_changes = {name: value for name, value in dataclasses.asdict(rung.shape.config).items()
+                     if getattr(requested.config, name) != value}
+    return {"rung": rung.name, "batch_size": rung.shape.batch_size,
+            "grad_accum": rung.shape.grad_accum, "checkpointing": rung.shape.checkpointing,
+            "method": rung.shape.method, "chunk_size": rung.shape.chunk_size,
+            "model": model_changes, "estimate_bytes": rung.total}
+
+
+def apply_plan(requested: RunShape, plan: dict) -> RunShape:
+    """The run shape a stored plan (``rung_to_plan``) makes of ``requested``."""
+    return requested.with_model(**plan["model"]).replace(
+        batch_size=plan["batch_size"], grad_accum=plan["grad_accum"],
+        checkpointing=plan["checkpointing"], method=plan["method"], chunk_size=plan["chunk_size"])

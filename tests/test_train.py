@@ -151,7 +151,7 @@ def test_kill_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
     """Kills at staggered moments while a checkpoint is written every step."""
     out = tmp_path / "run"
     args = small_run(tmp_path, out, "--save-every", "1", steps=120)
-    from train import load_checkpoint, make_optimizer, TrainConfig  # noqa: E402 (after sys.path)
+    from llm.trainer import load_checkpoint, make_optimizer, TrainConfig
     from llm import RetentionLLM
 
     for delay in (4.0, 4.3, 4.6):
@@ -338,7 +338,7 @@ def test_weight_decay_spares_gains_and_biases_the_gate_included():
     from mlx.utils import tree_flatten, tree_map
 
     from llm import RetentionLLM, create_model_config
-    from train import TrainConfig, make_optimizer
+    from llm.trainer import TrainConfig, make_optimizer
 
     model = RetentionLLM(create_model_config("ultra-tiny"))
     before = dict(tree_flatten(model.parameters()))
