@@ -56,14 +56,21 @@ def _intra_chunk_function(deg: int, gated: bool):
 
     def forward(q, k, v1, log_g=None):
         scores = q @ k.swapaxes(-1, -2)
+        causal = _causal_mask(q.shape[-2])
         if gated:
             decays = _decay_weights(log_g)
             slope = decays if deg == 1 else integer_power(scores, deg - 1) * decays
         else:
-            causal = _causal_mask(q.shape[-2])
-            slope = mx.where(causal, 1.0 if deg == 1 else integer_power(scores, deg - 1), 0.0)
-        weights = scores * slope
-        return weights @ v1, weights, slope
+            slope = 1.0 if deg == 1 else integer_power(scores, deg - 1)
+        # Selects, not products, above the diagonal: a NaN or inf in a later key or value
+        # times a zero weight is NaN, and it must not reach an earlier query. Rows at or
+        # after a non-finite value are NaN, as the recurrent form gives them.
+        slope = mx.where(causal, slope, 0.0)
+        weights = mx.where(causal, scores * slope, 0.0)
+        finite = mx.isfinite(v1).all(axis=-1, keepdims=True)
+        out = weights @ mx.where(finite, v1, 0.0)
+        reached = mx.cumsum(mx.logical_not(finite).astype(mx.int32), axis=-2) > 0
+        return mx.where(reached, mx.nan, out), weights, slope
 
     def vjp(primals, cotangents, outputs):
         q, k, v1 = primals[:3]
@@ -182,7 +189,10 @@ def chunk_power_retention(q, k, v, log_g, *, deg, normalize, initial_state=None,
             chunk_decay = mx.ones((n, B, H, 1, 1), dtype=q.dtype)
         else:
             chunk_decay = mx.exp(l[:, :, :, 0, -1])[..., None, None]
-            k = k * mx.exp((l[..., -1:] - l) / deg)[..., None]
+            # The decay from each key to the chunk's end is a sum of the gates after it, not
+            # a difference of running sums: after a reset (-inf) both of those are -inf.
+            after = mx.cumsum(log_g, axis=-1, reverse=True, inclusive=False)
+            k = k * mx.exp(after / deg)[..., None]
             q = q * mx.exp(l / deg)[..., None]
         initial = None if initial_state is None else \
             mx.concatenate([initial_state.S, initial_state.z[..., None]], axis=-1)

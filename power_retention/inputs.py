@@ -32,11 +32,13 @@ def _check_array(name, x, ndim, layout, has_time):
         raise ValueError(f"{name} must have shape {_describe(layout, has_time)}, got {tuple(x.shape)}")
 
 
-def prepare_inputs(q, k, v, log_g, deg, scale, normalize, initial_state, has_time):
+def prepare_inputs(q, k, v, log_g, deg, scale, normalize, initial_state, has_time,
+                   check_gates=True):
     """Check everything, then return the inputs with a time axis, in the compute dtype, q
-    prepared (scaled, or divided by its largest entry when normalized): what every form takes."""
+    prepared (scaled, or divided by its largest entry when normalized), the degree and
+    ``normalize`` resolved: what every form takes. ``check_gates``: see ``_check_gates``."""
     deg = check_degree(deg)
-    check_normalize(deg, normalize)
+    normalize = check_normalize(deg, normalize)
     _check_array("q", q, 4, "B, T, Hq, d", has_time)
     _check_array("k", k, 4, "B, T, H, d", has_time)
     _check_array("v", v, 4, "B, T, H, e", has_time)
@@ -44,6 +46,9 @@ def prepare_inputs(q, k, v, log_g, deg, scale, normalize, initial_state, has_tim
         q, k, v = q[:, None], k[:, None], v[:, None]
     B, T, Hq, d = q.shape
     H = k.shape[2]
+    if min(B, Hq, H) < 1:
+        raise ValueError(f"q, k and v need a batch and heads: B >= 1, Hq >= 1 (q) and H >= 1 "
+                         f"(k, v); got B={B}, Hq={Hq}, H={H}")
     layout = "(B, T, H, d)" if has_time else "(B, H, d)"
     if k.shape[0] != B or k.shape[1] != T or k.shape[3] != d:
         raise ValueError(f"k must have shape {layout} matching q's B={B}"
@@ -67,6 +72,8 @@ def prepare_inputs(q, k, v, log_g, deg, scale, normalize, initial_state, has_tim
                              f"got {tuple(log_g.shape)}")
         if not has_time:
             log_g = log_g[:, None]
+        if check_gates:
+            _check_gates(log_g)
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real) \
                 or not math.isfinite(scale) or scale <= 0:
@@ -89,7 +96,23 @@ def prepare_inputs(q, k, v, log_g, deg, scale, normalize, initial_state, has_tim
         q = q / mx.where(row_max == 0, 1.0, row_max)
     else:
         q = q * (1.0 / math.sqrt(d) if scale is None else scale)
-    return q, k, v, log_g, deg, initial_state
+    return q, k, v, log_g, deg, normalize, initial_state
+
+
+def _check_gates(log_g):
+    """log_g > 0 is a gate above 1: the state grows without bound and overflows after a few
+    hundred tokens. Checked where the values exist (an eager call, or under mx.grad); inside
+    mx.compile or mx.vmap they do not, and the contract (log_g <= 0, -inf allowed: a reset)
+    is the caller's. NaN gates are refused too."""
+    try:
+        bad = mx.logical_not(log_g <= 0).any().item()
+    except ValueError:  # a transformation that cannot evaluate (compile, vmap)
+        return
+    if bad:
+        largest = mx.where(mx.isnan(log_g), -mx.inf, log_g).max().item()
+        found = "NaN" if mx.isnan(log_g).any().item() else f"a largest value of {largest:g}"
+        raise ValueError(f"log_g must be <= 0 (a gate in [0, 1]; -inf resets the state), got "
+                         f"{found}")
 
 
 def _check_state(state, B, H, D, e, dtype) -> RetentionState:

@@ -161,9 +161,7 @@ class PowerRetention(nn.Module):
             use_metal = use_metal_kernels
         num_heads, num_kv_heads, head_dim = resolve_heads(dim, num_heads, num_kv_heads, head_dim)
         deg = check_degree(deg)
-        if normalize is None:
-            normalize = deg % 2 == 0
-        check_normalize(deg, normalize)
+        normalize = check_normalize(deg, normalize)
         check_method(method)
         check_gate_init(gate_init)
         check_integer("conv_size", conv_size, minimum=0, meaning="0: no convolution")
@@ -231,8 +229,9 @@ class PowerRetention(nn.Module):
             q = self.rope(q.swapaxes(1, 2), offset=offset).swapaxes(1, 2)
             k = self.rope(k.swapaxes(1, 2), offset=offset).swapaxes(1, 2)
         log_g = nn.log_sigmoid(self.gate_proj(x)) if self.gating else None
+        # logsigmoid gates are <= 0 by construction: no need to read them back.
         options = dict(deg=self.deg, scale=self.scale, normalize=self.normalize,
-                       use_metal=self.use_metal)
+                       use_metal=self.use_metal, check_gates=False)
 
         if cache is None:
             y = power_retention(q, k, v, log_g, method=self.method, chunk_size=self.chunk_size,

@@ -6,6 +6,9 @@ log_g_t, the weight of token j for the query at i is
 
     w_ij = (s q_i . k_j)^p exp(L_i - L_j)     for j <= i, and 0 for j > i
 
+where exp(L_i - L_j) = g_(j+1) ... g_i is the product of the gates g = exp(log_g) after j (1
+for j = i); a gate of zero (log_g = -inf) is a reset that nothing before it crosses.
+
 and the output is y_i = sum_j w_ij v_j, divided by sum_j w_ij when ``normalize`` (which needs
 an even p, so that no weight is negative). The same numbers come from a state carried token
 by token, because (q . k)^p = phi(q) . phi(k) for the symmetric power features phi
@@ -42,12 +45,16 @@ def naive_power_retention(q, k, v, log_g=None, *, deg=2, scale=None, normalize=T
     B, T, Hq, d = q.shape
     H = k.shape[2]
     q = q * (1 / math.sqrt(d) if scale is None else scale)
-    L = mx.zeros((B, T, H), dtype=q.dtype) if log_g is None else mx.cumsum(log_g, axis=1)
+    if log_g is None:
+        log_g = mx.zeros((B, T, H), dtype=q.dtype)
+    L = mx.cumsum(log_g, axis=1)
     Lq = _by_query_head(L, Hq // H).transpose(0, 2, 1)                    # (B, Hq, T)
-    causal = mx.tril(mx.ones((T, T), dtype=mx.bool_))
-    log_decay = mx.where(causal, Lq[..., :, None] - Lq[..., None, :], -mx.inf)
+    # decay[i, j] = g_(j+1) ... g_i: running products down each column j of the gates after j.
+    gates = _by_query_head(mx.exp(log_g), Hq // H).transpose(0, 2, 1)     # (B, Hq, T)
+    after_j = mx.arange(T)[:, None] > mx.arange(T)[None, :]
+    decay = mx.tril(mx.cumprod(mx.where(after_j, gates[..., :, None], 1.0), axis=-2))
     scores = q.transpose(0, 2, 1, 3) @ _by_query_head(k, Hq // H).transpose(0, 2, 3, 1)
-    weights = scores**deg * mx.exp(log_decay)                            # (B, Hq, T, T)
+    weights = scores**deg * decay                                        # (B, Hq, T, T)
     values = _by_query_head(v, Hq // H).transpose(0, 2, 1, 3)           # (B, Hq, T, e)
     numerator = weights @ values
     denominator = weights.sum(axis=-1, keepdims=True)
@@ -59,7 +66,7 @@ def naive_power_retention(q, k, v, log_g=None, *, deg=2, scale=None, normalize=T
     y = numerator / mx.where(denominator == 0, 1, denominator) if normalize else numerator
     final_state = None
     if return_state:
-        decay_to_end = mx.exp(L[:, -1:] - L)[..., None]                  # (B, T, H, 1)
+        decay_to_end = mx.exp(mx.cumsum(log_g, axis=1, reverse=True, inclusive=False))[..., None]
         phi_k = sympow(k, deg) * decay_to_end
         S = mx.einsum("bthf,bthe->bhfe", phi_k, v)
         z = phi_k.sum(axis=1)

@@ -19,13 +19,20 @@ from .validation import check_integer, check_method
 
 
 def power_retention(q, k, v, log_g=None, *, deg=2, scale=None, method="auto", chunk_size=64,
-                    initial_state=None, return_state=False, normalize=True, use_metal=False):
+                    initial_state=None, return_state=False, normalize=None, use_metal=False,
+                    check_gates=True):
     """Causal power retention over a sequence.
 
     q (B, T, Hq, d), k (B, T, H, d), v (B, T, H, e), log_g (B, T, H) with log_g <= 0 or None
     (no decay). Query head i reads key/value head i // (Hq // H). Returns y (B, T, Hq, e) in
     q's dtype, and also the final RetentionState when ``return_state``; passing that state as
-    ``initial_state`` to the next call continues the sequence exactly.
+    ``initial_state`` to the next call continues the sequence exactly. A gate of zero
+    (log_g = -inf) resets the state: nothing before it is remembered, which is how packed
+    sequences keep their documents apart.
+
+    normalize: divide by the sum of the weights (needs an even deg); None, the default, means
+    True for even deg and False for odd. check_gates: refuse log_g > 0 or NaN where the values
+    can be read (not inside mx.compile); a caller whose gates are <= 0 by construction skips it.
 
     method: "attention" (T x T weights, cheapest for short T), "chunked" (attention inside
     chunks of ``chunk_size``, a state across them; linear in T), "recurrent" (one token at a
@@ -36,8 +43,8 @@ def power_retention(q, k, v, log_g=None, *, deg=2, scale=None, method="auto", ch
     chunk_size = check_integer("chunk_size", chunk_size)
     out_dtype = q.dtype if hasattr(q, "dtype") else None
     raw = (q, k, v)
-    q, k, v, log_g, deg, initial_state = prepare_inputs(q, k, v, log_g, deg, scale, normalize,
-                                                        initial_state, has_time=True)
+    q, k, v, log_g, deg, normalize, initial_state = prepare_inputs(
+        q, k, v, log_g, deg, scale, normalize, initial_state, has_time=True, check_gates=check_gates)
     B, T, Hq, d = q.shape
     if method == "auto":
         method = choose_method(B=B, T=T, Hq=Hq, H=k.shape[2], d=d, e=v.shape[-1], deg=deg,
@@ -57,15 +64,15 @@ def power_retention(q, k, v, log_g=None, *, deg=2, scale=None, method="auto", ch
     return (y, state) if return_state else y
 
 
-def power_retention_step(q, k, v, log_g, state, *, deg=2, scale=None, normalize=True,
-                         use_metal=False):
+def power_retention_step(q, k, v, log_g, state, *, deg=2, scale=None, normalize=None,
+                         use_metal=False, check_gates=True):
     """One token: q (B, Hq, d), k (B, H, d), v (B, H, e), log_g (B, H) or None; state None
     starts an empty sequence. Returns y (B, Hq, e) in q's dtype and the new RetentionState.
     ``use_metal``: on the fused decode kernel where it runs and takes the inputs (``kernels``)."""
     out_dtype = q.dtype if hasattr(q, "dtype") else None
     raw = (q, k, v)
-    q, k, v, log_g, deg, state = prepare_inputs(q, k, v, log_g, deg, scale, normalize, state,
-                                                has_time=False)
+    q, k, v, log_g, deg, normalize, state = prepare_inputs(
+        q, k, v, log_g, deg, scale, normalize, state, has_time=False, check_gates=check_gates)
     log_g = None if log_g is None else log_g[:, 0]
     if kernels.kernels_run(use_metal) and kernels.decode_fits(*raw):
         return kernels.decode_step(q[:, 0], *raw[1:], log_g, state, deg=deg, normalize=normalize)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
+
 METHODS = ("auto", "attention", "chunked", "recurrent")
 
 
@@ -36,8 +38,14 @@ def check_degree(deg) -> int:
 
 
 def check_normalize(deg: int, normalize) -> bool:
-    """The normalized form needs an even degree: odd powers give negative weights, and their
-    sum can vanish."""
+    """``normalize`` as a bool: None means the degree's default (normalized for even degrees).
+    The normalized form needs an even degree: odd powers give negative weights, and their sum
+    can vanish."""
+    if normalize is None:
+        return deg % 2 == 0
+    if not isinstance(normalize, (bool, np.bool_)):
+        raise ValueError(f"normalize must be True, False or None (the degree's default), "
+                         f"got {normalize!r}")
     if normalize and deg % 2:
         raise ValueError(f"normalize=True needs an even deg (odd powers give negative weights and "
                          f"the denominator can vanish); got deg={deg}: use normalize=False")

@@ -190,3 +190,81 @@ def test_state_shapes_and_dtype():
     D = expanded_dim(8, 2)
     assert state.S.shape == (3, 2, D, 5) and state.z.shape == (3, 2, D)
     assert state.S.dtype == mx.float32
+
+
+# The forms as the op runs them, and the definition: what resets and causality must hold for.
+ALL_FORMS = FORMS + [("naive", 0), ("naive-recurrent", 0)]
+ALL_FORM_IDS = FORM_IDS + ["naive", "naive-recurrent"]
+
+
+def _run_form(method, chunk_size, q, k, v, log_g, **options):
+    if method in NAIVE_FORMS:
+        return NAIVE_FORMS[method](q, k, v, log_g, **options)
+    return power_retention(q, k, v, log_g, method=method, chunk_size=chunk_size, **options)
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+@pytest.mark.parametrize("method,chunk_size", ALL_FORMS, ids=ALL_FORM_IDS)
+def test_packed_documents_with_reset_gates_equal_documents_run_apart(method, chunk_size, gated):
+    """A gate of zero (log_g = -inf) at each document's first token: a packed sequence gives
+    each document's outputs, and the last document's state, as if it ran alone. Documents
+    start inside chunks and on their boundaries."""
+    lengths = [5, 16, 23, 1, 19]
+    q, k, v, log_g = make_inputs(B=1, T=sum(lengths), Hq=4, H=2, d=8, e=6, gated=True, seed=4)
+    if not gated:
+        log_g = mx.zeros_like(log_g)
+    starts = np.cumsum([0] + lengths[:-1])
+    is_start = np.zeros(sum(lengths), dtype=bool)
+    is_start[starts[1:]] = True
+    packed_gates = mx.where(mx.array(is_start)[None, :, None], -mx.inf, log_g)
+    y, state = _run_form(method, chunk_size, q, k, v, packed_gates, return_state=True)
+    expected = []
+    for start, length in zip(starts, lengths):
+        piece = slice(int(start), int(start + length))
+        alone, last_state = _run_form(method, chunk_size, q[:, piece], k[:, piece], v[:, piece],
+                                      log_g[:, piece] if gated else None, return_state=True)
+        expected.append(alone)
+    tolerance = STATE_FORM_DEG4_TOLERANCE if method == "recurrent" else FP32_TOLERANCE
+    assert_close("y", y, mx.concatenate(expected, axis=1), tolerance)
+    assert_close("S", state.S, last_state.S, tolerance)
+    assert_close("z", state.z, last_state.z, tolerance)
+
+
+@pytest.mark.parametrize("method,chunk_size", FORMS, ids=FORM_IDS)
+def test_reset_gates_give_finite_gradients(method, chunk_size):
+    q, k, v, log_g = make_inputs(B=1, T=40, Hq=2, H=1, d=4, e=3, seed=6)
+    resets = mx.where((mx.arange(40) % 13 == 7)[None, :, None], -mx.inf, log_g)
+
+    def loss(q, k, v):
+        return power_retention(q, k, v, resets, method=method, chunk_size=chunk_size).sum()
+
+    for name, gradient in zip("qkv", mx.grad(loss, argnums=(0, 1, 2))(q, k, v)):
+        assert mx.isfinite(gradient).all().item(), f"d{name} is not finite"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("where", ["k", "v"])
+@pytest.mark.parametrize("method,chunk_size", FORMS, ids=FORM_IDS)
+def test_a_non_finite_value_reaches_no_earlier_position(method, chunk_size, where, value):
+    """One NaN or inf at position 30 changes nothing before it, in every form."""
+    q, k, v, log_g = make_inputs(B=1, T=50, Hq=4, H=2, d=8, e=6, seed=8)
+    clean = power_retention(q, k, v, log_g, method=method, chunk_size=chunk_size)
+    arrays = {"k": k, "v": v}
+    position = mx.arange(50)[None, :, None, None] == 30
+    arrays[where] = mx.where(position, value, arrays[where])
+    y = power_retention(q, arrays["k"], arrays["v"], log_g, method=method, chunk_size=chunk_size)
+    assert mx.array_equal(y[:, :30], clean[:, :30]).item()
+
+
+def test_default_normalize_is_the_degrees_in_the_op_as_in_the_layer():
+    q, k, v, log_g = make_inputs(T=20, seed=9)
+    for deg, normalized in ((1, False), (2, True), (3, False), (4, True)):
+        expected = power_retention(q, k, v, log_g, deg=deg, normalize=normalized)
+        assert mx.array_equal(power_retention(q, k, v, log_g, deg=deg), expected).item()
+
+
+def test_gates_are_not_read_inside_compile():
+    """Inside mx.compile the values do not exist: log_g <= 0 is the caller's contract there."""
+    q, k, v, log_g = make_inputs(T=12, seed=10)
+    compiled = mx.compile(lambda q, k, v, log_g: power_retention(q, k, v, log_g))
+    assert_close("y", compiled(q, k, v, log_g), power_retention(q, k, v, log_g), FP32_TOLERANCE)
