@@ -1,6 +1,11 @@
-"""The cost model that ``method="auto"`` picks a form by: estimated seconds of one forward pass."""
+"""The cost model that ``method="auto"`` picks a form by: estimated seconds of one forward pass,
+among the forms whose largest arrays fit in memory."""
 
 from __future__ import annotations
+
+import os
+
+import mlx.core as mx
 
 from .sympow import expanded_dim
 from .validation import METHODS
@@ -46,6 +51,63 @@ def estimated_seconds(method, *, B, T, Hq, H, d, e, deg, chunk_size, gated=True)
     raise ValueError(f"method must be one of {METHODS[1:]}, got {method!r}")
 
 
-def choose_method(**shape) -> str:
-    """The form with the smallest estimated cost (ties go to the attention form)."""
-    return min(METHODS[1:], key=lambda method: estimated_seconds(method, **shape))
+def estimated_bytes(method, *, B, T, Hq, H, d, e, deg, chunk_size, gated=True,
+                    with_state=True) -> int:
+    """Bytes of the largest float32 arrays the form holds at once (a lower bound on its peak):
+    the weights, and where the form uses the symmetric power features, those of every key and
+    query and the states. ``with_state``: the call passes or returns a state (the attention
+    form needs features only then)."""
+    D = expanded_dim(d, deg)
+    c = T if method == "attention" else min(chunk_size, T)
+    n = -(-T // c)
+    weights = B * Hq * n * c * c if method != "recurrent" else 0
+    if method == "recurrent":
+        features = B * (Hq + H) * D
+        states = B * H * D * (e + 1)
+    elif method == "attention" and not with_state:
+        features = states = 0
+    else:
+        features = B * (Hq + H) * n * c * D
+        states = B * H * (n + 1) * D * (e + 1)
+    return 4 * (weights + features + states)
+
+
+def memory_limit() -> int:
+    """Bytes a computation can use here: the GPU's working set on Metal, else physical RAM."""
+    if mx.default_device() == mx.gpu and mx.metal.is_available():
+        info = mx.device_info()
+        return int(info.get("max_recommended_working_set_size") or info["memory_size"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def choose_method(*, with_state=True, **shape) -> str:
+    """The form with the smallest estimated cost among those that fit in memory (ties go to the
+    attention form); the smallest in memory when none fits (``check_fits`` then says so)."""
+    limit = memory_limit()
+    fitting = [m for m in METHODS[1:] if estimated_bytes(m, with_state=with_state, **shape) <= limit]
+    if not fitting:
+        return min(METHODS[1:], key=lambda m: estimated_bytes(m, with_state=with_state, **shape))
+    return min(fitting, key=lambda method: estimated_seconds(method, **shape))
+
+
+def check_fits(method, *, with_state, **shape) -> None:
+    """ValueError naming the degree, the features and the bytes when ``method`` cannot fit in
+    memory, and what would."""
+    needed = estimated_bytes(method, with_state=with_state, **shape)
+    limit = memory_limit()
+    if needed <= limit:
+        return
+    D = expanded_dim(shape["d"], shape["deg"])
+    state = 4 * D * (shape["e"] + 1)
+    others = [m for m in METHODS[1:] if m != method
+              and estimated_bytes(m, with_state=with_state, **shape) <= limit]
+    if others:
+        advice = f"method={others[0]!r} fits"
+    elif with_state and estimated_bytes("attention", with_state=False, **shape) <= limit:
+        advice = "the attention form fits without a state (no initial_state, return_state=False)"
+    else:
+        advice = "use a lower deg, narrower heads or a shorter sequence"
+    raise ValueError(f"deg={shape['deg']} with heads of d={shape['d']} has D={D:,} features "
+                     f"(a state of {state:,} bytes per sequence and key/value head): the "
+                     f"{method} form needs about {needed / 2**30:,.1f} GiB, more than the "
+                     f"{limit / 2**30:,.1f} GiB here; {advice}")

@@ -281,7 +281,7 @@ def split_across_cpu_streams(op):
                      chunk_size=options.get("chunk_size", 64), gated=log_g is not None)
         method = options.pop("method", "auto")
         if method == "auto":  # chosen for the whole call, not for a part
-            method = choose_method(**shape)
+            method = choose_method(with_state=initial_state is not None or return_state, **shape)
         options["method"] = method
         if method == "recurrent" or max(B, H) < 2 or \
                 estimated_seconds(method, **shape) < MIN_SECONDS_TO_SPLIT:

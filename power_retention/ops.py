@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from . import kernels
 from .chunk import attention_power_retention, chunk_power_retention
-from .cost import choose_method
+from .cost import check_fits, choose_method
 from .inputs import prepare_inputs
 from .recurrent import recurrent_power_retention, recurrent_step
 from .validation import check_integer, check_method
@@ -46,9 +46,12 @@ def power_retention(q, k, v, log_g=None, *, deg=2, scale=None, method="auto", ch
     q, k, v, log_g, deg, normalize, initial_state = prepare_inputs(
         q, k, v, log_g, deg, scale, normalize, initial_state, has_time=True, check_gates=check_gates)
     B, T, Hq, d = q.shape
+    shape = dict(B=B, T=T, Hq=Hq, H=k.shape[2], d=d, e=v.shape[-1], deg=deg,
+                 chunk_size=chunk_size, gated=log_g is not None,
+                 with_state=initial_state is not None or return_state)
     if method == "auto":
-        method = choose_method(B=B, T=T, Hq=Hq, H=k.shape[2], d=d, e=v.shape[-1], deg=deg,
-                               chunk_size=chunk_size, gated=log_g is not None)
+        method = choose_method(**shape)
+    check_fits(method, **shape)
     options = dict(deg=deg, normalize=normalize, initial_state=initial_state,
                    return_state=return_state)
     if method == "recurrent":

@@ -86,3 +86,16 @@ def test_power_retention_step_rejects(case):
     state = options.pop("state", None)
     with pytest.raises(ValueError, match=message):
         power_retention_step(arrays["q"], arrays["k"], arrays["v"], arrays["log_g"], state, **options)
+
+
+def test_a_state_too_large_for_memory_is_refused_before_it_is_built():
+    """deg 8 with heads of 64: D = C(71, 8) features, terabytes of state. The forms with a
+    state are refused with the sizes and what fits; the attention form without a state runs."""
+    q, k, v, log_g = make_inputs(B=1, T=4, Hq=1, H=1, d=64, e=4)
+    for options in (dict(method="chunked"), dict(method="recurrent"), dict(return_state=True)):
+        with pytest.raises(ValueError, match=r"deg=8 with heads of d=64 has D=10,639,125,640 "
+                                             r"features .* GiB"):
+            power_retention(q, k, v, log_g, deg=8, **options)
+    with pytest.raises(ValueError, match=r"the attention form fits without a state"):
+        power_retention(q, k, v, log_g, deg=8, method="chunked", return_state=True)
+    assert mx.isfinite(power_retention(q, k, v, log_g, deg=8)).all().item()
