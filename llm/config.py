@@ -7,11 +7,15 @@ saved config.json reads like any other model's.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, fields
+
+import numpy as np
 
 from power_retention.convolution import ShortConvolution
 from power_retention.layer import CONV_SIZE, INITIAL_GATE, ROPE, check_gate_init, state_floats
-from power_retention.validation import check_integer
+from power_retention.validation import check_integer, is_integer
 
 MIXERS = ("power", "softmax")
 # Saved configs from before a field was renamed or added: old name -> today's name, and the
@@ -68,10 +72,18 @@ class ModelConfig:
             raise ValueError("ModelConfig.rope=False applies to the power mixer only: the softmax "
                              "mixer always has rotary embeddings")
         for field in fields(self):
+            value = getattr(self, field.name)
             if field.type in ("int", int) or field.name == "conv_size":
-                value = getattr(self, field.name)
                 check_integer(f"ModelConfig.{field.name}", value,
                               minimum=0 if field.name == "conv_size" else 1)
+            elif field.type.startswith("bool") and not isinstance(value, (bool, np.bool_)):
+                # "false" is a true value to Python: a string here would silently mean True.
+                raise ValueError(f"ModelConfig.{field.name} must be true or false, got {value!r}")
+        for name in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+                    or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive finite number, got {value!r}")
         try:
             check_gate_init(self.gate_init)
         except ValueError as error:
@@ -138,7 +150,12 @@ def create_model_config(name: str, **overrides) -> ModelConfig:
     values = dict(PRESETS[name])
     values.update(overrides)
     if "head_dim" not in overrides:  # keep heads as wide as the (possibly new) width implies
-        values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
+        width, heads = values["hidden_size"], values["num_attention_heads"]
+        if is_integer(width) and is_integer(heads) and heads > 0 and width % heads:
+            raise ValueError(f"create_model_config({name!r}): hidden_size={width} is not divisible "
+                             f"by num_attention_heads={heads}; pass head_dim explicitly")
+        if is_integer(heads) and heads > 0:
+            values["head_dim"] = width // heads
     return ModelConfig.from_dict(values, source=f"create_model_config({name!r})")
 
 

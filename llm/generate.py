@@ -59,9 +59,12 @@ def generate_tokens(model, prompt: mx.array, cache: list, max_new_tokens: int, *
     The last token yielded has not been fed to the model (the caller feeds it, or not).
     """
     check_integer("max_new_tokens", max_new_tokens, minimum=0)
-    if prompt.ndim != 2 or prompt.shape[1] < 1:
-        raise ValueError(f"prompt must hold at least one token, shape (B, T >= 1); "
-                         f"got {tuple(prompt.shape)}")
+    if not isinstance(prompt, mx.array) or prompt.ndim != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"prompt must hold at least one token, shape (B, T >= 1); got "
+                         f"{tuple(prompt.shape) if isinstance(prompt, mx.array) else type(prompt).__name__}")
+    if hasattr(model, "config"):
+        from .model import check_tokens  # the model module imports this one
+        check_tokens("prompt", prompt, model.config.vocab_size)
     sampler = make_sampler(temperature, top_p, top_k)
     key = None if seed is None else mx.random.key(seed)
 
@@ -98,6 +101,9 @@ def stream_generate(model, tokenizer, prompt, max_new_tokens: int = 256, *,
                     seed: int | None = None, cache: list | None = None
                     ) -> Iterator[GenerationResponse]:
     """Yield the continuation of ``prompt`` (text or token ids) piece by piece."""
+    if isinstance(prompt, (bytes, bytearray)):
+        raise ValueError("prompt must be text (str) or a list of token ids, got bytes: decode it "
+                         "to str first")
     ids = tokenizer.encode(prompt, add_bos=True) if isinstance(prompt, str) else list(prompt)
     if not ids:
         raise ValueError("prompt is empty and the tokenizer added no beginning-of-sequence token")

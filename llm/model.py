@@ -29,6 +29,27 @@ from .generate import generate_tokens
 from .weights import read_config, read_weights, save_pretrained
 
 
+
+def check_tokens(name: str, tokens, vocab_size: int) -> None:
+    """ValueError naming ``name`` unless ``tokens`` is a (B, T) array of integer ids in
+    [0, vocab_size). An id outside the table would read memory past the embedding (or crash):
+    checked wherever the values can be read (not inside mx.compile, where they do not exist)."""
+    if not isinstance(tokens, mx.array) or tokens.ndim != 2:
+        raise ValueError(f"{name} must be an mlx array of token ids of shape (B, T), got "
+                         f"{tuple(tokens.shape) if isinstance(tokens, mx.array) else type(tokens).__name__}")
+    if not mx.issubdtype(tokens.dtype, mx.integer):
+        raise ValueError(f"{name} must hold integer token ids, got {tokens.dtype}")
+    if tokens.size == 0:
+        return
+    try:
+        outside = mx.logical_or(tokens < 0, tokens >= vocab_size).any().item()
+    except ValueError:  # inside mx.compile or mx.vmap: the caller's contract
+        return
+    if outside:
+        bad = tokens.min().item() if tokens.min().item() < 0 else tokens.max().item()
+        raise ValueError(f"{name} holds the token id {bad}, outside [0, {vocab_size}) (the "
+                         f"model's vocab_size)")
+
 class KVCache:
     """Keys and values of one softmax layer, grown in steps of ``step`` positions (as
     mlx-lm's KVCache) so that decoding does not copy the whole cache at every token."""
@@ -230,8 +251,7 @@ class RetentionLLM(nn.Module):
     def hidden_states(self, tokens: mx.array, cache: list | None = None) -> mx.array:
         """The final norm's output (B, T, hidden_size): what ``logits`` maps to the vocabulary.
         Apart, so that a loss on a few positions needs their logits only."""
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must have shape (B, T), got {tuple(tokens.shape)}")
+        check_tokens("tokens", tokens, self.config.vocab_size)
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache must hold one entry per layer ({len(self.layers)}), "
                              f"got {len(cache)}: use model.make_cache()")
@@ -262,7 +282,12 @@ class RetentionLLM(nn.Module):
         (B, max_new_tokens). Calls continue where the previous one stopped until
         ``reset_states()``; temperature 0 is greedy.
         """
+        if isinstance(prompt_tokens, (str, bytes, bytearray)):
+            raise ValueError(f"prompt_tokens must be token ids ((T,) or (B, T) integers), got "
+                             f"{type(prompt_tokens).__name__}: encode text with the tokenizer")
         prompt = mx.array(prompt_tokens)
+        if prompt.ndim not in (1, 2):
+            raise ValueError(f"prompt_tokens must have shape (T,) or (B, T), got {tuple(prompt.shape)}")
         squeeze = prompt.ndim == 1
         prompt = prompt[None] if squeeze else prompt
         if self._session is None:

@@ -99,3 +99,61 @@ def test_a_state_too_large_for_memory_is_refused_before_it_is_built():
     with pytest.raises(ValueError, match=r"the attention form fits without a state"):
         power_retention(q, k, v, log_g, deg=8, method="chunked", return_state=True)
     assert mx.isfinite(power_retention(q, k, v, log_g, deg=8)).all().item()
+
+
+# The model, generation and configs.
+
+def _model():
+    from llm import RetentionLLM, create_model_config
+    return RetentionLLM(create_model_config("ultra-tiny", vocab_size=258))
+
+
+def _stream(prompt):
+    from llm import ByteTokenizer, stream_generate
+    return list(stream_generate(_model(), ByteTokenizer(), prompt, 2))
+
+
+MODEL_CASES = {
+    "token-above-vocab": (lambda: _model()(mx.array([[1, 300]])),
+                          r"tokens holds the token id 300, outside \[0, 258\)"),
+    "token-far-above-vocab": (lambda: _model()(mx.array([[100000]])), r"token id 100000"),
+    "token-negative": (lambda: _model()(mx.array([[-1, 3]])), r"token id -1"),
+    "tokens-float": (lambda: _model()(mx.array([[1.0, 2.0]])), r"tokens must hold integer token ids"),
+    "tokens-1d": (lambda: _model()(mx.array([1, 2])), r"tokens must be .* shape \(B, T\)"),
+    "generate-prompt-above-vocab": (lambda: _model().generate([5, 258]), r"prompt holds the token id 258"),
+    "generate-prompt-text": (lambda: _model().generate("hello"), r"prompt_tokens must be token ids"),
+    "generate-prompt-bytes": (lambda: _model().generate(b"hello"), r"prompt_tokens must be token ids"),
+    "generate-prompt-3d": (lambda: _model().generate([[[1]]]), r"prompt_tokens must have shape"),
+    "stream-prompt-bytes": (lambda: _stream(b"hello"), r"prompt must be text .* got bytes"),
+    "stream-prompt-ids-above-vocab": (lambda: _stream([1, 999]), r"prompt holds the token id 999"),
+}
+
+
+def _config(**fields):
+    from llm import create_model_config
+    return create_model_config("ultra-tiny", **fields)
+
+
+CONFIG_CASES = {
+    "heads-do-not-divide-width": (dict(hidden_size=64, num_attention_heads=3, num_key_value_heads=3),
+                                  r"hidden_size=64 is not divisible by num_attention_heads=3"),
+    "gating-string": (dict(gating="false"), r"ModelConfig.gating must be true or false, got 'false'"),
+    "tie-embeddings-int": (dict(tie_word_embeddings=1), r"ModelConfig.tie_word_embeddings must be true"),
+    "rope-theta-negative": (dict(rope_theta=-1.0), r"ModelConfig.rope_theta must be a positive finite"),
+    "rms-norm-eps-zero": (dict(rms_norm_eps=0.0), r"ModelConfig.rms_norm_eps must be a positive finite"),
+    "rms-norm-eps-nan": (dict(rms_norm_eps=float("nan")), r"ModelConfig.rms_norm_eps"),
+}
+
+
+@pytest.mark.parametrize("case", list(MODEL_CASES))
+def test_model_and_generation_reject(case):
+    call, message = MODEL_CASES[case]
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES))
+def test_model_config_rejects(case):
+    fields, message = CONFIG_CASES[case]
+    with pytest.raises(ValueError, match=message):
+        _config(**fields)
