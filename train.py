@@ -233,7 +233,19 @@ def parse_model_fields(assignments) -> dict:
     return fields
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+class Commands(click.Group):
+    """A user's error (a bad value, an unreadable or damaged file, a failed write) ends the
+    command with one line naming it, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (ValueError, OSError) as error:
+            raise click.ClickException(str(error)) from error
+
+
+@click.group(cls=Commands, invoke_without_command=True,
+             context_settings={"help_option_names": ["-h", "--help"]})
 @config_options(memory=True)
 @click.option("--mode", type=click.Choice(["llm"]), default="llm", help="what to train (only llm)")
 @config_options(memory=False)
@@ -277,7 +289,7 @@ def cli(ctx, mode, resume, quick_test, **options):
                   f"with '{change}' (the old checkpoints and logs are in {kept}) !!!")
             resuming = True  # no checkpoint there now: a fresh start that keeps the new plan
             cfg.inject = ""  # test injections have been delivered
-        except (ValueError, FileNotFoundError) as error:
+        except (ValueError, OSError) as error:  # bad data or files, a failed write: one line
             raise click.ClickException(str(error)) from error
     if quick_test:
         fell = summary["initial_val_loss"] - summary["best_val_loss"]
@@ -293,7 +305,13 @@ def _resumed_config(directory: Path, options: dict, given: set) -> TrainConfig:
     path = directory / "train_config.json"
     if not path.is_file():
         raise click.UsageError(f"--resume {directory}: no train_config.json there, not a run directory")
-    saved = upgrade_saved_options(json.loads(path.read_text()))
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise click.UsageError(f"--resume {directory}: {path.name} cannot be read ({error})") from None
+    if not isinstance(saved, dict):
+        raise click.UsageError(f"--resume {directory}: {path.name} must hold a JSON object of options")
+    saved = upgrade_saved_options(saved)
     unknown = sorted(set(saved) - {spec.name for spec in dataclasses.fields(TrainConfig)})
     if unknown:
         raise click.UsageError(f"--resume {directory}: train_config.json has unknown options {unknown}")
@@ -327,6 +345,16 @@ def upgrade_saved_options(saved: dict) -> dict:
         saved["plan"]["model"] = {RENAMED_FIELDS.get(name, name): value
                                   for name, value in saved["plan"]["model"].items()}
     return saved
+
+
+def _read_json(path: Path):
+    """A run file's JSON, or ValueError naming the file."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing: the run is incomplete (or not a run directory)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{path} cannot be read: {error}") from None
 
 
 def _checkpoint_model_dir(run_dir: Path) -> Path:
@@ -404,7 +432,7 @@ def report(run_dir, plot):
         raise click.UsageError(f"{run_dir}: no metrics.jsonl, not a run directory")
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
-    config = json.loads((run_dir / "train_config.json").read_text())
+    config = _read_json(run_dir / "train_config.json")
     print(f"run {run_dir}: model {config['model']}, data {config['data']}, {len(steps)} steps logged")
     if steps:
         print(f"  training loss: first {steps[0]['loss']:.4f}, last {steps[-1]['loss']:.4f}")
@@ -417,7 +445,7 @@ def report(run_dir, plot):
         print(f"  events: {dict(events)}")
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
+        summary = _read_json(summary_path)
         print(f"  finished: {summary['stop_reason']}; {summary['tokens']:,} tokens in "
               f"{summary['elapsed_s'] / 60:.1f} min ({summary['tokens_per_s']:,.0f} tok/s), "
               f"peak memory {summary['peak_memory_gb']:.2f} GB")

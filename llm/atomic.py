@@ -1,9 +1,13 @@
 """Files that appear complete or not at all: the one way this project writes anything a kill
-must not leave half-written (token caches, checkpoints, saved models, results, run configs)."""
+must not leave half-written (token caches, checkpoints, saved models, results, run configs).
+A directory written by ``replace_directory`` also lists the SHA-256 of every file in it
+(``checksums.json``), and ``verify_directory`` finds any byte changed since."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -24,9 +28,12 @@ def atomic_file(path, mode: str = "wb"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        failure = write_failure(path, error)
+        if failure is not None:
+            raise failure from error
         raise
 
 
@@ -40,6 +47,83 @@ def write_atomic(path, text: str) -> None:
     """Replace the text file ``path`` with ``text`` atomically (see ``atomic_file``)."""
     with atomic_file(path, "w") as f:
         f.write(text)
+
+
+MANIFEST = "checksums.json"
+
+
+class DamagedFileError(ValueError):
+    """A file that is not what was written: missing, of another size, or another checksum."""
+
+
+class WriteError(OSError):
+    """A write that failed (disk full, read-only, file too large), naming what was being
+    written; whatever it was replacing is left as it was."""
+
+    def __init__(self, target, cause: str):
+        super().__init__(f"cannot write {target}: {cause}")
+        self.cause = cause
+
+
+def write_failure(target, error: BaseException) -> WriteError | None:
+    """The WriteError for ``error`` raised while writing ``target``, or None when ``error`` is
+    not a failed write. MLX reports its own failed writes as RuntimeError("[write] ...")
+    without the reason, so the free space is added."""
+    if isinstance(error, WriteError):  # from a directory inside ``target``: name the outer one
+        return WriteError(target, error.cause)
+    if isinstance(error, OSError):
+        cause = error.strerror or str(error)
+        if error.filename:
+            cause += f" ({error.filename})"
+    elif isinstance(error, RuntimeError) and str(error).startswith(("[write]", "[save")):
+        cause = str(error).rstrip(".")
+        try:
+            cause += f" (disk full, read-only or over a file-size limit? " \
+                     f"{shutil.disk_usage(Path(target).parent).free / 2**20:,.0f} MiB free there)"
+        except OSError:
+            pass
+    else:
+        return None
+    return WriteError(target, cause)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """List the size and SHA-256 of every file below ``directory`` in its checksums.json."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p != directory / MANIFEST)
+    entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+               for p in files}
+    (directory / MANIFEST).write_text(json.dumps(entries, indent=1) + "\n")
+
+
+def verify_directory(directory) -> bool:
+    """Check every file ``directory``'s checksums.json lists; DamagedFileError naming the first
+    that is missing or changed. False when there is no checksums.json (a directory written
+    elsewhere, or before checksums existed): nothing to check against."""
+    directory = Path(directory)
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        entries = json.loads(manifest.read_text())
+        listed = {name: (int(e["bytes"]), str(e["sha256"])) for name, e in entries.items()}
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as error:
+        raise DamagedFileError(f"{manifest} is damaged: {error}") from error
+    for name, (size, checksum) in listed.items():
+        path = directory / name
+        if not path.is_file():
+            raise DamagedFileError(f"{path} is missing (listed in {manifest})")
+        if path.stat().st_size != size or _sha256(path) != checksum:
+            raise DamagedFileError(f"{path} is damaged: its contents differ from what was written "
+                                   f"(size or SHA-256 in {manifest})")
+    return True
 
 
 def fsync_path(path: Path):
@@ -77,12 +161,13 @@ def recover_directory(directory) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def replace_directory(build, directory) -> Path:
+def replace_directory(build, directory, keep_replaced_as=None) -> Path:
     """Call ``build(tmp)`` to fill a fresh temporary directory, then move it to ``directory``
     (replacing any previous one). The previous version is parked beside it during the two
     renames; a kill at any moment leaves the old or the new version complete, and
     ``recover_directory`` (run here first, and by the loaders) restores the old one if the
-    kill fell between the renames."""
+    kill fell between the renames. ``keep_replaced_as``: where the previous version goes once
+    the new one is in place (replacing what was there), instead of being deleted."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     recover_directory(directory)
@@ -90,6 +175,7 @@ def replace_directory(build, directory) -> Path:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a saved model should not be
     try:
         build(tmp)
+        write_manifest(tmp)
         for path in tmp.rglob("*"):
             if path.is_file():
                 fsync_path(path)
@@ -105,8 +191,16 @@ def replace_directory(build, directory) -> Path:
             raise
         fsync_path(directory.parent)
         if old is not None:
+            if keep_replaced_as is not None:
+                keep_replaced_as = Path(keep_replaced_as)
+                if keep_replaced_as.exists():
+                    shutil.rmtree(keep_replaced_as)
+                os.rename(old / "replaced", keep_replaced_as)
             shutil.rmtree(old)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        failure = write_failure(directory, error)
+        if failure is not None:
+            raise failure from error
         raise
     return directory

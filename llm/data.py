@@ -120,8 +120,11 @@ def read_documents(spec: str) -> list[Document]:
             f"{', '.join(SYNTHETIC_NAMES)})")
     if not files:
         raise ValueError(f"data {spec!r}: the directory has no files (hidden ones are skipped)")
-    documents = [doc for file in files for doc in _read_file(file) or []]
-    return _nonempty(documents, f"{where} ({len(files)} files)")
+    per_file = [_read_file(file) for file in files]
+    binary = sum(docs is None for docs in per_file)
+    documents = [doc for docs in per_file for doc in docs or []]
+    skipped = f", {binary} skipped as binary (they contain NUL bytes)" if binary else ""
+    return _nonempty(documents, f"{where} ({len(files)} files{skipped})")
 
 
 def _files_under(root: Path, pattern: str, skip_dirs=frozenset()) -> list[Path]:

@@ -40,11 +40,15 @@ class MemoryEstimate:
     largest_buffer_name: str
     method: str                      # the power mixer's form ("attention" / "chunked" / ...)
     live_buffers: int                # arrays alive at the peak (Metal limits their number)
+    decode_state: int = 0            # the recurrent state of one sequence, all layers: what
+                                     # the run's samples (and any generation) hold
 
     @property
     def total(self) -> int:
-        return (self.parameters + self.gradients + self.optimizer_state + self.activations
-                + self.logits_and_loss + self.transient)
+        kept = self.parameters + self.gradients + self.optimizer_state
+        # A step and a sample never run at once: the peak is the larger of the two.
+        return kept + max(self.activations + self.logits_and_loss + self.transient,
+                          self.decode_state)
 
 
 def _mixer_activations(config: ModelConfig, B: int, T: int, method: str, chunk_size: int) -> tuple:
@@ -140,7 +144,8 @@ def estimate(config: ModelConfig, batch_size: int, seq_len: int, dtype: str = "f
         # A layer's activation gradients during its backward, and the mixer's recomputation.
         transient=per_layer + mixer_transient * 4,
         largest_buffer=candidates[largest_name], largest_buffer_name=largest_name,
-        method=method if config.mixer == "power" else "softmax")
+        method=method if config.mixer == "power" else "softmax",
+        decode_state=inference_estimate(config, 1, T)["state"])
 
 
 def inference_estimate(config: ModelConfig, batch_size: int = 1, context: int = 2048,

@@ -33,7 +33,8 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .atomic import recover_directory, replace_directory, write_atomic
+from .atomic import (DamagedFileError, recover_directory, replace_directory, verify_directory,
+                     write_atomic, write_failure)
 from .config import PRESETS, ModelConfig, param_count
 from .data import DEFAULT_DATA, BatchSampler
 from .generate import generate_tokens
@@ -142,18 +143,33 @@ class TrainConfig:
                      "max_bad_steps"):
             if getattr(self, name) < 1:
                 fail(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.warmup < 0:
+        if self.warmup < -1:
+            fail("warmup", f"must be >= 0, or -1 for min(100, steps / 10); got {self.warmup}")
+        if self.warmup == -1:
             self.warmup = min(100, self.steps // 10)
+        if not 0 <= self.seed < 2**32:
+            fail("seed", f"must be in [0, 2^32), got {self.seed}")
+        for name in ("lr", "min_lr", "grad_clip", "weight_decay", "val_fraction", "min_delta",
+                     "memory_budget"):
+            if not math.isfinite(getattr(self, name)):
+                fail(name.replace("_", "-"), f"must be a finite number, got {getattr(self, name)}")
         for name in ("seq_len", "patience", "deg", "head_dim"):
             if getattr(self, name) < 0:
                 fail(name, f"must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
-            fail("min-lr", f"need 0 < --lr and 0 <= --min-lr <= --lr, got lr={self.lr}, "
-                           f"min_lr={self.min_lr}")
+        if not self.lr > 0:
+            fail("lr", f"must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            fail("min-lr", f"must be in [0, --lr={self.lr}], got {self.min_lr}")
         if self.warmup >= self.steps and self.steps > 1:
             fail("warmup", f"({self.warmup}) must be shorter than --steps ({self.steps})")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            fail("grad-clip", "--grad-clip and --weight-decay must be >= 0")
+        if self.grad_clip < 0:
+            fail("grad-clip", f"must be >= 0 (0: no clipping), got {self.grad_clip}")
+        if self.weight_decay < 0:
+            fail("weight-decay", f"must be >= 0, got {self.weight_decay}")
+        for name in ("out", "cache_dir"):
+            if getattr(self, name) and Path(getattr(self, name)).is_file():
+                fail(name.replace("_", "-"), f"{getattr(self, name)} is a file; expected a "
+                                             f"directory (or a path that does not exist yet)")
         if self.optimizer not in OPTIMIZERS:
             fail("optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.dtype not in DTYPES:
@@ -262,22 +278,50 @@ class TrainerState:
         self.train_losses = deque(self.train_losses, maxlen=RECENT_LOSSES)
 
 
-def save_checkpoint(directory: Path, model, tokenizer, optimizer, trainer_state: dict):
-    """Model directory + optimizer state + trainer position, all or nothing."""
+def save_checkpoint(directory: Path, model, tokenizer, optimizer, trainer_state: dict,
+                    keep_replaced_as: Path | None = None):
+    """Model directory + optimizer state + trainer position, all or nothing (the version it
+    replaces moved to ``keep_replaced_as`` when given)."""
     def build(tmp: Path):
         model.save_pretrained(tmp / "model", tokenizer)
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1) + "\n")
 
-    replace_directory(build, directory)
+    replace_directory(build, directory, keep_replaced_as)
+
+
+def read_trainer_state(directory: Path) -> dict:
+    """A checkpoint's trainer_state.json after checking every file of the checkpoint against
+    its checksums; DamagedFileError naming what is missing or damaged."""
+    verify_directory(directory)
+    path = directory / "trainer_state.json"
+    if not path.is_file():
+        raise DamagedFileError(f"{path} is missing: the checkpoint cannot say where the run was")
+    try:
+        saved = json.loads(path.read_text())
+        int(saved["step"])
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as error:
+        raise DamagedFileError(f"{path} is damaged: {error}") from error
+    return saved
 
 
 def load_checkpoint(directory: Path, model, optimizer) -> dict:
-    """Load the model and optimizer saved in ``directory``; returns its trainer_state.json."""
+    """Load the model and optimizer saved in ``directory`` (checked file by file, and every
+    tensor finite); returns its trainer_state.json."""
+    saved = read_trainer_state(directory)
     model.load_weights(read_weights(model, directory / "model"))
-    optimizer.state = tree_unflatten(list(mx.load(str(directory / "optimizer.safetensors")).items()))
+    path = directory / "optimizer.safetensors"
+    try:
+        optimizer.state = tree_unflatten(list(mx.load(str(path)).items()))
+    except Exception as error:  # MLX raises RuntimeError or ValueError by what is wrong
+        raise DamagedFileError(f"{path} cannot be read: {error}") from error
     mx.eval(model.parameters(), optimizer.state)
-    return json.loads((directory / "trainer_state.json").read_text())
+    for where, tree in (("model", model.parameters()), (path.name, optimizer.state)):
+        for name, array in tree_flatten(tree):
+            if isinstance(array, mx.array) and mx.issubdtype(array.dtype, mx.floating) \
+                    and not mx.isfinite(array).all().item():
+                raise DamagedFileError(f"{directory}: {where} tensor {name!r} holds NaN or inf")
+    return saved
 
 
 def read_jsonl(path: Path) -> list:
@@ -294,11 +338,44 @@ class RunDirectory:
         self.metrics_path = directory / "metrics.jsonl"
         self.samples_path = directory / "samples.jsonl"
         self.last_checkpoint = directory / "checkpoints" / "last"
+        self.previous_checkpoint = directory / "checkpoints" / "previous"
         self.best_checkpoint = directory / "checkpoints" / "best"
 
+    def checkpoints(self) -> list:
+        """Every checkpoint directory a resume may continue from, newest save first."""
+        return [d for d in (self.last_checkpoint, self.previous_checkpoint, self.best_checkpoint)
+                if d.exists()]
+
+    def newest_intact_checkpoint(self) -> tuple:
+        """(directory, trainer state) of the intact checkpoint with the most steps, saying which
+        were damaged; (None, None) when there is none. Every file is checked against its
+        checksum, so a flipped byte never reaches training."""
+        intact, damaged = [], []
+        for directory in self.checkpoints():
+            try:
+                intact.append((read_trainer_state(directory)["step"], directory))
+            except DamagedFileError as error:
+                damaged.append((directory, error))
+        if not intact:
+            if damaged:
+                reasons = "; ".join(str(error) for _, error in damaged)
+                raise DamagedFileError(f"no intact checkpoint in {self.dir / 'checkpoints'}: "
+                                       f"{reasons}")
+            return None, None
+        step, directory = max(intact, key=lambda entry: entry[0])
+        for bad, error in damaged:
+            print(f"{bad.relative_to(self.dir)} is damaged ({error}): resuming from "
+                  f"{directory.relative_to(self.dir)} at step {step}; the steps after it are "
+                  f"trained again")
+        return directory, step
+
     def log(self, record: dict, path: Path | None = None):
-        with open(path or self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        path = path or self.metrics_path
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as error:
+            raise write_failure(path, error) from error
 
     def evaluations(self) -> list:
         return [r for r in read_jsonl(self.metrics_path) if "val_loss" in r]
@@ -308,8 +385,17 @@ class RunDirectory:
         for path in (self.metrics_path, self.samples_path):
             if not path.exists():
                 continue
-            kept = [line for line in path.read_text().splitlines()
-                    if line and json.loads(line).get("step", 0) <= step]
+            lines = [line for line in path.read_text().splitlines() if line]
+            records = []
+            for number, line in enumerate(lines, 1):
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    if number < len(lines):
+                        raise ValueError(f"{path}, line {number}, is not JSON: the log is damaged; "
+                                         f"move it away to resume") from None
+                    print(f"{path}: dropped its last line, torn by an interrupted write")
+            kept = [line for line, record in zip(lines, records) if record.get("step", 0) <= step]
             write_atomic(path, "".join(line + "\n" for line in kept))
 
 
@@ -398,10 +484,12 @@ class Trainer:
     def start(self, resume: bool):
         """Continue from the last checkpoint (``resume``, when there is one) or begin the run
         directory; a new run first scores the untrained model."""
-        for directory in (self.run.last_checkpoint, self.run.best_checkpoint):
+        for directory in (self.run.last_checkpoint, self.run.previous_checkpoint,
+                          self.run.best_checkpoint):
             recover_directory(directory)  # a kill between a save's two renames
-        if resume and (self.run.last_checkpoint / "trainer_state.json").is_file():
-            self.restore(self.run.last_checkpoint)
+        source = self.run.newest_intact_checkpoint()[0] if resume else None
+        if source is not None:
+            self.restore(source)
             self.run.truncate_metrics(self.state.step)
             print(f"resumed {self.run.dir} at step {self.state.step} (best validation loss "
                   f"{self.state.best_val_loss})")
@@ -450,9 +538,13 @@ class Trainer:
         self.data.sampler.load_state_dict(sampler_state)
 
     def checkpoint(self, directory: Path):
+        """Save the run to ``directory``. The last checkpoint's previous version is kept (as
+        ``previous``): if the new one is ever damaged, a resume loses one interval, not the run."""
         self.state.elapsed_s = time.perf_counter() - self.started
         save_checkpoint(directory, self.model, self.data.tokenizer, self.optimizer,
-                        dict(self.state.to_dict(), sampler=self.data.sampler.state_dict()))
+                        dict(self.state.to_dict(), sampler=self.data.sampler.state_dict()),
+                        self.run.previous_checkpoint if directory == self.run.last_checkpoint
+                        else None)
 
     def restore(self, directory: Path):
         """Model, optimizer, data position and trainer state as ``directory`` holds them."""
@@ -660,11 +752,12 @@ class NonFiniteGuard(TrainingCallback):
         run.log({"step": step, "event": "skipped_non_finite"})
         if self.bad_in_a_row < self.max_bad_steps:
             return Verdict.SKIP
-        if not (run.last_checkpoint / "trainer_state.json").is_file():
+        checkpoint, _ = run.newest_intact_checkpoint()
+        if checkpoint is None:
             raise RuntimeError(f"{self.bad_in_a_row} non-finite steps in a row before the first "
                                f"checkpoint: lower --lr (now {trainer.config.lr})")
         lr_scale, rollbacks, skipped_steps = state.lr_scale, state.rollbacks, state.skipped_steps
-        trainer.restore(run.last_checkpoint)
+        trainer.restore(checkpoint)
         state.lr_scale, state.rollbacks, state.skipped_steps = lr_scale / 2, rollbacks + 1, skipped_steps
         run.truncate_metrics(state.step)
         self.bad_in_a_row = 0

@@ -15,7 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .atomic import recover_directory, replace_directory
+from .atomic import recover_directory, replace_directory, verify_directory
 from .config import ModelConfig, upgrade_saved_fields
 
 CONFIG_FILE = "config.json"
@@ -121,6 +121,8 @@ def read_weights(model, path, strict: bool = True) -> list:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
+    if path.is_dir():
+        verify_directory(path)  # every byte as written, where the directory lists checksums
     expected = {name: tuple(p.shape) for name, p in tree_flatten(model.parameters())}
     loaded, source = {}, {}
     for file in _weight_files(path):

@@ -73,6 +73,17 @@ _OPENBLAS_PATTERNS = (
 _REEXEC_MARKER = "POWER_RETENTION_BLAS_REEXEC"
 # Set to 1 to keep MLX's own BLAS (for comparisons).
 _OPT_OUT = "POWER_RETENTION_NO_FAST_BLAS"
+# Set to 1 to leave glibc's malloc settings alone.
+_KEEP_MALLOC = "POWER_RETENTION_KEEP_MALLOC"
+
+
+def _switch(name: str, env=None) -> bool:
+    """The documented on/off variable ``name``: "1" on, "0" or unset off, anything else an
+    error naming it (a value that means nothing must not be ignored silently)."""
+    value = (os.environ if env is None else env).get(name, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{name} must be 1 (on) or 0 (off), got {value!r}")
+    return value == "1"
 
 
 # glibc mallopt parameters (malloc.h); values are C ints.
@@ -100,7 +111,7 @@ def _glibc():
 def keep_freed_memory() -> bool:
     """Make glibc reuse freed large buffers instead of unmapping them. True if applied."""
     libc = _glibc()
-    if libc is None or os.environ.get("POWER_RETENTION_KEEP_MALLOC") == "1":
+    if _switch(_KEEP_MALLOC) or libc is None:
         return False
     mallopt = libc.mallopt
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
@@ -188,7 +199,7 @@ def fast_blas_environment(env: dict | None = None) -> dict:
     threads told not to spin between products)."""
     env = dict(os.environ if env is None else env)
     library = openblas_library()
-    if library is None or env.get(_OPT_OUT) == "1":
+    if _switch(_OPT_OUT, env) or library is None:
         return env
     preload = env.get("LD_PRELOAD", "")
     if library not in preload.split(":"):

@@ -32,7 +32,7 @@ def assert_same_weights(a, b):
 def test_round_trip_is_bit_exact(model, tmp_path):
     model.save_pretrained(tmp_path / "run", tokenizer=ByteTokenizer())
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == \
-        ["config.json", "model.safetensors", "tokenizer_config.json"]
+        ["checksums.json", "config.json", "model.safetensors", "tokenizer_config.json"]
     loaded, tokenizer = load(tmp_path / "run")
     assert loaded.config == model.config
     assert_same_weights(loaded, model)
@@ -67,11 +67,18 @@ def test_saving_again_replaces_the_directory(model, tmp_path):
     assert_same_weights(RetentionLLM.from_pretrained(tmp_path / "run"), model)
 
 
+def written_elsewhere(directory):
+    """Drop the checksums: as a directory another tool wrote (or an edited one) has none, so
+    the loader's own checks of each file are what stands between it and a wrong model."""
+    (directory / "checksums.json").unlink()
+
+
 def rewrite_weights(directory, change):
     path = directory / WEIGHTS_FILE
     weights = dict(mx.load(str(path)))
     change(weights)
     mx.save_safetensors(str(path), weights)
+    written_elsewhere(directory)
 
 
 @pytest.mark.parametrize("change,message", [
@@ -90,6 +97,7 @@ def test_truncated_file_is_named(model, tmp_path):
     model.save_pretrained(tmp_path / "run")
     path = tmp_path / "run" / WEIGHTS_FILE
     path.write_bytes(path.read_bytes()[:-1000])
+    written_elsewhere(tmp_path / "run")
     with pytest.raises(ValueError, match=r"model.safetensors is truncated"):
         RetentionLLM.from_pretrained(tmp_path / "run")
 
@@ -99,6 +107,7 @@ def test_truncated_file_is_named(model, tmp_path):
 def test_corrupt_file_is_named(model, tmp_path, content):
     model.save_pretrained(tmp_path / "run")
     (tmp_path / "run" / WEIGHTS_FILE).write_bytes(content)
+    written_elsewhere(tmp_path / "run")
     with pytest.raises(ValueError, match=r"model.safetensors (is truncated|is corrupt)"):
         RetentionLLM.from_pretrained(tmp_path / "run")
 
@@ -109,6 +118,7 @@ def test_config_that_does_not_match_the_weights(model, tmp_path):
     config = json.loads(path.read_text())
     config["intermediate_size"] = 96
     path.write_text(json.dumps(config))
+    written_elsewhere(tmp_path / "run")
     with pytest.raises(ValueError, match=r"mlp.down_proj.weight.*the config does not match"):
         RetentionLLM.from_pretrained(tmp_path / "run")
 
@@ -180,6 +190,7 @@ def test_a_config_saved_before_the_layer_options_loads_as_it_was(mixer, tmp_path
     for name in ("gate_init", "conv_size", "output_norm", "rope"):
         del config[name]
     path.write_text(json.dumps(config))
+    written_elsewhere(tmp_path / "run")  # older versions wrote no checksums
     loaded = RetentionLLM.from_pretrained(tmp_path / "run")
     assert loaded.config == old.config
     assert_same_weights(loaded, old)
