@@ -204,10 +204,52 @@ def test_early_stopping_on_a_plateau(tmp_path):
     (lambda tmp: ["--warmup", "50", "--steps", "10"], "--warmup"),
     (lambda tmp: ["--mixer", "softmax", "--deg", "4"], "--deg"),
     (lambda tmp: ["--model", "huge"], "known presets"),
-], ids=["missing-file", "empty-file", "bad-jsonl", "warmup-too-long", "power-with-softmax", "bad-model"])
+    (lambda tmp: ["--lr", "nan"], "--lr: must be a finite number, got nan"),
+    (lambda tmp: ["--lr", "0"], "--lr: must be > 0"),
+    (lambda tmp: ["--min-lr", "1"], "--min-lr: must be in [0, --lr="),
+    (lambda tmp: ["--grad-clip", "nan"], "--grad-clip: must be a finite number"),
+    (lambda tmp: ["--weight-decay", "inf"], "--weight-decay: must be a finite number"),
+    (lambda tmp: ["--seed", "-1"], "--seed: must be in [0, 2^32)"),
+    (lambda tmp: ["--warmup", "-2"], "--warmup: must be >= 0, or -1"),
+    (lambda tmp: ["--out", str(_write(tmp / "a-file", "x"))], "--out: "),
+    (lambda tmp: ["--cache-dir", str(_write(tmp / "a-file", "x"))], "--cache-dir: "),
+    (lambda tmp: ["--data", str(_binary_directory(tmp / "binaries"))], "2 skipped as binary"),
+    (lambda tmp: ["--resume", str(_write(tmp / "old" / "train_config.json", "{").parent)],
+     "train_config.json cannot be read"),
+], ids=["missing-file", "empty-file", "bad-jsonl", "warmup-too-long", "power-with-softmax", "bad-model",
+        "lr-nan", "lr-zero", "min-lr-above-lr", "grad-clip-nan", "weight-decay-inf", "seed-negative",
+        "warmup-below-minus-one", "out-is-a-file", "cache-dir-is-a-file", "only-binary-files",
+        "resume-malformed-config"])
 def test_bad_input_fails_clearly(tmp_path, make_args, message):
-    result = run([*TRAIN, "--tokenizer", "byte", "--out", str(tmp_path / "run"),
-                  "--cache-dir", str(tmp_path / "cache"), *make_args(tmp_path)])
+    extra = make_args(tmp_path)
+    defaults = [] if "--resume" in extra else ["--tokenizer", "byte"] + [
+        arg for name in ("--out", "--cache-dir") if name not in extra
+        for arg in (name, str(tmp_path / name.strip("-")))]
+    result = run([*TRAIN, *defaults, *extra])
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def _binary_directory(directory):
+    directory.mkdir(parents=True)
+    for name in ("a.txt", "b.dat"):
+        (directory / name).write_bytes(b"text\x00with NUL bytes")
+    return directory
+
+
+@pytest.mark.parametrize("command,message", [
+    (["sample", "{run}", "--temperature", "-1"], "temperature must be a number >= 0"),
+    (["sample", "{run}", "--top-p", "2"], "top_p must be in (0, 1]"),
+    (["sample", "{run}", "--max-new-tokens", "-5"], "max_new_tokens must be an integer >= 0"),
+    (["report", "{incomplete}"], "train_config.json is missing"),
+], ids=["sample-temperature", "sample-top-p", "sample-max-new-tokens", "report-incomplete-run"])
+def test_commands_fail_in_one_line(tmp_path, command, message):
+    run_dir = tmp_path / "run"
+    trained = run(small_run(tmp_path, run_dir, steps=5))
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    incomplete = _write(tmp_path / "incomplete" / "metrics.jsonl", '{"step": 1, "loss": 3.0}\n').parent
+    result = run([*TRAIN, *(part.format(run=run_dir, incomplete=incomplete) for part in command)])
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
@@ -226,6 +268,7 @@ def test_existing_run_is_never_written_over(tmp_path):
 
 
 def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
 
