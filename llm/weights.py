@@ -146,8 +146,14 @@ def read_weights(model, path, strict: bool = True) -> list:
         raise ValueError(f"{path}: unexpected tensor(s) {extra[:5]}{' ...' if len(extra) > 5 else ''}"
                          f" that this model does not have")
     for name in sorted(set(expected) & set(loaded)):
-        if tuple(loaded[name].shape) != expected[name]:
-            raise ValueError(f"tensor {name!r} in {source[name]} has shape {tuple(loaded[name].shape)}"
+        array = loaded[name]
+        if tuple(array.shape) != expected[name]:
+            raise ValueError(f"tensor {name!r} in {source[name]} has shape {tuple(array.shape)}"
                              f", the model expects {expected[name]}: the config does not match "
                              f"these weights")
+        if not mx.issubdtype(array.dtype, mx.floating):
+            raise ValueError(f"tensor {name!r} in {source[name]} is {array.dtype}; a model's "
+                             f"weights are floating point")
+        if not mx.isfinite(array).all().item():
+            raise ValueError(f"tensor {name!r} in {source[name]} holds NaN or inf")
     return [(name, loaded[name]) for name in sorted(loaded) if name in expected]

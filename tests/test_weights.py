@@ -194,3 +194,24 @@ def test_a_config_saved_before_the_layer_options_loads_as_it_was(mixer, tmp_path
     loaded = RetentionLLM.from_pretrained(tmp_path / "run")
     assert loaded.config == old.config
     assert_same_weights(loaded, old)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda w: w.update({"norm.weight": mx.full((64,), mx.nan)}), r"'norm.weight' .* holds NaN or inf"),
+    (lambda w: w.update({"norm.weight": mx.ones((64,), dtype=mx.int32)}), r"'norm.weight' .* is mlx.core.int32; a model's weights are floating point"),
+], ids=["non-finite", "integer"])
+def test_unusable_tensor_values_are_named(model, tmp_path, change, message):
+    model.save_pretrained(tmp_path / "run")
+    rewrite_weights(tmp_path / "run", change)
+    with pytest.raises(ValueError, match=message):
+        RetentionLLM.from_pretrained(tmp_path / "run")
+
+
+def test_a_changed_config_in_a_checksummed_directory_is_named(model, tmp_path):
+    """deg 2 -> 4 leaves every shape as it was but changes what the weights mean: the
+    directory's checksums catch the edit."""
+    model.save_pretrained(tmp_path / "run")
+    path = tmp_path / "run" / "config.json"
+    path.write_text(path.read_text().replace('"deg": 2', '"deg": 4'))
+    with pytest.raises(ValueError, match=r"config.json is damaged"):
+        RetentionLLM.from_pretrained(tmp_path / "run")
