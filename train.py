@@ -54,7 +54,11 @@ QUICK_TEST = dict(model="ultra-tiny", tokenizer="byte", steps=150, batch_size=16
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("POWER_RETENTION_CACHE", Path.home() / ".cache" / "power-retention-mlx"))
+    value = os.environ.get("POWER_RETENTION_CACHE", "")
+    if value and Path(value).is_file():
+        raise ValueError(f"POWER_RETENTION_CACHE={value} is a file; expected a directory (or a "
+                         f"path that does not exist yet)")
+    return Path(value) if value else Path.home() / ".cache" / "power-retention-mlx"
 
 
 # ----------------------------------------------------------------------------- model & data

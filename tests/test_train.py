@@ -1,6 +1,7 @@
 """train.py end to end, in real subprocesses: quick test, kill and resume, guards, errors."""
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -395,3 +396,12 @@ def test_weight_decay_spares_gains_and_biases_the_gate_included():
     assert "layers.0.mixer.gate_proj.bias" not in moved
     assert not any(name.endswith(("norm_weight", "layernorm.weight", "norm.weight")) for name in moved)
     assert {"layers.0.mixer.conv.weight", "layers.0.mixer.q_proj.weight"} <= moved
+
+
+def test_a_cache_variable_naming_a_file_is_refused(tmp_path):
+    a_file = _write(tmp_path / "a-file", "x")
+    result = subprocess.run([*TRAIN, "--out", str(tmp_path / "run")], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120,
+                            env={**os.environ, "POWER_RETENTION_CACHE": str(a_file)})
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"POWER_RETENTION_CACHE={a_file} is a file" in result.stderr, result.stderr[-2000:]
