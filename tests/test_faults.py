@@ -4,13 +4,11 @@ damaged checkpoint, says what it lost, and a write that fails is one line naming
 import os
 import resource
 import shutil
-import signal
 import subprocess
-import time
 
 import pytest
 
-from tests.test_train import ROOT, TRAIN, losses, run, small_run, steps_logged
+from tests.test_train import ROOT, TRAIN, kill_after, losses, run, small_run
 
 
 def _trained(tmp_path, steps=30):
@@ -122,13 +120,7 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_exactly(tmp_path):
     resume ends with the losses of a run never interrupted."""
     reference = _trained(tmp_path / "reference", steps=20)
     out = tmp_path / "run"
-    process = subprocess.Popen(small_run(tmp_path, out, steps=20), cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and steps_logged(out) < 12:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_after(small_run(tmp_path, out, steps=20), out, 12)
     result = _resume(out, steps=20, limit=64 * 1024)  # a checkpoint's files are larger
     _assert_one_line_error(result, "cannot write", "checkpoints/last:", "Unable to write")
     assert (out / "checkpoints" / "last" / "trainer_state.json").is_file()

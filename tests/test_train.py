@@ -56,6 +56,16 @@ def steps_logged(run_dir: Path) -> int:
     return step
 
 
+def kill_after(args, run_dir: Path, step: int):
+    """Start train.py with ``args`` and SIGKILL it once ``run_dir`` has logged ``step``."""
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and steps_logged(run_dir) < step:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
 def test_quick_test_trains_samples_and_reports(tmp_path):
     out = tmp_path / "quick"
     start = time.perf_counter()
@@ -89,13 +99,7 @@ def test_killed_run_resumes_exactly(tmp_path):
     assert sorted(expected) == list(range(1, 31))
 
     killed_dir = tmp_path / "killed"
-    process = subprocess.Popen(small_run(tmp_path, killed_dir), cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and steps_logged(killed_dir) < 17:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_after(small_run(tmp_path, killed_dir), killed_dir, 17)
     reached = max(losses(killed_dir))
     assert 17 <= reached < 30, f"killed at step {reached}"
 

@@ -85,7 +85,10 @@ def rewrite_weights(directory, change):
     (lambda w: w.pop("layers.1.mlp.up_proj.weight"), r"missing tensor\(s\) \['layers.1.mlp.up_proj.weight'\]"),
     (lambda w: w.update(extra=mx.zeros(3)), r"unexpected tensor\(s\) \['extra'\]"),
     (lambda w: w.update({"norm.weight": mx.zeros(65)}), r"'norm.weight' .* shape \(65,\), the model expects \(64,\)"),
-], ids=["missing", "extra", "mis-shaped"])
+    (lambda w: w.update({"norm.weight": mx.full((64,), mx.nan)}), r"'norm.weight' .* holds NaN or inf"),
+    (lambda w: w.update({"norm.weight": mx.ones((64,), dtype=mx.int32)}),
+     r"'norm.weight' .* is mlx.core.int32; a model's weights are floating point"),
+], ids=["missing", "extra", "mis-shaped", "non-finite", "integer"])
 def test_bad_tensor_is_named(model, tmp_path, change, message):
     model.save_pretrained(tmp_path / "run")
     rewrite_weights(tmp_path / "run", change)
@@ -194,17 +197,6 @@ def test_a_config_saved_before_the_layer_options_loads_as_it_was(mixer, tmp_path
     loaded = RetentionLLM.from_pretrained(tmp_path / "run")
     assert loaded.config == old.config
     assert_same_weights(loaded, old)
-
-
-@pytest.mark.parametrize("change,message", [
-    (lambda w: w.update({"norm.weight": mx.full((64,), mx.nan)}), r"'norm.weight' .* holds NaN or inf"),
-    (lambda w: w.update({"norm.weight": mx.ones((64,), dtype=mx.int32)}), r"'norm.weight' .* is mlx.core.int32; a model's weights are floating point"),
-], ids=["non-finite", "integer"])
-def test_unusable_tensor_values_are_named(model, tmp_path, change, message):
-    model.save_pretrained(tmp_path / "run")
-    rewrite_weights(tmp_path / "run", change)
-    with pytest.raises(ValueError, match=message):
-        RetentionLLM.from_pretrained(tmp_path / "run")
 
 
 def test_a_changed_config_in_a_checksummed_directory_is_named(model, tmp_path):
