@@ -284,6 +284,9 @@ int main(int argc, char** argv) {
 
 def _compile(kernel_label: str, cpp: str) -> Path:
     key = hashlib.sha256((cpp + _SHIM.read_text()).encode()).hexdigest()[:24]
+    if _CACHE.is_file():
+        raise ValueError(f"POWER_RETENTION_EMULATOR_CACHE={_CACHE} is a file; expected a directory "
+                         f"(or a path that does not exist yet) for the compiled kernels")
     _CACHE.mkdir(parents=True, exist_ok=True)
     exe = _CACHE / f"k_{key}"
     if exe.exists():
