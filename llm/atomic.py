@@ -96,8 +96,12 @@ def _sha256(path: Path) -> str:
 
 
 def write_manifest(directory: Path) -> None:
-    """List the size and SHA-256 of every file below ``directory`` in its checksums.json."""
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p != directory / MANIFEST)
+    """List the size and SHA-256 of every file below ``directory`` in its checksums.json, but
+    for those under a directory with a checksums.json of its own (a saved model inside a
+    checkpoint): that one is verified when it is read, so no file is hashed twice."""
+    nested = [p.parent for p in directory.rglob(MANIFEST) if p.parent != directory]
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p != directory / MANIFEST
+                   and not any(n in p.parents for n in nested))
     entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
                for p in files}
     (directory / MANIFEST).write_text(json.dumps(entries, indent=1) + "\n")

@@ -291,9 +291,8 @@ def save_checkpoint(directory: Path, model, tokenizer, optimizer, trainer_state:
 
 
 def read_trainer_state(directory: Path) -> dict:
-    """A checkpoint's trainer_state.json after checking every file of the checkpoint against
-    its checksums; DamagedFileError naming what is missing or damaged."""
-    verify_directory(directory)
+    """A checkpoint's trainer_state.json; DamagedFileError naming it when it is missing or
+    unreadable. (Its checksum is checked by ``load_checkpoint``.)"""
     path = directory / "trainer_state.json"
     if not path.is_file():
         raise DamagedFileError(f"{path} is missing: the checkpoint cannot say where the run was")
@@ -306,8 +305,9 @@ def read_trainer_state(directory: Path) -> dict:
 
 
 def load_checkpoint(directory: Path, model, optimizer) -> dict:
-    """Load the model and optimizer saved in ``directory`` (checked file by file, and every
-    tensor finite); returns its trainer_state.json."""
+    """Load the model and optimizer saved in ``directory`` (checked file by file against the
+    checksums, and every tensor finite); returns its trainer_state.json."""
+    verify_directory(directory)
     saved = read_trainer_state(directory)
     model.load_weights(read_weights(model, directory / "model"))
     path = directory / "optimizer.safetensors"
@@ -346,28 +346,6 @@ class RunDirectory:
         return [d for d in (self.last_checkpoint, self.previous_checkpoint, self.best_checkpoint)
                 if d.exists()]
 
-    def newest_intact_checkpoint(self) -> tuple:
-        """(directory, trainer state) of the intact checkpoint with the most steps, saying which
-        were damaged; (None, None) when there is none. Every file is checked against its
-        checksum, so a flipped byte never reaches training."""
-        intact, damaged = [], []
-        for directory in self.checkpoints():
-            try:
-                intact.append((read_trainer_state(directory)["step"], directory))
-            except DamagedFileError as error:
-                damaged.append((directory, error))
-        if not intact:
-            if damaged:
-                reasons = "; ".join(str(error) for _, error in damaged)
-                raise DamagedFileError(f"no intact checkpoint in {self.dir / 'checkpoints'}: "
-                                       f"{reasons}")
-            return None, None
-        step, directory = max(intact, key=lambda entry: entry[0])
-        for bad, error in damaged:
-            print(f"{bad.relative_to(self.dir)} is damaged ({error}): resuming from "
-                  f"{directory.relative_to(self.dir)} at step {step}; the steps after it are "
-                  f"trained again")
-        return directory, step
 
     def log(self, record: dict, path: Path | None = None):
         path = path or self.metrics_path
@@ -487,9 +465,7 @@ class Trainer:
         for directory in (self.run.last_checkpoint, self.run.previous_checkpoint,
                           self.run.best_checkpoint):
             recover_directory(directory)  # a kill between a save's two renames
-        source = self.run.newest_intact_checkpoint()[0] if resume else None
-        if source is not None:
-            self.restore(source)
+        if resume and self.restore_newest() is not None:
             self.run.truncate_metrics(self.state.step)
             print(f"resumed {self.run.dir} at step {self.state.step} (best validation loss "
                   f"{self.state.best_val_loss})")
@@ -551,6 +527,33 @@ class Trainer:
         saved = load_checkpoint(directory, self.model, self.optimizer)
         self.data.sampler.load_state_dict(saved.pop("sampler"))
         self.state.load(saved)
+
+    def restore_newest(self) -> Path | None:
+        """Restore the intact checkpoint with the most steps and return it, saying which were
+        damaged; None when the run has none. Each is checked file by file as it loads (in
+        order of the steps it records), so a flipped byte never reaches training."""
+        ordered, damaged = [], []
+        for directory in self.run.checkpoints():
+            try:
+                ordered.append((int(read_trainer_state(directory)["step"]), directory))
+            except DamagedFileError as error:
+                damaged.append((directory, error))
+        for _, directory in sorted(ordered, key=lambda entry: entry[0], reverse=True):
+            try:
+                self.restore(directory)
+            except DamagedFileError as error:
+                damaged.append((directory, error))
+                continue
+            for bad, error in damaged:
+                print(f"{bad.relative_to(self.run.dir)} is damaged ({error}): resuming from "
+                      f"{directory.relative_to(self.run.dir)} at step {self.state.step}; the "
+                      f"steps after it are trained again")
+            return directory
+        if damaged:
+            reasons = "; ".join(str(error) for _, error in damaged)
+            raise DamagedFileError(f"no intact checkpoint in {self.run.dir / 'checkpoints'}: "
+                                   f"{reasons}")
+        return None
 
     def report_progress(self, step: int, record: dict):
         """Throughput since the last report, and the ETA, on the console and in ``record``."""
@@ -752,12 +755,10 @@ class NonFiniteGuard(TrainingCallback):
         run.log({"step": step, "event": "skipped_non_finite"})
         if self.bad_in_a_row < self.max_bad_steps:
             return Verdict.SKIP
-        checkpoint, _ = run.newest_intact_checkpoint()
-        if checkpoint is None:
+        lr_scale, rollbacks, skipped_steps = state.lr_scale, state.rollbacks, state.skipped_steps
+        if trainer.restore_newest() is None:
             raise RuntimeError(f"{self.bad_in_a_row} non-finite steps in a row before the first "
                                f"checkpoint: lower --lr (now {trainer.config.lr})")
-        lr_scale, rollbacks, skipped_steps = state.lr_scale, state.rollbacks, state.skipped_steps
-        trainer.restore(checkpoint)
         state.lr_scale, state.rollbacks, state.skipped_steps = lr_scale / 2, rollbacks + 1, skipped_steps
         run.truncate_metrics(state.step)
         self.bad_in_a_row = 0
