@@ -82,8 +82,10 @@ def build_tokenizer(cfg: TrainConfig, documents, vocab_size: int, cache_root: Pa
     return tokenizer
 
 
-def model_config(cfg: TrainConfig, vocab_size: int):
+def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None = None):
     overrides = {"vocab_size": vocab_size}
+    if cfg.document_resets:
+        overrides["document_start_id"] = bos_id
     if cfg.mixer:
         overrides["mixer"] = cfg.mixer
     if cfg.deg:
@@ -140,7 +142,7 @@ def run_training(cfg: TrainConfig, resume: bool) -> dict:
     ``resume``: continue the run in ``cfg.out`` from its last checkpoint, if it has one."""
     mx.random.seed(cfg.seed)
     tokenizer, corpus = prepare(cfg)
-    requested_config = model_config(cfg, tokenizer.vocab_size)
+    requested_config = model_config(cfg, tokenizer.vocab_size, tokenizer.bos_id)
     seq_len = cfg.seq_len or requested_config.max_position_embeddings
     requested = RunShape(requested_config, cfg.batch_size, cfg.grad_accum, seq_len)
     if not cfg.plan:  # a fresh run plans; a resumed one keeps the plan it started with

@@ -59,6 +59,9 @@ class ModelConfig:
     rope_theta: float = 10000.0   # rotary embedding base
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
+    document_start_id: int | None = None  # a token that starts a document (the tokenizer's
+                                          # bos): where it is, every mixer forgets all before
+                                          # it, so packed documents do not see each other
     model_type: str = "retention_llm"
 
     def __post_init__(self):
@@ -84,6 +87,11 @@ class ModelConfig:
             if isinstance(value, bool) or not isinstance(value, numbers.Real) \
                     or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive finite number, got {value!r}")
+        check_integer("ModelConfig.document_start_id", self.document_start_id, minimum=0,
+                      allow_none=True)
+        if self.document_start_id is not None and self.document_start_id >= self.vocab_size:
+            raise ValueError(f"ModelConfig.document_start_id must be a token id below "
+                             f"vocab_size={self.vocab_size}, got {self.document_start_id}")
         try:
             check_gate_init(self.gate_init)
         except ValueError as error:

@@ -23,6 +23,7 @@ import mlx.nn as nn
 
 from power_retention import PowerRetention
 from power_retention.convolution import ShortConvolution
+from power_retention.validation import check_reset
 
 from .config import ModelConfig
 from .generate import generate_tokens
@@ -61,6 +62,7 @@ class KVCache:
         self.values = None
         self.conv_state = None  # the short convolution's last inputs, when the layer has one
         self.offset = 0
+        self.document_start = None  # per sequence, where the last reset was: later queries see no key before it
 
     def update_and_fetch(self, keys, values):
         B, H, T, hd = keys.shape
@@ -92,6 +94,20 @@ class KVCache:
         return self.keys is None
 
 
+def document_mask(reset: mx.array, offset: int, previous_start) -> tuple[mx.array, mx.array]:
+    """The attention mask (B, 1, T, offset + T) of causal attention within documents, for
+    queries at positions offset..offset + T - 1 whose documents start where ``reset`` (B, T)
+    is True (or, before the first, at ``previous_start`` (B,), or 0 if None); and where the last
+    query's document starts, per sequence (B,)."""
+    B, T = reset.shape
+    queries = mx.arange(offset, offset + T)
+    previous = 0 if previous_start is None else previous_start[:, None]
+    starts = mx.cummax(mx.where(reset, queries, previous), axis=1)
+    keys = mx.arange(offset + T)
+    mask = (keys <= queries[:, None]) & (keys >= starts[..., None])
+    return mask[:, None], starts[:, -1]
+
+
 class SoftmaxAttention(nn.Module):
     """Causal grouped-query attention with rotary position embeddings: the baseline mixer.
     With ``conv_size``, q, k and v first go through the power mixer's short convolution
@@ -114,22 +130,28 @@ class SoftmaxAttention(nn.Module):
     def make_cache(self) -> KVCache:
         return KVCache()
 
-    def __call__(self, x, cache: KVCache | None = None):
+    def __call__(self, x, cache: KVCache | None = None, reset: mx.array | None = None):
         B, T, _ = x.shape
+        check_reset(reset, (B, T))
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.conv_size:
-            q, k, v = self.conv.split(q, k, v, cache=cache)
+            q, k, v = self.conv.split(q, k, v, cache=cache, reset=reset)
         q = q.reshape(B, T, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         k = k.reshape(B, T, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         v = v.reshape(B, T, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         offset = 0 if cache is None else cache.offset
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        if reset is not None:
+            mask, start = document_mask(reset, offset, None if cache is None else cache.document_start)
+            if cache is not None:
+                cache.document_start = start
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         # "causal" aligns the last query with the last key, which is what a prefill that
         # continues a cache needs; a single new token sees every key.
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5,
-                                                   mask="causal" if T > 1 else None)
+        if reset is None:
+            mask = "causal" if T > 1 else None
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
 
@@ -164,17 +186,17 @@ class Block(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
-    def __call__(self, x, cache=None):
-        x = x + self.mixer(self.input_layernorm(x), cache=cache)
+    def __call__(self, x, cache=None, reset=None):
+        x = x + self.mixer(self.input_layernorm(x), cache=cache, reset=reset)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def _checkpointed(block, x):
+def _checkpointed(block, x, reset):
     """block(x), keeping only x for the backward pass: the block is recomputed there. The
     parameters are explicit inputs so that their gradients flow through the checkpoint."""
     def run(parameters, x):
         block.update(parameters)
-        return block(x)
+        return block(x, reset=reset)
 
     return mx.checkpoint(run)(block.trainable_parameters(), x)
 
@@ -245,22 +267,29 @@ class RetentionLLM(nn.Module):
         """One cache per layer: a RetentionCache (constant size) or a KVCache (grows)."""
         return [block.mixer.make_cache() for block in self.layers]
 
-    def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
-        return self.logits(self.hidden_states(tokens, cache))
+    def __call__(self, tokens: mx.array, cache: list | None = None,
+                 reset: mx.array | None = None) -> mx.array:
+        return self.logits(self.hidden_states(tokens, cache, reset))
 
-    def hidden_states(self, tokens: mx.array, cache: list | None = None) -> mx.array:
+    def hidden_states(self, tokens: mx.array, cache: list | None = None,
+                      reset: mx.array | None = None) -> mx.array:
         """The final norm's output (B, T, hidden_size): what ``logits`` maps to the vocabulary.
-        Apart, so that a loss on a few positions needs their logits only."""
+        Apart, so that a loss on a few positions needs their logits only.
+
+        ``reset`` (B, T) bool: True where a document starts; no mixer carries anything across
+        it. Default: where ``tokens`` hold ``config.document_start_id``, if it is set."""
         check_tokens("tokens", tokens, self.config.vocab_size)
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache must hold one entry per layer ({len(self.layers)}), "
                              f"got {len(cache)}: use model.make_cache()")
+        if reset is None and self.config.document_start_id is not None:
+            reset = tokens == self.config.document_start_id
         x = self.embed_tokens(tokens)
         for i, block in enumerate(self.layers):
             if self.checkpointing and cache is None:
-                x = _checkpointed(block, x)
+                x = _checkpointed(block, x, reset)
             else:
-                x = block(x, cache=None if cache is None else cache[i])
+                x = block(x, cache=None if cache is None else cache[i], reset=reset)
         return self.norm(x)
 
     def logits(self, hidden: mx.array) -> mx.array:

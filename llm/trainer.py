@@ -116,6 +116,9 @@ class TrainConfig:
     model_fields: dict = option({}, "set a field of the model's config (llm.ModelConfig), e.g. "
                                 "--set conv_size=0 --set hidden_size=128; repeatable; applied last",
                                 flags=("--set",), memory=True)
+    document_resets: bool = option(False, "keep packed documents apart: every mixer starts afresh "
+                                   "at each document's first token (bos), in training and in "
+                                   "generation (the model's document_start_id)")
     val_fraction: float = option(0.05, "share of the documents held out for validation")
     out: str = option("", "run directory (default runs/MODEL-DATE)")
     cache_dir: str = option("", "tokenizer and token cache (default $POWER_RETENTION_CACHE or "

@@ -37,25 +37,42 @@ class ShortConvolution(nn.Module):
         """Floats of the tail a cache keeps per sequence: the last kernel_size - 1 inputs."""
         return max(kernel_size - 1, 0) * channels
 
-    def __call__(self, x: mx.array, tail: mx.array | None = None) -> tuple[mx.array, mx.array]:
-        """(y, new tail): y (B, T, channels), the tail (B, kernel_size - 1, channels)."""
+    def __call__(self, x: mx.array, tail: mx.array | None = None,
+                 reset: mx.array | None = None) -> tuple[mx.array, mx.array]:
+        """(y, new tail): y (B, T, channels), the tail (B, kernel_size - 1, channels).
+
+        ``reset`` (B, T) bool marks the tokens that start a new document: no output sees an
+        input from before its document's start (those inputs count as zero, as before the
+        sequence), and the tail keeps only the last document's inputs.
+        """
         B, T, channels = x.shape
         history = self.kernel_size - 1
         if tail is None:
             tail = mx.zeros((B, history, channels), dtype=x.dtype)
         padded = mx.concatenate([tail.astype(x.dtype), x], axis=1)
+        if reset is not None:
+            # Document number of every padded position (the tail is in the first one); a
+            # select, not a multiply, so that a non-finite input elsewhere stays there.
+            document = mx.cumsum(reset.astype(mx.int32), axis=1)
+            document = mx.concatenate([mx.zeros((B, history), dtype=mx.int32), document], axis=1)
+            taps = [mx.where((document[:, i:i + T] == document[:, history:])[..., None],
+                             padded[:, i:i + T], 0) for i in range(self.kernel_size)]
+            padded = mx.where((document == document[:, -1:])[..., None], padded, 0)
+        else:
+            taps = [padded[:, i:i + T] for i in range(self.kernel_size)]
         # kernel_size shifted multiply-adds: for kernels of a few taps this is cheaper than
         # a general convolution and has the same gradient.
-        y = padded[:, :T] * self.weight[:, 0]
+        y = taps[0] * self.weight[:, 0]
         for i in range(1, self.kernel_size):
-            y = y + padded[:, i:i + T] * self.weight[:, i]
+            y = y + taps[i] * self.weight[:, i]
         return nn.silu(y), padded[:, T:]
 
-    def split(self, *parts: mx.array, cache=None) -> list:
+    def split(self, *parts: mx.array, cache=None, reset: mx.array | None = None) -> list:
         """The convolution over the channels of ``parts`` side by side (q, k and v), split
         back. With a cache (a mixer's, with a ``conv_state``), it continues from the tail kept
         there and keeps the new one."""
-        y, tail = self(mx.concatenate(parts, axis=-1), None if cache is None else cache.conv_state)
+        y, tail = self(mx.concatenate(parts, axis=-1), None if cache is None else cache.conv_state,
+                       reset)
         if cache is not None:
             cache.conv_state = tail
         bounds = list(itertools.accumulate(part.shape[-1] for part in parts[:-1]))

@@ -20,7 +20,7 @@ from .convolution import ShortConvolution
 from .ops import power_retention, power_retention_step
 from .state import RetentionState
 from .sympow import expanded_dim
-from .validation import check_degree, check_integer, check_method, check_normalize
+from .validation import check_degree, check_integer, check_method, check_normalize, check_reset
 
 # The gate's bias is set so that sigmoid(bias) = INITIAL_GATE: every head starts with a memory
 # of about 1 / (1 - INITIAL_GATE) tokens and learns to lengthen it where that helps. A short
@@ -212,13 +212,18 @@ class PowerRetention(nn.Module):
     def make_cache(self) -> RetentionCache:
         return RetentionCache()
 
-    def __call__(self, x: mx.array, cache: RetentionCache | None = None) -> mx.array:
+    def __call__(self, x: mx.array, cache: RetentionCache | None = None,
+                 reset: mx.array | None = None) -> mx.array:
+        """``reset`` (B, T) bool, optional: True where a new document starts. Nothing before it
+        reaches it or anything after it (a zero gate, and the convolution stops there), so
+        documents packed into one sequence give what each gives alone."""
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (B, T, dim={self.dim}), got {tuple(x.shape)}")
         B, T, _ = x.shape
+        check_reset(reset, (B, T))
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.conv_size:
-            q, k, v = self.conv.split(q, k, v, cache=cache)
+            q, k, v = self.conv.split(q, k, v, cache=cache, reset=reset)
         q = q.reshape(B, T, self.num_heads, self.head_dim)
         k = k.reshape(B, T, self.num_kv_heads, self.head_dim)
         v = v.reshape(B, T, self.num_kv_heads, self.head_dim)
@@ -229,6 +234,10 @@ class PowerRetention(nn.Module):
             q = self.rope(q.swapaxes(1, 2), offset=offset).swapaxes(1, 2)
             k = self.rope(k.swapaxes(1, 2), offset=offset).swapaxes(1, 2)
         log_g = nn.log_sigmoid(self.gate_proj(x)) if self.gating else None
+        if reset is not None:
+            # A gate of zero (log_g = -inf) is the op's reset: the state before it is dropped.
+            kept = mx.zeros((B, T, self.num_kv_heads), dtype=x.dtype) if log_g is None else log_g
+            log_g = mx.where(reset[..., None], -mx.inf, kept)
         # logsigmoid gates are <= 0 by construction: no need to read them back.
         options = dict(deg=self.deg, scale=self.scale, normalize=self.normalize,
                        use_metal=self.use_metal, check_gates=False)

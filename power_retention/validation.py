@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numbers
 
+import mlx.core as mx
 import numpy as np
 
 METHODS = ("auto", "attention", "chunked", "recurrent")
@@ -56,3 +57,14 @@ def check_method(method) -> str:
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
     return method
+
+
+def check_reset(reset, shape: tuple) -> None:
+    """``reset``, the document starts a mixer takes: None, or a bool array of shape (B, T)."""
+    if reset is None:
+        return
+    if not isinstance(reset, mx.array) or reset.dtype != mx.bool_ or tuple(reset.shape) != tuple(shape):
+        got = (f"{reset.dtype} of shape {tuple(reset.shape)}" if isinstance(reset, mx.array)
+               else type(reset).__name__)
+        raise ValueError(f"reset must be a bool mlx array of shape (B, T) = {tuple(shape)} "
+                         f"(True where a document starts), got {got}")

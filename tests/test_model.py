@@ -111,6 +111,36 @@ def test_prefill_and_decode_equal_full_forward(mixer, options, prefill):
     assert_close("logits", mx.concatenate(pieces, axis=1), whole, DECODE_TOLERANCE)
 
 
+@pytest.mark.parametrize("method", ["attention", "chunked", "recurrent", "softmax"])
+def test_packed_documents_with_resets_equal_documents_run_apart(method):
+    """Two sequences of three packed documents each, the boundaries at different places, the
+    convolution on: logits with ``reset`` at the document starts equal each document's own
+    logits, in one forward pass and through a cache fed in pieces that cut documents."""
+    model = small_model("softmax" if method == "softmax" else "power", conv_size=4)
+    if method != "softmax":
+        model.set_retention_form(method)
+    lengths = [[7, 12, 11], [1, 20, 9]]
+    tokens = mx.random.randint(0, 1000, (2, 30))
+    reset = mx.array([[t in np.cumsum(row[:-1]) for t in range(30)] for row in lengths])
+    apart = mx.stack([mx.concatenate([model(tokens[b:b + 1, start:start + n])[0]
+                                      for start, n in zip(np.cumsum([0] + row[:-1]), row)])
+                      for b, row in enumerate(lengths)])
+    assert_close("packed", model(tokens, reset=reset), apart, DECODE_TOLERANCE)
+    cache = model.make_cache()
+    pieces = [model(tokens[:, a:b], cache=cache, reset=reset[:, a:b])
+              for a, b in [(0, 9), (9, 10), (10, 25), *((t, t + 1) for t in range(25, 30))]]
+    assert_close("packed, in pieces", mx.concatenate(pieces, axis=1), apart, DECODE_TOLERANCE)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_a_document_start_id_resets_every_mixer_where_it_appears(mixer):
+    model = small_model(mixer, document_start_id=1)
+    tokens = mx.random.randint(2, 1000, (1, 20))
+    tokens[0, 6] = 1
+    assert mx.array_equal(model(tokens), model(tokens, reset=tokens == 1)).item()
+    assert_close("second document", model(tokens)[:, 6:], model(tokens[:, 6:]), DECODE_TOLERANCE)
+
+
 def test_power_cache_is_constant_size_and_kv_cache_grows():
     power, softmax = small_model("power"), small_model("softmax")
     sizes = {}

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from llm import ByteTokenizer
+
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = [sys.executable, str(ROOT / "train.py")]
 # Resumed losses must equal the uninterrupted run's (the issue's bound for CPU).
@@ -331,8 +333,10 @@ def test_memory_error_mid_run_steps_down_and_loses_no_step(tmp_path):
 
 @pytest.mark.parametrize("options", [["--optimizer", "lion", "--lr", "3e-4"], ["--optimizer", "muon"],
                                      ["--dtype", "bfloat16"], ["--mixer", "softmax"],
-                                     ["--power", "1"], ["--grad-accum", "2", "--no-compile"]],
-                         ids=["lion", "muon", "bfloat16", "softmax", "power1", "accumulate-uncompiled"])
+                                     ["--power", "1"], ["--grad-accum", "2", "--no-compile"],
+                                     ["--document-resets"]],
+                         ids=["lion", "muon", "bfloat16", "softmax", "power1", "accumulate-uncompiled",
+                              "document-resets"])
 def test_options_train(tmp_path, options):
     """Each optimizer, dtype and mixer trains: finite losses, and the validation loss falls."""
     out = tmp_path / "run"
@@ -341,6 +345,9 @@ def test_options_train(tmp_path, options):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best_val_loss"] < summary["initial_val_loss"] - 0.3, summary
     assert summary["skipped_steps"] == 0
+    document_start = json.loads((out / "checkpoints" / "last" / "model" / "config.json").read_text())[
+        "document_start_id"]
+    assert document_start == (ByteTokenizer().bos_id if "--document-resets" in options else None)
 
 
 def test_legacy_command_form(tmp_path):
