@@ -19,8 +19,11 @@ def atomic_file(path, mode: str = "wb"):
     """A file object whose contents appear at ``path`` complete (flushed and synced), or not at
     all: it is written to a temporary file beside ``path`` and renamed over it on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    except OSError as error:  # a read-only or full directory
+        raise write_failure(path, error) from error
     os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; the file it replaces was not
     try:
         with os.fdopen(fd, mode) as f:

@@ -1,6 +1,8 @@
 """The one tolerance helper every test uses, the shared input builder, and a fresh Python
 process for what must not share this one's state."""
 
+import ctypes
+import os
 import subprocess
 import sys
 
@@ -62,3 +64,19 @@ def run_python(code: str, timeout: float = 120, launcher: tuple = ()) -> str:
                             timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
+
+
+def bound_by_file_permissions():
+    """A ``preexec_fn`` under which a child process obeys file permissions even when the tests
+    run as root: it drops the capabilities that let root read and write past them
+    (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) from the bounding set, which the exec then applies.
+    None when there is nothing to drop (not root)."""
+    if os.geteuid() != 0:
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def drop():
+        for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+            if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+    return drop

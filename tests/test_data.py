@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import re
 import sysconfig
 from pathlib import Path
@@ -203,103 +202,6 @@ def test_synthetic_tasks_are_short_correct_and_seeded(name, check):
     assert len({doc.text for doc in documents}) > 290
     assert read_documents(f"synthetic:{name}") == synthetic_documents(name)
     assert len(read_documents(f"synthetic:{name}")) == 4000
-
-
-# ----------------------------------------------------------------------------- errors
-
-
-def empty_directory(path: Path) -> Path:
-    path.mkdir()
-    return path
-
-
-def directory_with_a_latin1_file(path: Path) -> Path:
-    write(path / "good.txt", "good")
-    write(path / "bad.txt", "déjà".encode("latin-1"))
-    return path
-
-
-ERRORS = {
-    "missing-path": (lambda d: str(d / "nope.txt"), FileNotFoundError, r"nope\.txt.*no such file"),
-    "glob-matches-nothing": (lambda d: str(d / "*.nothing"), FileNotFoundError,
-                             r"\*\.nothing.*matches no files"),
-    "empty-file": (lambda d: str(write(d / "empty.txt", "")), ValueError, r"empty\.txt: no text"),
-    "whitespace-file": (lambda d: str(write(d / "blank.txt", " \n\t\n")), ValueError,
-                        r"blank\.txt: no text"),
-    "empty-directory": (lambda d: str(empty_directory(d / "void")), ValueError,
-                        r"void.*has no files"),
-    "directory-of-empty-files": (lambda d: str(write(d / "x" / "a.txt", "\n").parent), ValueError,
-                                 r"directory .*x.*: no text"),
-    "non-utf8-file": (lambda d: str(write(d / "latin1.txt", "café".encode("latin-1"))),
-                      ValueError, r"latin1\.txt: not UTF-8 text"),
-    "non-utf8-file-in-directory": (lambda d: str(directory_with_a_latin1_file(d / "dir")),
-                                   ValueError, r"bad\.txt: not UTF-8 text"),
-    "binary-file": (lambda d: str(write(d / "blob.dat", b"\0\1\2")), ValueError,
-                    r"blob\.dat: a binary file"),
-    "fifo": (lambda d: (os.mkfifo(d / "pipe"), str(d / "pipe"))[1], ValueError,
-             r"pipe.* not a regular file"),
-    "jsonl-not-json": (lambda d: str(write(d / "a.jsonl", '{"text": "ok"}\n{"text": oops}\n')),
-                       ValueError, r"a\.jsonl, line 2: not valid JSON"),
-    "jsonl-missing-fields": (
-        lambda d: str(write(d / "b.jsonl", jsonl({"text": "ok"}, {"text": "ok"},
-                                                 {"prompt": "only a prompt"}))),
-        ValueError, r"b\.jsonl, line 3: expected .*\"text\".*\"prompt\" and \"completion\""),
-    "jsonl-text-not-a-string": (lambda d: str(write(d / "c.jsonl", jsonl({"text": 5}))),
-                                ValueError, r"c\.jsonl, line 1: expected"),
-    "jsonl-not-an-object": (lambda d: str(write(d / "d.jsonl", '["text"]\n')), ValueError,
-                            r"d\.jsonl, line 1: expected .* got a JSON list"),
-    "jsonl-lone-surrogate": (lambda d: str(write(d / "e.jsonl", '{"text": "a\\ud800"}\n')),
-                             ValueError, r"e\.jsonl, line 1: .*surrogate"),
-    "jsonl-empty": (lambda d: str(write(d / "f.jsonl", "\n\n")), ValueError,
-                    r"f\.jsonl: no text"),
-    "unknown-synthetic": (lambda d: "synthetic:bogus", ValueError,
-                          r"'bogus'.*synthetic:mqar, synthetic:copy"),
-    "not-a-string": (lambda d: 42, ValueError, r"data must be a non-empty str"),
-}
-
-
-@pytest.mark.parametrize("make_spec, error, message", ERRORS.values(), ids=ERRORS.keys())
-def test_bad_data_fails_naming_the_file_and_line(tmp_path, make_spec, error, message):
-    spec = make_spec(tmp_path)
-    with pytest.raises(error, match=message):
-        read_documents(spec)
-
-
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
-                    reason="needs file permissions that bind this user (root reads everything)")
-def test_unreadable_file_fails_naming_it(tmp_path):
-    path = write(tmp_path / "secret.txt", "text")
-    path.chmod(0)
-    with pytest.raises(ValueError, match=r"secret\.txt: cannot read"):
-        read_documents(str(path))
-
-
-@pytest.mark.parametrize("kwargs, message", [
-    ({"n_documents": 0}, "n_documents must be an integer >= 1"),
-    ({"seed": -1}, "seed must be an integer >= 0"),
-], ids=["no-documents", "negative-seed"])
-def test_synthetic_arguments_are_checked(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        synthetic_documents("copy", **kwargs)
-
-
-@pytest.mark.parametrize("documents, kwargs, message", [
-    ([], {}, "documents is empty"),
-    ([Document("abc", prompt_chars=4)], {}, r"documents\[0\]\.prompt_chars .*\[0, 3\], got 4"),
-    (["text"], {}, r"documents\[0\] must be a Document"),
-    ([Document("x")], {}, "one document of 1 character"),
-    ([Document("ab")], {"val_fraction": 0.0}, r"val_fraction must be in \(0, 1\)"),
-    ([Document("ab")], {"val_fraction": 1.0}, r"val_fraction must be in \(0, 1\)"),
-    ([Document("ab")], {"key": "../up"}, "key must be a directory name"),
-], ids=["no-documents", "prompt-too-long", "not-a-document", "too-short-to-split",
-        "val-fraction-0", "val-fraction-1", "key-with-slash"])
-def test_tokenize_arguments_are_checked(tmp_path, documents, kwargs, message):
-    kwargs = {"key": "k", **kwargs}
-    with pytest.raises(ValueError, match=message):
-        tokenize_corpus(documents, TOK, tmp_path, **kwargs)
-
-
-# ----------------------------------------------------------------------------- the split
 
 
 def numbered_documents(n: int) -> list[Document]:

@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from tests.helpers import bound_by_file_permissions
 from tests.test_train import ROOT, TRAIN, kill_after, losses, run, small_run
 
 
@@ -19,7 +20,7 @@ def _trained(tmp_path, steps=30):
     return out
 
 
-def _resume(out, steps=30, limit=None):
+def _resume(out, steps=30, limit=None, preexec_fn=None):
     """``train.py --resume``; ``limit``: writes past that many bytes per file fail (EFBIG), a
     full disk without root (Python ignores SIGXFSZ, so the write returns an error)."""
     def limit_file_size():
@@ -27,7 +28,7 @@ def _resume(out, steps=30, limit=None):
 
     return subprocess.run([*TRAIN, "--resume", str(out), "--steps", str(steps)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300,
-                          preexec_fn=limit_file_size if limit else None)
+                          preexec_fn=limit_file_size if limit else preexec_fn)
 
 
 def _flip_bytes(path, count=16):
@@ -129,14 +130,13 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_exactly(tmp_path):
     assert losses(out) == losses(reference)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only directories")
 def test_a_read_only_run_directory_is_one_line(tmp_path):
     out = _trained(tmp_path, steps=10)
     for path in [out, *out.rglob("*")]:
         if path.is_dir():
             path.chmod(0o555)
     try:
-        result = _resume(out, steps=15)
+        result = _resume(out, steps=15, preexec_fn=bound_by_file_permissions())
     finally:
         for path in [out, *out.rglob("*")]:
             if path.is_dir():

@@ -92,13 +92,6 @@ def test_streams_follow_single_threaded_blas(monkeypatch):
         set_blas_threads(threads)
 
 
-@pytest.mark.parametrize("value", ["0", "two", "-1"])
-def test_bad_stream_count_is_refused(monkeypatch, value):
-    monkeypatch.setenv(CPU_STREAMS_VARIABLE, value)
-    with pytest.raises(ValueError, match=CPU_STREAMS_VARIABLE):
-        parallel_cpu_streams()
-
-
 @needs_loaded_openblas
 @pytest.mark.parametrize("threads", [0, 1.5])
 def test_bad_blas_thread_count_is_refused(threads):
