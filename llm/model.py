@@ -21,7 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from power_retention import PowerRetention
+from power_retention import ArraysCache, CacheList, KVCache, PowerRetention
 from power_retention.convolution import ShortConvolution
 from power_retention.validation import check_reset
 
@@ -50,49 +50,6 @@ def check_tokens(name: str, tokens, vocab_size: int) -> None:
         bad = tokens.min().item() if tokens.min().item() < 0 else tokens.max().item()
         raise ValueError(f"{name} holds the token id {bad}, outside [0, {vocab_size}) (the "
                          f"model's vocab_size)")
-
-class KVCache:
-    """Keys and values of one softmax layer, grown in steps of ``step`` positions (as
-    mlx-lm's KVCache) so that decoding does not copy the whole cache at every token."""
-
-    step = 256
-
-    def __init__(self):
-        self.keys = None    # (B, H, capacity, head_dim)
-        self.values = None
-        self.conv_state = None  # the short convolution's last inputs, when the layer has one
-        self.offset = 0
-        self.document_start = None  # per sequence, where the last reset was: later queries see no key before it
-
-    def update_and_fetch(self, keys, values):
-        B, H, T, hd = keys.shape
-        start = self.offset
-        if self.keys is None or start + T > self.keys.shape[2]:
-            capacity = -(-(start + T) // self.step) * self.step
-            grown = [mx.zeros((B, H, capacity, hd), dtype=keys.dtype) for _ in range(2)]
-            if self.keys is not None:
-                grown[0][:, :, :start] = self.keys[:, :, :start]
-                grown[1][:, :, :start] = self.values[:, :, :start]
-            self.keys, self.values = grown
-        self.keys[:, :, start:start + T] = keys
-        self.values[:, :, start:start + T] = values
-        self.offset = start + T
-        return self.keys[:, :, :self.offset], self.values[:, :, :self.offset]
-
-    @property
-    def state(self) -> list:
-        if self.keys is None:
-            return []
-        kv = [self.keys[:, :, :self.offset], self.values[:, :, :self.offset]]
-        return kv + ([] if self.conv_state is None else [self.conv_state])
-
-    @property
-    def nbytes(self) -> int:
-        return sum(array.nbytes for array in self.state)
-
-    def empty(self) -> bool:
-        return self.keys is None
-
 
 def document_mask(reset: mx.array, offset: int, previous_start) -> tuple[mx.array, mx.array]:
     """The attention mask (B, 1, T, offset + T) of causal attention within documents, for
@@ -127,22 +84,30 @@ class SoftmaxAttention(nn.Module):
         if self.conv_size:
             self.conv = ShortConvolution((self.num_heads + 2 * self.num_kv_heads) * hd, self.conv_size)
 
-    def make_cache(self) -> KVCache:
-        return KVCache()
+    def make_cache(self) -> KVCache | CacheList:
+        """Keys and values (mlx-lm's KVCache); with a convolution, its last inputs beside them
+        in an ArraysCache of one slot."""
+        return CacheList(KVCache(), ArraysCache(1)) if self.conv_size else KVCache()
 
-    def __call__(self, x, cache: KVCache | None = None, reset: mx.array | None = None):
+    def __call__(self, x, cache: KVCache | CacheList | None = None, reset: mx.array | None = None):
         B, T, _ = x.shape
         check_reset(reset, (B, T))
+        conv_cache = None
+        if isinstance(cache, CacheList):
+            cache, conv_cache = cache[0], cache[1]
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.conv_size:
-            q, k, v = self.conv.split(q, k, v, cache=cache, reset=reset)
+            (q, k, v), tail = self.conv.split(q, k, v, tail=None if conv_cache is None else conv_cache[0],
+                                              reset=reset)
+            if conv_cache is not None:
+                conv_cache[0] = tail
         q = q.reshape(B, T, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         k = k.reshape(B, T, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         v = v.reshape(B, T, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         offset = 0 if cache is None else cache.offset
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if reset is not None:
-            mask, start = document_mask(reset, offset, None if cache is None else cache.document_start)
+            mask, start = document_mask(reset, offset, getattr(cache, "document_start", None))
             if cache is not None:
                 cache.document_start = start
         if cache is not None:
@@ -264,7 +229,8 @@ class RetentionLLM(nn.Module):
                     block.mixer.chunk_size = chunk_size
 
     def make_cache(self) -> list:
-        """One cache per layer: a RetentionCache (constant size) or a KVCache (grows)."""
+        """One cache per layer, in mlx-lm's protocol: an ArraysCache (the power mixer's, constant
+        size) or a KVCache (grows with the context)."""
         return [block.mixer.make_cache() for block in self.layers]
 
     def __call__(self, tokens: mx.array, cache: list | None = None,

@@ -8,6 +8,7 @@ The math is in power_retention/README.md. Importing this package changes nothing
 process: the Linux CPU tuning is opt-in (``power_retention.cpu_tuning``).
 """
 
+from .cache import ArraysCache, CacheList, KVCache
 from .cost import choose_method, estimated_seconds
 from .layer import PowerRetention, RetentionCache
 from .ops import power_retention, power_retention_step
@@ -15,6 +16,9 @@ from .state import RetentionState
 from .sympow import expanded_dim, sympow
 
 __all__ = [
+    "ArraysCache",
+    "CacheList",
+    "KVCache",
     "PowerRetention",
     "RetentionCache",
     "RetentionState",

@@ -67,13 +67,10 @@ class ShortConvolution(nn.Module):
             y = y + taps[i] * self.weight[:, i]
         return nn.silu(y), padded[:, T:]
 
-    def split(self, *parts: mx.array, cache=None, reset: mx.array | None = None) -> list:
+    def split(self, *parts: mx.array, tail: mx.array | None = None,
+              reset: mx.array | None = None) -> tuple[list, mx.array]:
         """The convolution over the channels of ``parts`` side by side (q, k and v), split
-        back. With a cache (a mixer's, with a ``conv_state``), it continues from the tail kept
-        there and keeps the new one."""
-        y, tail = self(mx.concatenate(parts, axis=-1), None if cache is None else cache.conv_state,
-                       reset)
-        if cache is not None:
-            cache.conv_state = tail
+        back, and the new tail (what a cache keeps to continue the sequence)."""
+        y, tail = self(mx.concatenate(parts, axis=-1), tail, reset)
         bounds = list(itertools.accumulate(part.shape[-1] for part in parts[:-1]))
-        return mx.split(y, bounds, axis=-1)
+        return mx.split(y, bounds, axis=-1), tail

@@ -16,6 +16,7 @@ import warnings
 import mlx.core as mx
 import mlx.nn as nn
 
+from .cache import ArraysCache
 from .convolution import ShortConvolution
 from .ops import power_retention, power_retention_step
 from .state import RetentionState
@@ -75,36 +76,14 @@ def resolve_heads(dim, num_heads=None, num_kv_heads=None, head_dim=None):
     return num_heads, num_kv_heads, head_dim
 
 
-class RetentionCache:
-    """The recurrent state of one ``PowerRetention`` layer: the same size at any context length.
+# The slots of a power mixer's ArraysCache.
+STATE_S, STATE_Z, CONV_TAIL, POSITION = range(4)
 
-    ``state`` holds every array the cache mutates ([S, z], or [] before the first token), as
-    mlx-lm's caches do, so ``mx.eval(cache.state)`` materialises it.
-    """
 
-    def __init__(self):
-        self.retention_state: RetentionState | None = None
-        self.conv_state: mx.array | None = None  # the short convolution's last inputs
-        self.offset = 0  # tokens seen
-
-    @property
-    def state(self) -> list:
-        if self.retention_state is None:
-            return []
-        return list(self.retention_state) + ([] if self.conv_state is None else [self.conv_state])
-
-    @state.setter
-    def state(self, arrays):
-        arrays = list(arrays)
-        self.retention_state = RetentionState(*arrays[:2]) if arrays else None
-        self.conv_state = arrays[2] if len(arrays) > 2 else None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(array.nbytes for array in self.state)
-
-    def empty(self) -> bool:
-        return self.retention_state is None
+def RetentionCache() -> ArraysCache:
+    """An empty cache of a ``PowerRetention`` layer: the name it had before it became an
+    mlx-lm ``ArraysCache``; ``layer.make_cache()`` is the way to get one."""
+    return ArraysCache(4)
 
 
 class PowerRetention(nn.Module):
@@ -209,10 +188,13 @@ class PowerRetention(nn.Module):
         return state_floats(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                             head_dim=self.head_dim, deg=self.deg, conv_size=self.conv_size)
 
-    def make_cache(self) -> RetentionCache:
+    def make_cache(self) -> ArraysCache:
+        """The layer's recurrent state between calls, the same size at any context length: an
+        mlx-lm ``ArraysCache`` whose slots hold S and z (see ``RetentionState``), the short
+        convolution's last inputs and, with rotary embeddings, the position (tokens seen)."""
         return RetentionCache()
 
-    def __call__(self, x: mx.array, cache: RetentionCache | None = None,
+    def __call__(self, x: mx.array, cache: ArraysCache | None = None,
                  reset: mx.array | None = None) -> mx.array:
         """``reset`` (B, T) bool, optional: True where a new document starts. Nothing before it
         reaches it or anything after it (a zero gate, and the convolution stops there), so
@@ -223,14 +205,19 @@ class PowerRetention(nn.Module):
         check_reset(reset, (B, T))
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.conv_size:
-            q, k, v = self.conv.split(q, k, v, cache=cache, reset=reset)
+            (q, k, v), tail = self.conv.split(q, k, v, tail=None if cache is None else cache[CONV_TAIL],
+                                              reset=reset)
+            if cache is not None:
+                cache[CONV_TAIL] = tail
         q = q.reshape(B, T, self.num_heads, self.head_dim)
         k = k.reshape(B, T, self.num_kv_heads, self.head_dim)
         v = v.reshape(B, T, self.num_kv_heads, self.head_dim)
         if "rope" in self:
             # Rotating q_i and k_j by their positions makes q_i . k_j, and so every weight,
             # depend on i - j; the features of the rotated key are what the state stores.
-            offset = 0 if cache is None else cache.offset
+            offset = 0 if cache is None or cache[POSITION] is None else cache[POSITION]
+            if cache is not None:
+                cache[POSITION] = offset + T
             q = self.rope(q.swapaxes(1, 2), offset=offset).swapaxes(1, 2)
             k = self.rope(k.swapaxes(1, 2), offset=offset).swapaxes(1, 2)
         log_g = nn.log_sigmoid(self.gate_proj(x)) if self.gating else None
@@ -242,20 +229,20 @@ class PowerRetention(nn.Module):
         options = dict(deg=self.deg, scale=self.scale, normalize=self.normalize,
                        use_metal=self.use_metal, check_gates=False)
 
+        state = None if cache is None or cache[STATE_S] is None else \
+            RetentionState(cache[STATE_S], cache[STATE_Z])
         if cache is None:
             y = power_retention(q, k, v, log_g, method=self.method, chunk_size=self.chunk_size,
-                         **options)
+                                **options)
         elif T == 1:
-            y, cache.retention_state = power_retention_step(
-                q[:, 0], k[:, 0], v[:, 0], None if log_g is None else log_g[:, 0],
-                cache.retention_state, **options)
+            y, state = power_retention_step(q[:, 0], k[:, 0], v[:, 0],
+                                            None if log_g is None else log_g[:, 0], state, **options)
             y = y[:, None]
         else:
-            y, cache.retention_state = power_retention(
-                q, k, v, log_g, method=self.method, chunk_size=self.chunk_size,
-                initial_state=cache.retention_state, return_state=True, **options)
+            y, state = power_retention(q, k, v, log_g, method=self.method, chunk_size=self.chunk_size,
+                                       initial_state=state, return_state=True, **options)
         if cache is not None:
-            cache.offset += T
+            cache[STATE_S], cache[STATE_Z] = state
 
         if self.output_norm:
             y = mx.fast.rms_norm(y, self.norm_weight, self.norm_eps)

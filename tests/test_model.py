@@ -59,20 +59,6 @@ def test_7b_table_needs_no_7b_of_memory():
     assert peak_kb < 1_000_000, f"computing the table took {peak_kb / 1e6:.1f} GB"
 
 
-def test_unknown_preset_lists_known_ones():
-    with pytest.raises(ValueError, match="known presets: ultra-tiny, tiny, small"):
-        create_model_config("huge")
-
-
-def test_bad_config_fields():
-    with pytest.raises(ValueError, match="unknown field"):
-        create_model_config("tiny", hidden_dim=3)
-    with pytest.raises(ValueError, match="mixer"):
-        create_model_config("tiny", mixer="mamba")
-    with pytest.raises(ValueError, match="num_hidden_layers"):
-        create_model_config("tiny", num_hidden_layers=0)
-
-
 def test_both_constructor_forms():
     config = create_model_config("ultra-tiny")
     by_fields = RetentionLLM(**config, use_metal=False)
@@ -203,9 +189,6 @@ def test_sampler_filters():
     assert seen == {0, 1}
     top3 = make_sampler(temperature=1.0, top_k=3)
     assert {top3(logits, k).item() for k in keys} == {0, 1, 2}
-    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-2)):
-        with pytest.raises(ValueError, match=next(iter(bad))):
-            make_sampler(**bad)
 
 
 def test_stream_generate_matches_generate():
@@ -223,8 +206,8 @@ def test_stream_generate_matches_generate():
 
 
 def test_stateful_generate_with_no_new_tokens_feeds_everything_once():
-    model = small_model("power")
+    model = small_model("power", rope=True)
     model.generate(mx.array([1, 2, 3]), max_new_tokens=3, temperature=0)   # 3 fed, 1 pending
     model.generate(mx.array([5, 6]), max_new_tokens=0, temperature=0)      # pending + 2 fed
     model.generate(mx.array([7, 8]), max_new_tokens=1, temperature=0)      # 2 fed, 1 pending
-    assert model._session.cache[0].offset == 3 + 3 + 2 + 2
+    assert model._session.cache[0][3] == 3 + 3 + 2 + 2  # the position slot
