@@ -23,6 +23,13 @@ MIXERS = ("power", "softmax")
 RENAMED_FIELDS = {"power": "deg"}
 
 
+# Keys that mlx-lm and Hugging Face write into config.json beside the model's own fields:
+# they say how to load the model (its file, its quantization, its tokens), not what it is.
+LOADER_FIELDS = ("model_file", "quantization", "quantization_config", "quantize_activations",
+                 "eos_token_id", "bos_token_id", "architectures", "torch_dtype",
+                 "transformers_version", "_name_or_path")
+
+
 def fields_added_later(mixer: str) -> dict:
     """What a config saved before these fields existed meant for them (the model it had)."""
     return {"gate_init": 0.999, "conv_size": 0, "output_norm": True, "rope": mixer == "softmax"}
@@ -33,6 +40,25 @@ def upgrade_saved_fields(values: dict) -> dict:
     for the fields it lacks, so that every model saved before still loads as it was."""
     values = {RENAMED_FIELDS.get(name, name): value for name, value in values.items()}
     return {**fields_added_later(values.get("mixer", "power")), **values}
+
+
+def saved_config(values: dict, source: str = "config.json") -> ModelConfig:
+    """The ModelConfig of a saved config.json, written by this project or by mlx-lm (whose
+    loader keys are set aside); any other unknown field is still an error."""
+    fields = {name: value for name, value in values.items() if name not in LOADER_FIELDS}
+    return ModelConfig.from_dict(upgrade_saved_fields(fields), source=source)
+
+
+class ModelArgs:
+    """mlx-lm's name for what its loader builds from config.json and passes to ``Model``
+    (here the ModelConfig that RetentionLLM takes): see the model file that
+    ``save_pretrained`` writes. As mlx-lm's own model arguments do, it takes the fields it
+    knows and leaves the rest (mlx-lm adds its loading options to the same dictionary)."""
+
+    @staticmethod
+    def from_dict(values: dict) -> ModelConfig:
+        known = {field.name for field in fields(ModelConfig)} | set(RENAMED_FIELDS)
+        return saved_config({name: value for name, value in values.items() if name in known})
 
 
 @dataclass

@@ -25,9 +25,9 @@ from power_retention import ArraysCache, CacheList, KVCache, PowerRetention
 from power_retention.convolution import ShortConvolution
 from power_retention.validation import check_reset
 
-from .config import ModelConfig
+from .config import ModelConfig, saved_config
 from .generate import generate_tokens
-from .weights import read_config, read_weights, save_pretrained
+from .weights import read_config_file, read_weights, save_pretrained
 
 
 
@@ -93,7 +93,7 @@ class SoftmaxAttention(nn.Module):
         B, T, _ = x.shape
         check_reset(reset, (B, T))
         conv_cache = None
-        if isinstance(cache, CacheList):
+        if cache is not None and not hasattr(cache, "update_and_fetch"):  # a CacheList, ours or mlx-lm's
             cache, conv_cache = cache[0], cache[1]
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.conv_size:
@@ -306,9 +306,18 @@ class RetentionLLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory, *, use_metal: bool = False) -> "RetentionLLM":
-        model = cls(read_config(directory), use_metal=use_metal)
-        model.load_weights(read_weights(model, directory))
+        """A directory written by ``save_pretrained``, or by mlx-lm from one (``convert -q``,
+        ``fuse``): quantized layers are rebuilt as they were saved."""
+        values = read_config_file(directory)
+        model = cls(saved_config(values, source=f"{directory}/config.json"), use_metal=use_metal)
+        model.load_weights(read_weights(model, directory, quantization=values.get("quantization")))
         return model
+
+    def quant_predicate(self, path: str, module) -> bool:
+        """Which layers mlx-lm's quantization (``convert -q``) may quantize: all but the power
+        mixer's decay gate, whose few weights set how fast every head forgets (norms and the
+        convolution are not quantizable layers)."""
+        return not path.endswith("mixer.gate_proj")
 
     def load_weights(self, file_or_weights, strict: bool = True):
         """Load a .safetensors file, a saved directory, or a list of (name, array) pairs.

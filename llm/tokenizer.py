@@ -13,6 +13,7 @@ turned off. StreamingDetokenizer turns generated ids back into text one token at
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import operator
@@ -26,8 +27,11 @@ import sentencepiece as spm
 
 from power_retention.validation import check_integer, is_integer
 
+from .hf_tokenizer import byte_tokenizer_json, sentencepiece_tokenizer_json, special_tokens
+
 CONFIG_FILE = "tokenizer_config.json"
 MODEL_FILE = "tokenizer.model"
+HF_TOKENIZER_FILE = "tokenizer.json"
 
 # Special ids of trained SentencePiece models. There is no pad id: batches are packed.
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -120,7 +124,9 @@ def load_tokenizer(directory) -> ByteTokenizer | SentencePieceTokenizer:
     config_path = Path(directory) / CONFIG_FILE
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-        kind = config["tokenizer_class"]
+        # This project's block (Hugging Face's file around it), or the older file of ours alone.
+        config = config.get("power_retention") or {**config, "tokenizer": config["tokenizer_class"]}
+        kind = config["tokenizer"]
     except FileNotFoundError:
         raise FileNotFoundError(f"no tokenizer in {directory}: {config_path} does not exist") \
             from None
@@ -131,15 +137,19 @@ def load_tokenizer(directory) -> ByteTokenizer | SentencePieceTokenizer:
         tokenizer = ByteTokenizer()
     elif kind == "sentencepiece":
         model_path = Path(directory) / MODEL_FILE
-        if not model_path.is_file():
+        if model_path.is_file():
+            source, proto = model_path, model_path.read_bytes()
+        elif isinstance(config.get("model_proto"), str):
+            source, proto = f"{config_path} (model_proto)", base64.b64decode(config["model_proto"])
+        else:
             raise FileNotFoundError(f"{config_path} names a SentencePiece tokenizer but "
                                     f"{model_path} does not exist")
         try:
-            tokenizer = SentencePieceTokenizer(model_path.read_bytes())
+            tokenizer = SentencePieceTokenizer(proto)
         except ValueError:
-            raise ValueError(f"{model_path} is not a serialized SentencePiece model") from None
+            raise ValueError(f"{source} is not a serialized SentencePiece model") from None
     else:
-        raise ValueError(f"{config_path}: unknown tokenizer_class {kind!r} "
+        raise ValueError(f"{config_path}: unknown tokenizer {kind!r} "
                          "(expected 'byte' or 'sentencepiece')")
     # A config edited by hand, or left from another tokenizer, would mislabel every id.
     for key in ("vocab_size", "bos_id", "eos_id"):
@@ -291,10 +301,28 @@ def _check_ids(ids, vocab_size: int) -> list[int]:
 
 
 def _write_config(directory, kind: str, tokenizer) -> None:
+    """tokenizer.json and tokenizer_config.json in Hugging Face's format (what mlx-lm and
+    AutoTokenizer load), with this project's own description under "power_retention": the
+    kind, the sizes, and a SentencePiece model itself (base64), so that a directory another
+    tool rewrote (mlx-lm's convert and fuse keep the key) still loads here."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = {"tokenizer_class": kind, "vocab_size": tokenizer.vocab_size,
-              "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
+    ours = {"tokenizer": kind, "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id,
+            "eos_id": tokenizer.eos_id}
+    bos, eos = special_tokens(tokenizer)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
+              "clean_up_tokenization_spaces": False, "power_retention": ours}
+    if kind == "sentencepiece":
+        ours["model_proto"] = base64.b64encode(tokenizer.model_proto).decode("ascii")
+        config["unk_token"] = tokenizer._sp.id_to_piece(tokenizer._sp.unk_id())
+        try:
+            hf_json = sentencepiece_tokenizer_json(tokenizer)
+        except ValueError:  # a unigram model: no tokenizer.json, only ours
+            hf_json = None
+    else:
+        hf_json = byte_tokenizer_json(tokenizer)
+    if hf_json is not None:
+        (directory / HF_TOKENIZER_FILE).write_text(hf_json, encoding="utf-8")
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 

@@ -13,15 +13,29 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .atomic import recover_directory, replace_directory, verify_directory
-from .config import ModelConfig, upgrade_saved_fields
+
+# The file mlx-lm imports to build the model (config.json's "model_file", with
+# --trust-remote-code): it names this package's model, so that one implementation exists.
+MODEL_FILE_TEXT = '''"""RetentionLLM, a power-retention language model, for mlx-lm (--trust-remote-code).
+
+The model is the power-retention-mlx package (pip install power-retention-mlx); this file
+names it for mlx-lm's loader.
+"""
+
+from llm.config import ModelArgs  # noqa: F401
+from llm.model import RetentionLLM as Model  # noqa: F401
+'''
 
 CONFIG_FILE = "config.json"
+MODEL_FILE = "retention_llm.py"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 5 * 2**30  # as mlx-lm
+QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
 
 
 def _shards(weights: dict, max_shard_bytes: int) -> list[dict]:
@@ -42,8 +56,16 @@ def save_pretrained(model, directory, tokenizer=None, max_shard_bytes: int | Non
     mx.eval(weights)
     shards = _shards(weights, MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes)
 
+    config = {**model.config.to_dict(), "model_file": MODEL_FILE}
+    quantization = quantization_of(model)
+    if quantization:  # as mlx-lm writes it
+        config.update(quantization=quantization, quantization_config=quantization)
+    if tokenizer is not None:
+        config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+
     def build(tmp: Path):
-        (tmp / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / MODEL_FILE).write_text(MODEL_FILE_TEXT)
         if len(shards) == 1:
             mx.save_safetensors(str(tmp / WEIGHTS_FILE), shards[0], metadata={"format": "mlx"})
         else:
@@ -61,7 +83,8 @@ def save_pretrained(model, directory, tokenizer=None, max_shard_bytes: int | Non
     return replace_directory(build, directory)
 
 
-def read_config(directory) -> ModelConfig:
+def read_config_file(directory) -> dict:
+    """config.json of a saved directory, as written (this project's fields and mlx-lm's)."""
     recover_directory(directory)
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
@@ -72,7 +95,7 @@ def read_config(directory) -> ModelConfig:
         raise ValueError(f"{path} is not valid JSON: {error}") from error
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold a JSON object of ModelConfig fields")
-    return ModelConfig.from_dict(upgrade_saved_fields(values), source=str(path))
+    return values
 
 
 def check_safetensors(path: Path) -> dict:
@@ -114,16 +137,39 @@ def _weight_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"no weights in {path}: expected {WEIGHTS_FILE} or {INDEX_FILE}")
 
 
-def read_weights(model, path, strict: bool = True) -> list:
+def quantization_of(model) -> dict | None:
+    """The quantization of a model's layers as mlx-lm's config.json records it: the settings
+    most layers share, plus an entry per layer that differs (None if nothing is quantized)."""
+    settings = {path: {"group_size": m.group_size, "bits": m.bits, "mode": m.mode}
+                for path, m in model.named_modules() if isinstance(m, QUANTIZED)}
+    if not settings:
+        return None
+    common = max(settings.values(), key=list(settings.values()).count)
+    return {**common, **{path: s for path, s in settings.items() if s != common}}
+
+
+def quantize_as_saved(model, quantization: dict, names) -> None:
+    """Quantize the layers that a saved directory holds quantized (those with ``.scales``
+    among ``names``, the tensors saved), with the settings its config records."""
+    def predicate(path, module):
+        if path in quantization:
+            return quantization[path]
+        return hasattr(module, "to_quantized") and f"{path}.scales" in names
+
+    nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"],
+                mode=quantization.get("mode", "affine"), class_predicate=predicate)
+
+
+def read_weights(model, path, strict: bool = True, quantization: dict | None = None) -> list:
     """(name, array) pairs from a weights file or a saved directory, checked against ``model``:
-    every tensor the model has must be present with the model's shape (and, when strict, no
-    other tensor)."""
+    every tensor the model has must be present with the model's shape and kind (and, when
+    strict, no other tensor). ``quantization`` (a saved config's): the model's layers are
+    first quantized as the saved ones were."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     if path.is_dir():
         verify_directory(path)  # every byte as written, where the directory lists checksums
-    expected = {name: tuple(p.shape) for name, p in tree_flatten(model.parameters())}
     loaded, source = {}, {}
     for file in _weight_files(path):
         if file.suffix == ".safetensors":
@@ -137,6 +183,10 @@ def read_weights(model, path, strict: bool = True) -> list:
                 raise ValueError(f"tensor {name!r} appears in both {source[name]} and {file}")
             loaded[name], source[name] = array, file
 
+    if quantization:
+        quantize_as_saved(model, quantization, set(loaded))
+    parameters = dict(tree_flatten(model.parameters()))
+    expected = {name: tuple(p.shape) for name, p in parameters.items()}
     missing = sorted(set(expected) - set(loaded))
     extra = sorted(set(loaded) - set(expected))
     if missing and strict:
@@ -151,6 +201,11 @@ def read_weights(model, path, strict: bool = True) -> list:
             raise ValueError(f"tensor {name!r} in {source[name]} has shape {tuple(array.shape)}"
                              f", the model expects {expected[name]}: the config does not match "
                              f"these weights")
+        if not mx.issubdtype(parameters[name].dtype, mx.floating):  # packed quantized weights
+            if array.dtype != parameters[name].dtype:
+                raise ValueError(f"tensor {name!r} in {source[name]} is {array.dtype}; the "
+                                 f"quantized layer holds {parameters[name].dtype}")
+            continue
         if not mx.issubdtype(array.dtype, mx.floating):
             raise ValueError(f"tensor {name!r} in {source[name]} is {array.dtype}; a model's "
                              f"weights are floating point")

@@ -113,16 +113,13 @@ class KVCache(Cache):
 
     @property
     def state(self):
-        if self.keys is None:
-            return []
-        if self.offset == self.keys.shape[2]:
-            return self.keys, self.values
-        return self.keys[:, :, :self.offset], self.values[:, :, :self.offset]
+        """(keys, values, offset): the whole buffers, of which the first offset positions hold
+        tokens (mlx-lm's layout at the versions this project supports)."""
+        return self.keys, self.values, self.offset
 
     @state.setter
     def state(self, value):
-        self.keys, self.values = value
-        self.offset = self.keys.shape[2]
+        self.keys, self.values, self.offset = value
 
     def is_trimmable(self) -> bool:
         return True

@@ -366,7 +366,7 @@ TOKENIZER = {
     "config-without-class": Case(tokenizer_directory({"vocab_size": 258}), ValueError,
                                  r"tokenizer_config\.json is not a tokenizer config"),
     "class-unknown": Case(tokenizer_directory({"tokenizer_class": "tiktoken"}), ValueError,
-                          r"config\.json: unknown tokenizer_class 'tiktoken'"),
+                          r"config\.json: unknown tokenizer 'tiktoken'"),
     "model-file-missing": Case(tokenizer_directory({"tokenizer_class": "sentencepiece"}),
                                FileNotFoundError, r"tokenizer\.model does not exist"),
     "model-file-garbage": Case(tokenizer_directory({"tokenizer_class": "sentencepiece"}, b"not a model"),
