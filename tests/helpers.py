@@ -5,6 +5,7 @@ import ctypes
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -80,3 +81,13 @@ def bound_by_file_permissions():
             if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
                 raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
     return drop
+
+
+def write(path: Path, content) -> Path:
+    """Write ``content`` (text as UTF-8, or bytes) to ``path``, making its directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    return path

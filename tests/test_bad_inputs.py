@@ -26,7 +26,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from tests.helpers import bound_by_file_permissions
+from tests.helpers import bound_by_file_permissions, write
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMAND_TIMEOUT = 300  # seconds; a command still running then has accepted its input
@@ -411,15 +411,6 @@ def _byte():
 
 
 # ----------------------------------------------------------------------------- corpora, token cache
-
-def write(path: Path, content) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    else:
-        path.write_text(content, encoding="utf-8")
-    return path
-
 
 def corpus(make_spec):
     def call(ctx):

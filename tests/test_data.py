@@ -23,17 +23,9 @@ from llm.data import (
     validation_batches,
 )
 from llm.tokenizer import ByteTokenizer, train_tokenizer
+from tests.helpers import write
 
 TOK = ByteTokenizer()
-
-
-def write(path: Path, content) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    else:
-        path.write_text(content, encoding="utf-8")
-    return path
 
 
 def jsonl(*records) -> str:

@@ -3,8 +3,12 @@ conversion, prompt caches, LoRA and fuse. Real mlx-lm, in real subprocesses wher
 run its commands."""
 
 import json
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import mlx.core as mx
@@ -157,3 +161,32 @@ def test_lora_then_fuse_in_mlx_lm_loads_here(trained, tmp_path, quantized):
     assert mx.array_equal(model(tokens), theirs(tokens)).item()
     base_model, _ = load(base)
     assert not mx.array_equal(model(tokens), base_model(tokens)).item()  # the adapter changed it
+
+
+def test_mlx_lm_server_completes_as_ours(trained):
+    """``mlx_lm server`` on our directory: a greedy completion over HTTP is our text."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mlx_lm", "server", "--model", str(trained),
+                               "--trust-remote-code", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions", method="POST",
+            headers={"Content-Type": "application/json"},
+            data=json.dumps({"prompt": PROMPT, "max_tokens": 24, "temperature": 0}).encode())
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    completion = json.loads(response.read())
+                break
+            except (ConnectionError, urllib.error.URLError):
+                assert server.poll() is None and time.time() < deadline, server.stderr.read()[-3000:]
+                time.sleep(0.5)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    model, tokenizer = load(trained)
+    assert completion["choices"][0]["text"] == our_text(model, tokenizer, PROMPT, 24)

@@ -32,7 +32,8 @@ def assert_same_weights(a, b):
 def test_round_trip_is_bit_exact(model, tmp_path):
     model.save_pretrained(tmp_path / "run", tokenizer=ByteTokenizer())
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == \
-        ["checksums.json", "config.json", "model.safetensors", "tokenizer_config.json"]
+        ["checksums.json", "config.json", "model.safetensors", "retention_llm.py", "tokenizer.json",
+         "tokenizer_config.json"]
     loaded, tokenizer = load(tmp_path / "run")
     assert loaded.config == model.config
     assert_same_weights(loaded, model)
