@@ -594,6 +594,56 @@ WEIGHTS = {
 }
 
 
+# ----------------------------------------------------------------------------- adapters
+
+def adapters(call):
+    def run(ctx):
+        from llm import adapters as module
+        return call(ctx, module)
+    return run
+
+
+def saved_adapters(ctx, module, damage=None):
+    """LoRA adapters of the tiny model, saved (and then damaged by ``damage(directory)``)."""
+    model = fresh_model()
+    config = module.add_adapters(model, rank=2, layers=1)
+    module.save_adapters(model, ctx.tmp / "adapters", config)
+    if damage:
+        damage(ctx.tmp / "adapters")
+    return ctx.tmp / "adapters"
+
+
+def fresh_model(**fields):
+    """A model of its own (adapters change the model they are put on)."""
+    from llm import RetentionLLM, create_model_config
+    return RetentionLLM(create_model_config("ultra-tiny", vocab_size=258, **fields))
+
+
+def other_base():
+    return fresh_model(hidden_size=128, num_attention_heads=4, num_key_value_heads=4)
+
+
+ADAPTERS = {
+    "kind-unknown": Case(adapters(lambda ctx, m: m.add_adapters(fresh_model(), "qlora")), ValueError,
+                         r"kind must be one of 'lora', 'dora', got 'qlora'"),
+    "rank-zero": Case(adapters(lambda ctx, m: m.add_adapters(fresh_model(), rank=0)), ValueError,
+                      r"rank must be an integer >= 1, got 0"),
+    "more-layers-than-blocks": Case(adapters(lambda ctx, m: m.add_adapters(fresh_model(), layers=9)),
+                                    ValueError, r"layers=9 is more than the model's 3 blocks"),
+    "directory-missing": Case(adapters(lambda ctx, m: m.load_adapters(fresh_model(), ctx.tmp / "none")),
+                              FileNotFoundError, r"adapter_config.json does not exist"),
+    "for-another-base": Case(adapters(lambda ctx, m: m.load_adapters(other_base(), saved_adapters(ctx, m))),
+                             ValueError, r"adapters.safetensors does not fit this base model"),
+    "file-flipped-byte": Case(adapters(lambda ctx, m: m.load_adapters(fresh_model(), saved_adapters(
+        ctx, m, lambda d: weights_bytes_in(d / "adapters.safetensors", flip_last_byte)))), ValueError,
+        r"adapters.safetensors is damaged"),
+}
+
+
+def weights_bytes_in(path: Path, change):
+    path.write_bytes(change(path.read_bytes()))
+
+
 # ----------------------------------------------------------------------------- environment
 
 @contextlib.contextmanager
@@ -757,7 +807,8 @@ COMMAND_LINE = {
 }
 
 SURFACES = {"op": OP, "step": STEP, "layer": LAYER, "model": MODEL, "config": CONFIG,
-            "tokenizer": TOKENIZER, "corpus": CORPUS, "weights": WEIGHTS, "env": ENVIRONMENT,
+            "tokenizer": TOKENIZER, "corpus": CORPUS, "weights": WEIGHTS, "adapters": ADAPTERS,
+            "env": ENVIRONMENT,
             "cli": COMMAND_LINE}
 CASES = {f"{surface}-{name}": case for surface, table in SURFACES.items() for name, case in table.items()}
 

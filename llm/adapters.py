@@ -1,0 +1,106 @@
+"""Adapters on a RetentionLLM: mlx-lm's LoRA and DoRA layers and its adapter files, so that an
+adapter trained here loads in ``mlx_lm generate --adapter-path`` and one trained by
+``mlx_lm lora`` loads here. Needs the mlx-lm extra.
+
+    config = add_adapters(model, kind="lora", rank=8, layers=2)   # base frozen, adapters trainable
+    ...train model.trainable_parameters()...
+    save_adapters(model, "adapters", config)     # adapters.safetensors + adapter_config.json
+    load_adapters(base_model, "adapters")         # the same adapters on a fresh base
+
+A directory holds the adapter tensors only (what ``mlx_lm lora`` writes); the base model is a
+separate directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from power_retention.validation import check_integer
+
+from .atomic import replace_directory, verify_directory
+
+ADAPTER_FILE = "adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+KINDS = ("lora", "dora")
+# mlx-lm's default LoRA scale (the update is scale * (x A) B); it has no alpha.
+DEFAULT_SCALE = 20.0
+
+
+def _mlx_lm_tuner():
+    try:
+        from mlx_lm.tuner import utils
+    except ImportError as error:
+        raise ImportError("adapters use mlx-lm's LoRA layers: pip install -e '.[mlx-lm]'") from error
+    return utils
+
+
+def add_adapters(model, kind: str = "lora", rank: int = 8, layers: int | None = None,
+                 scale: float = DEFAULT_SCALE, dropout: float = 0.0) -> dict:
+    """Freeze ``model`` and put trainable ``kind`` adapters of ``rank`` on every linear layer
+    (and the embedding) of its last ``layers`` blocks (default: all); return the adapter
+    config, as mlx-lm writes it in adapter_config.json."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
+    check_integer("rank", rank)
+    layers = len(model.layers) if layers is None else layers
+    check_integer("layers", layers)
+    if layers > len(model.layers):
+        raise ValueError(f"layers={layers} is more than the model's {len(model.layers)} blocks")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    config = {"fine_tune_type": kind, "num_layers": layers,
+              "lora_parameters": {"rank": rank, "scale": float(scale), "dropout": float(dropout)}}
+    model.freeze()
+    _mlx_lm_tuner().linear_to_lora_layers(model, layers, config["lora_parameters"],
+                                          use_dora=kind == "dora")
+    return config
+
+
+def adapter_weights(model) -> dict:
+    """The trainable tensors of a model with adapters: what an adapter file holds."""
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def save_adapters(model, directory, config: dict) -> Path:
+    """Write the adapter tensors and their config (atomically, with checksums)."""
+    weights = adapter_weights(model)
+    if not weights:
+        raise ValueError("the model has no trainable adapter tensors: call add_adapters first")
+    mx.eval(weights)
+
+    def build(tmp: Path):
+        mx.save_safetensors(str(tmp / ADAPTER_FILE), weights, metadata={"format": "mlx"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+    return replace_directory(build, directory)
+
+
+def load_adapters(model, directory) -> dict:
+    """Put the adapters saved in ``directory`` on ``model`` (its base); return their config.
+    A file damaged since it was written, or tensors that do not fit this base, are errors
+    naming the file."""
+    directory = Path(directory)
+    for name in (ADAPTER_CONFIG, ADAPTER_FILE):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory / name} does not exist: not an adapter directory")
+    verify_directory(directory)
+    try:
+        config = json.loads((directory / ADAPTER_CONFIG).read_text())
+        kind, layers = config.get("fine_tune_type", "lora"), config["num_layers"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{directory / ADAPTER_CONFIG} is not an adapter config ({error})") from None
+    if kind not in KINDS:
+        raise ValueError(f"{directory / ADAPTER_CONFIG}: fine_tune_type {kind!r} is not an adapter "
+                         f"({', '.join(KINDS)})")
+    if layers > len(model.layers):
+        raise ValueError(f"{directory / ADAPTER_CONFIG}: adapters for {layers} blocks, the base "
+                         f"has {len(model.layers)}: they were trained on another model")
+    try:
+        _mlx_lm_tuner().load_adapters(model, str(directory))
+    except ValueError as error:  # mlx-lm lists the tensors that do not fit
+        raise ValueError(f"{directory / ADAPTER_FILE} does not fit this base model: {error}") from None
+    return config
