@@ -101,6 +101,11 @@ def test_a_4_bit_conversion_loads_here_with_the_gate_in_full_precision(trained, 
     stdout = run_mlx_lm("generate", "--model", tmp_path / "q4", "--temp", "0", "--max-tokens", "24",
                         "--prompt", PROMPT)
     assert generated_text(stdout) == our_text(model, tokenizer, PROMPT, 24)
+    # Saved again here, it stays quantized (config.json records how) and loads the same.
+    model.save_pretrained(tmp_path / "again", tokenizer)
+    again, _ = load(tmp_path / "again")
+    assert type(again.layers[0].mixer.q_proj).__name__ == "QuantizedLinear"
+    assert mx.array_equal(again(tokens), model(tokens)).item()
 
 
 @pytest.mark.parametrize("mixer,conv_size", [("power", 4), ("power", 0), ("softmax", 0), ("softmax", 3)],
