@@ -4,8 +4,9 @@ the argument, field, file or variable and says what was expected.
 One table: each case is (call, error, message); ``call(ctx)`` does what a user would do, and
 the test asserts that it raises ``error`` matching ``message``. The surfaces, in order: the op
 and its one-token step, the layer, the model, generation and sampling, model configs,
-tokenizers, corpora and the token cache, weights on disk, environment variables, and the
-trainer's command line (in real subprocesses, where a Python traceback counts as a failure).
+tokenizers, corpora and the token cache, weights on disk, adapters, environment variables,
+and the trainer's command line (in real subprocesses, where a Python traceback counts as a
+failure).
 ``python -m tests.battery`` runs the same table case by case in fresh processes and counts
 clear errors, unclear ones, silent results and crashes, for this tree or another.
 """
