@@ -86,6 +86,43 @@ def test_out_of_range_write_reported():
                    [np.float32], grid=(64, 1, 1), threadgroup=(32, 1, 1))
 
 
+@pytest.mark.parametrize("floats", [8192, 8193], ids=["32-KiB", "32-KiB-and-4-bytes"])
+def test_threadgroup_memory_is_limited_to_apple_gpus_32_kib(floats):
+    """Two threadgroup arrays that add up to 32 KiB run; 4 bytes more is refused, as an
+    Apple GPU refuses to build the pipeline."""
+    src = f"""
+        threadgroup float first[{floats // 2}];
+        threadgroup float second[{floats - floats // 2}];
+        uint i = thread_position_in_grid.x;
+        first[i] = a[i];
+        second[i] = a[i];
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        out[i] = first[i] + second[i];
+    """
+    call = lambda: run_kernel(f"tg_memory_{floats}", ["a"], ["out"], src,  # noqa: E731
+                              [np.ones(32, np.float32)], [(32,)], [np.float32], grid=(32, 1, 1),
+                              threadgroup=(32, 1, 1))
+    if floats * 4 <= 32 * 1024:
+        assert np.array_equal(call()[0], np.full(32, 2.0, np.float32))
+    else:
+        with pytest.raises(EmulatorError, match=r"threadgroup memory of 32772 bytes: Apple GPUs allow at most 32768"):
+            call()
+
+
+@pytest.mark.parametrize("threads", [(1024, 1, 1), (2048, 1, 1), (64, 32, 1)],
+                         ids=["1024", "2048", "64x32"])
+def test_threads_per_threadgroup_are_limited_to_1024(threads):
+    src = "out[thread_position_in_grid.x] = a[thread_position_in_grid.x];"
+    n = 2048
+    call = lambda: run_kernel("tg_threads", ["a"], ["out"], src, [np.ones(n, np.float32)],  # noqa: E731
+                              [(n,)], [np.float32], grid=(n, threads[1], 1), threadgroup=threads)
+    if threads[0] * threads[1] <= 1024:
+        call()
+    else:
+        with pytest.raises(EmulatorError, match=r"threads: Apple GPUs allow at most 1024"):
+            call()
+
+
 def test_lane_divergent_simd_sum_reported():
     src = """
         uint lane = thread_index_in_simdgroup;

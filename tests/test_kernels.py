@@ -2,6 +2,7 @@
 where there is one, and on the CPU emulator (which compiles kernels with g++) in every thread
 order."""
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -335,6 +336,26 @@ def test_set_backend_rejects_unknown_names():
     if not mx.metal.is_available():
         with pytest.raises(ValueError, match="needs a Mac with Metal"):
             launch.set_backend("metal")
+
+
+@pytest.mark.skipif(not shutil.which("g++"), reason="the emulator compiles kernels with g++")
+@pytest.mark.parametrize("limit", [launch.MAX_THREADGROUP_BYTES, 36_000], ids=["32-KiB", "raised-to-36000"])
+def test_the_prefill_guard_keeps_threadgroup_memory_within_apple_gpus(limit, monkeypatch):
+    """Chunks of 129 keys: under the dispatch's 32 KiB cap the chunk_states kernel takes 63
+    features a tile (32,508 bytes) and matches the MLX path; a cap raised to 36,000 bytes (a
+    regression in the guard) gives 64 (33,024 bytes), which the emulator refuses as a Mac would."""
+    from power_retention.kernels import StateKernels, _chunk_states_mlx
+
+    monkeypatch.setattr(launch, "MAX_THREADGROUP_BYTES", limit)
+    k, v1 = mx.random.normal((1, 1, 2, 129, 8)), mx.random.normal((1, 1, 2, 129, 5))
+    with contextlib.contextmanager(_on_backend)("emulator"):
+        if limit <= 32 * 1024:
+            expected = _chunk_states_mlx(k.reshape(-1, 129, 8), v1.reshape(-1, 129, 5), 2)
+            assert_close("chunk states", StateKernels.chunk_states(k, v1, 2)[0, 0], expected,
+                         FP32_TOLERANCE)
+        else:
+            with pytest.raises(emulator.EmulatorError, match=r"threadgroup memory of 33024 bytes"):
+                mx.eval(StateKernels.chunk_states(k, v1, 2))
 
 
 def kernel_launches(deg, dtype):

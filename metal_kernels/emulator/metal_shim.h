@@ -443,12 +443,24 @@ namespace emu {
 // `static thread_local` + tg_poison(&var, sizeof var): the first thread of each
 // threadgroup that reaches the declaration fills it with 0xFF bytes (NaN for
 // every float type, -1 / UINT_MAX for integers), like uninitialised GPU memory.
+// The threadgroup variables' sizes add up as a kernel declares them; past Apple's limit
+// (every Apple GPU: 32 KiB) the kernel would not compile into a pipeline there.
+constexpr size_t MAX_THREADGROUP_MEMORY = 32 * 1024;
+constexpr unsigned MAX_THREADS_PER_THREADGROUP = 1024;
 inline unsigned g_tg_generation = 0;
+inline size_t g_tg_bytes = 0;
 struct Poisoned { void* p; unsigned gen; };
 inline std::vector<Poisoned> g_poisoned;
 inline void tg_poison(void* p, size_t n) {
   for (auto& e : g_poisoned)
     if (e.p == p) { if (e.gen != g_tg_generation) { std::memset(p, 0xFF, n); e.gen = g_tg_generation; } return; }
+  g_tg_bytes += n;
+  if (g_tg_bytes > MAX_THREADGROUP_MEMORY) {
+    char msg[160];
+    std::snprintf(msg, sizeof msg, "threadgroup memory of %zu bytes: Apple GPUs allow at most %zu",
+                  g_tg_bytes, MAX_THREADGROUP_MEMORY);
+    fail(msg);
+  }
   std::memset(p, 0xFF, n);
   g_poisoned.push_back({p, g_tg_generation});
 }
@@ -550,6 +562,14 @@ inline void run_grid(LaunchFn launch, const unsigned grid[3], const unsigned tg_
     tg[d] = std::min(tg_in[d], grid[d]);  // MLX clamps the group to the grid
     if (tg[d] == 0) fail("empty grid or threadgroup");
     ngroups[d] = (grid[d] + tg[d] - 1) / tg[d];
+  }
+  // Every Apple GPU runs at most 1024 threads in a threadgroup (fewer for a kernel that
+  // uses many registers): a larger dispatch fails there.
+  if (tg[0] * tg[1] * tg[2] > MAX_THREADS_PER_THREADGROUP) {
+    char msg[160];
+    std::snprintf(msg, sizeof msg, "threadgroup of %u x %u x %u threads: Apple GPUs allow at most %u",
+                  tg[0], tg[1], tg[2], MAX_THREADS_PER_THREADGROUP);
+    fail(msg);
   }
   std::vector<uint3> groups;
   for (unsigned z = 0; z < ngroups[2]; ++z)
