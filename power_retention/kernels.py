@@ -12,7 +12,7 @@ gradients through the kernels are those of the MLX path.
 from __future__ import annotations
 
 import warnings
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import mlx.core as mx
 
@@ -23,6 +23,19 @@ from .state import RetentionState
 from .sympow import expanded_dim, sympow
 
 _warned = False
+# The kernels index their arrays with 32-bit unsigned integers: an array of 2^32 or more
+# elements would be read and written at wrapped-around offsets, so such calls take the MLX
+# path.
+INDEX_LIMIT = 2**32
+
+
+def indexable(*shapes) -> bool:
+    """Whether arrays of these shapes have fewer elements each than the kernels can index."""
+    sizes = [1] * len(shapes)
+    for i, shape in enumerate(shapes):
+        for n in shape:
+            sizes[i] *= int(n)
+    return all(size < INDEX_LIMIT for size in sizes)
 
 
 def kernels_run(use_metal: bool) -> bool:
@@ -46,11 +59,13 @@ def kernels_run(use_metal: bool) -> bool:
 
 # Decoding: one token on the decode kernel.
 
-def decode_fits(q, k, v) -> bool:
+def decode_fits(q, k, v, deg: int) -> bool:
     """Whether the decode kernel takes these inputs (one of its dtypes for all three; value
-    width and a query group's threadgroup memory within the limits)."""
-    return (v.shape[-1] <= launch.MAX_THREADS_PER_THREADGROUP
-            and 4 * (q.shape[1] // k.shape[1] + 1) * q.shape[2] <= launch.MAX_THREADGROUP_BYTES
+    width and a query group's threadgroup memory within the limits; a state it can index)."""
+    (B, H, d), e = k.shape, v.shape[-1]
+    return (e <= launch.MAX_THREADS_PER_THREADGROUP
+            and 4 * (q.shape[1] // H + 1) * q.shape[2] <= launch.MAX_THREADGROUP_BYTES
+            and indexable((B, H, expanded_dim(d, deg), e), q.shape)
             and launch.kernel_dtype(q, k, v) is not None)
 
 
@@ -149,17 +164,28 @@ class StateKernels:
     the prefill kernels."""
 
     @staticmethod
+    def chunk_states_fit(k, v1, deg: int) -> bool:
+        """Whether the chunk_states kernel takes k (n, B, H, c, d), v1 (n, B, H, c, e + 1): a
+        tile of one feature's values over the chunk fits in threadgroup memory (a long
+        attention-form chunk may not), and every array is indexable."""
+        *chunks, C, d = k.shape
+        return (4 * C <= launch.MAX_THREADGROUP_BYTES
+                and indexable(k.shape, v1.shape, (*chunks, expanded_dim(d, deg), v1.shape[-1])))
+
+    @staticmethod
+    def read_states_fit(q, states) -> bool:
+        """Whether the query_states kernel takes q (n, B, H, G, c, d) and states
+        (n, B, H, D, e + 1): every array, the output included, is indexable."""
+        return indexable(q.shape, states.shape, (*q.shape[:-1], states.shape[-1]))
+
+    @staticmethod
     def chunk_states(k, v1, deg: int):
         """Each chunk's own [S | z]: k (n, B, H, c, d), v1 (n, B, H, c, e + 1) ->
         (n, B, H, D, e + 1)."""
         n, B, H, C, d = k.shape
+        fits = StateKernels.chunk_states_fit(k, v1, deg)
         k, v1 = k.reshape(-1, C, d), v1.reshape(-1, C, v1.shape[-1])
-        # A tile of one feature's values over the chunk must fit in threadgroup memory (a
-        # long attention-form chunk may not).
-        if 4 * C <= launch.MAX_THREADGROUP_BYTES:
-            S1 = _prefill_function("chunk_states", deg)(k, v1)
-        else:
-            S1 = _chunk_states_mlx(k, v1, deg)
+        S1 = (_prefill_function("chunk_states", deg) if fits else partial(_chunk_states_mlx, deg=deg))(k, v1)
         return S1.reshape(n, B, H, *S1.shape[1:])
 
     @staticmethod
@@ -168,6 +194,7 @@ class StateKernels:
         states (n, B, H, D, e + 1) -> (n, B, H, G, c, e + 1)."""
         n, B, H, G, C, d = q.shape
         D, E1 = states.shape[-2:]
-        out = _prefill_function("query_states", deg)(q.reshape(-1, C, d),
-                                                     states.reshape(-1, D, E1))
+        read = (_prefill_function("query_states", deg) if StateKernels.read_states_fit(q, states)
+                else partial(_query_states_mlx, deg=deg))
+        out = read(q.reshape(-1, C, d), states.reshape(-1, D, E1))
         return out.reshape(n, B, H, G, C, E1)

@@ -77,7 +77,7 @@ def power_retention_step(q, k, v, log_g, state, *, deg=2, scale=None, normalize=
     q, k, v, log_g, deg, normalize, state = prepare_inputs(
         q, k, v, log_g, deg, scale, normalize, state, has_time=False, check_gates=check_gates)
     log_g = None if log_g is None else log_g[:, 0]
-    if kernels.kernels_run(use_metal) and kernels.decode_fits(*raw):
+    if kernels.kernels_run(use_metal) and kernels.decode_fits(*raw, deg):
         return kernels.decode_step(q[:, 0], *raw[1:], log_g, state, deg=deg, normalize=normalize)
     y, state = recurrent_step(q[:, 0], k[:, 0], v[:, 0], log_g, state, deg=deg,
                               normalize=normalize)

@@ -358,6 +358,24 @@ def test_the_prefill_guard_keeps_threadgroup_memory_within_apple_gpus(limit, mon
                 mx.eval(StateKernels.chunk_states(k, v1, 2))
 
 
+def test_arrays_the_kernels_cannot_index_take_the_mlx_path():
+    """The kernels index with 32-bit integers: at 2^32 elements an array goes to the MLX path.
+    The arrays here are never evaluated (MLX is lazy), so nothing of that size is allocated."""
+    from power_retention.kernels import StateKernels, decode_fits
+
+    # Decode at degree 1: the state (B, H, D = d, e) of 2^16 x 1 x 256 x 256 = 2^32 floats.
+    q = k = mx.zeros((2**16, 1, 256))
+    assert decode_fits(q, k, mx.zeros((2**16, 1, 255)), deg=1)
+    assert not decode_fits(q, k, mx.zeros((2**16, 1, 256)), deg=1)
+    # Prefill at degree 2, d = 64 (D = 2080), e + 1 = 64: the chunks' states (N, D, e + 1)
+    # are just under 2^32 elements at N = 32263 chunks and just over at 32264.
+    for chunks, fits in ((32263, True), (32264, False)):
+        keys, v1 = mx.zeros((chunks, 1, 1, 16, 64)), mx.zeros((chunks, 1, 1, 16, 64))
+        states = mx.zeros((chunks, 1, 1, 2080, 64))
+        assert StateKernels.chunk_states_fit(keys, v1, deg=2) is fits
+        assert StateKernels.read_states_fit(mx.zeros((chunks, 1, 1, 1, 16, 64)), states) is fits
+
+
 def kernel_launches(deg, dtype):
     """(kernel name, call arguments) of every kernel, as the op calls them."""
     q, k, v, log_g, state = random_step_inputs(1, 4, 2, 8, 8, deg, dtype=dtype)
