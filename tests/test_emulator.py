@@ -342,6 +342,33 @@ def test_swizzle_kernel_passes_a_clang_syntax_check():
                  output_dtypes=[np.float32])
 
 
+CPP17_FEATURES = {
+    "if-constexpr": ("", "if constexpr (sizeof(float) == 4) { out[0] = a[0]; }", "constexpr if"),
+    "structured-binding": ("struct Pair { float x, y; };",
+                           "Pair p = {a[0], a[1]}; auto [x, y] = p; out[0] = x + y;",
+                           "decomposition declarations"),
+    "inline-variable": ("inline constexpr float SCALE = 2.0f;", "out[0] = a[0] * SCALE;",
+                        "inline variables"),
+    "fold-expression": ("template <class... T> float sum(T... v) { return (v + ...); }",
+                        "out[0] = sum(a[0], a[1]);", "pack fold expression"),
+}
+
+
+@pytest.mark.skipif(shutil.which("clang++") is None, reason="clang++ not installed")
+@pytest.mark.parametrize("feature", list(CPP17_FEATURES))
+def test_a_cpp17_feature_fails_the_cpp14_check(feature):
+    """MLX compiles kernels as Metal 3.1 (C++14-based) on macOS 14: the syntax check compiles
+    each kernel as C++14 with C++17 features as errors, in its header as in its body; the
+    same kernel written in C++14 passes."""
+    header, body, message = CPP17_FEATURES[feature]
+    call = lambda source, head: check_syntax(feature.replace("-", "_"), ["a"], ["out"], source, head,  # noqa: E731
+                                             inputs=[np.zeros(4, np.float32)],
+                                             output_dtypes=[np.float32])
+    with pytest.raises(EmulatorError, match=f"{message} (is|are) a C\\+\\+17 extension"):
+        call(body, header)
+    call("out[0] = a[0] + a[1];", "")
+
+
 @pytest.mark.parametrize("statement, message", [
     ("v.xx = float2(1.0f, 2.0f);", "may not repeat a component"),  # no repeats when written
     ("float2 u = v.xg;", "no member named"),  # Metal: xyzw and rgba do not mix

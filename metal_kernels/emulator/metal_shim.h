@@ -18,6 +18,13 @@
 #include <ucontext.h>
 #include <vector>
 
+// The C++17 type traits the shim uses, spelled so that it also compiles as C++14 (the
+// language-version check compiles kernels at C++14, as Metal 3.1 is based on it).
+namespace emu_traits {
+template <class T> constexpr bool is_arithmetic_v = std::is_arithmetic<T>::value;
+template <class A, class B> constexpr bool is_same_v = std::is_same<A, B>::value;
+}  // namespace emu_traits
+
 namespace emu {
 
 // ---------------------------------------------------------------- errors
@@ -67,8 +74,8 @@ struct bfloat {
     u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
     return uint16_t(u >> 16);
   }
-  template <class T, class = std::enable_if_t<std::is_arithmetic_v<T> ||
-                                              std::is_same_v<T, half>>>
+  template <class T, class = std::enable_if_t<emu_traits::is_arithmetic_v<T> ||
+                                              emu_traits::is_same_v<T, half>>>
   bfloat(T v) : bits(round(float(v))) {}
   operator float() const {
     uint32_t u = uint32_t(bits) << 16;
@@ -140,7 +147,7 @@ template <class T, int N, int... I> struct vec_traits<swizzle<T, N, I...>> {
   static constexpr int width = sizeof...(I);
 };
 template <class S> constexpr bool is_scalar_v =
-    std::is_arithmetic_v<S> || std::is_same_v<S, half> || std::is_same_v<S, bfloat>;
+    emu_traits::is_arithmetic_v<S> || emu_traits::is_same_v<S, half> || emu_traits::is_same_v<S, bfloat>;
 template <class A> using vec_of = typename vec_traits<std::decay_t<A>>::type;
 template <class A> constexpr int width_v =
     is_scalar_v<std::decay_t<A>> ? 1 : vec_traits<std::decay_t<A>>::width;
@@ -253,7 +260,7 @@ template <class T, int N> struct vec : emu::vec_storage<T, N> {
 // non-deduced value_type, so `v * 2` converts the 2 as Metal does.
 namespace emu {
 #define EMU_VEC_OP(op)                                                                          \
-  template <class A, class B, class V = vec_of<A>, std::enable_if_t<std::is_same_v<V, vec_of<B>>, int> = 0> \
+  template <class A, class B, class V = vec_of<A>, std::enable_if_t<emu_traits::is_same_v<V, vec_of<B>>, int> = 0> \
   V operator op(const A& a, const B& b) {                                                       \
     V r = a;                                                                                    \
     const V s = b;                                                                              \
@@ -312,7 +319,7 @@ template <class T> bool isinf(T x) { return std::isinf(float(x)); }
 // Geometric functions.  Templates over any vector or swizzle (a template does not deduce
 // vec<T, N> through a swizzle's conversion); dot accumulates in order, in T.
 template <class A, class B, class V = emu::vec_of<A>,
-          std::enable_if_t<std::is_same_v<V, emu::vec_of<B>>, int> = 0>
+          std::enable_if_t<emu_traits::is_same_v<V, emu::vec_of<B>>, int> = 0>
 typename V::value_type dot(const A& a, const B& b) {
   const V x = a, y = b;
   typename V::value_type s = x[0] * y[0];
