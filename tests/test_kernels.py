@@ -401,6 +401,46 @@ def test_kernels_pass_a_clang_syntax_check(deg, dtype):
                               **arguments)
 
 
+@pytest.mark.skipif(shutil.which("clang++") is None, reason="clang++ needed")
+@pytest.mark.parametrize("binding", ["device", "constant"])
+@pytest.mark.parametrize("deg", [1, 2, 4])
+def test_kernels_pass_the_address_space_check(deg, binding):
+    """Every kernel with device, constant and threadgroup memory as distinct pointer types
+    (clang address spaces, as Apple's compiler has them), its array inputs bound as device
+    and, as MLX binds inputs of fewer than 8 elements, as constant. The fp16 and bf16
+    instantiations differ only in the element type, whose syntax the check above covers."""
+    for name, arguments in kernel_launches(deg, mx.float32):
+        inputs, outputs, headers = launch.KERNELS[name]
+        emulator.check_syntax(name, inputs, outputs, kernel_body(name), header(*headers),
+                              binding=binding, **arguments)
+
+
+@pytest.mark.skipif(shutil.which("clang++") is None, reason="clang++ needed")
+def test_the_address_space_check_catches_a_helper_taking_the_wrong_memory():
+    """A helper taking `const device float*` planted in sympow.h: called on the keys, it is
+    right while they are bound as device memory and wrong as constant (a small input); called
+    on the kernel's threadgroup array, it is wrong either way. The emulator, which erases
+    address spaces, runs all three."""
+    planted = "inline float first_of(const device float* x) { return x[0]; }\n"
+    inputs, outputs, headers = launch.KERNELS["chunk_states"]
+    arguments = dict(kernel_launches(2, mx.float32))["chunk_states"]
+    body = kernel_body("chunk_states")
+    on_keys = body.replace("uint m = thread_position_in_threadgroup.x;",
+                           "uint m = thread_position_in_threadgroup.x + uint(first_of(k) * 0.0f);")
+    on_threadgroup = body.replace("threadgroup_barrier(mem_flags::mem_threadgroup);",
+                                  "threadgroup_barrier(mem_flags::mem_threadgroup);\n"
+                                  "float unused = first_of(phi);")
+    run = lambda source, binding: emulator.check_syntax(  # noqa: E731
+        "chunk_states", inputs, outputs, source, planted + header(*headers), binding=binding,
+        **arguments)
+    run(on_keys, "device")
+    with pytest.raises(emulator.EmulatorError, match=r"address-space check \(constant inputs\)"):
+        run(on_keys, "constant")
+    for binding in ("device", "constant"):
+        with pytest.raises(emulator.EmulatorError, match=r"no known conversion from 'threadgroup float"):
+            run(on_threadgroup, binding)
+
+
 @pytest.mark.skipif(HAS_METAL, reason="the fallback of a machine without Metal")
 def test_metal_flag_without_metal_warns_once_and_falls_back():
     """In a fresh process, so that no earlier test has used the warning up."""

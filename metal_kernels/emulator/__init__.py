@@ -156,47 +156,59 @@ def _rewrite_pointer_locals(code: str) -> str:
 
 
 def _parameters(input_names, inputs, input_dtypes, output_names, output_dtypes, shape_infos,
-                attributes, atomic_outputs):
+                attributes, atomic_outputs, binding=None):
     """(declaration in the kernel's signature, argument the runner passes) of every kernel
-    parameter, in MLX's order: one list, so that the two can never disagree."""
+    parameter, in MLX's order: one list, so that the two can never disagree. ``binding``
+    ("device" or "constant"): the address-space check's build, with raw pointers in that
+    address space for every array input instead of MLX's choice by size and the
+    bounds-checked wrappers (its arguments are the parameter names)."""
     pairs = []
+
+    def buffer_pointer(t, loc, name, wrapper):
+        if binding:  # `const device float* a`: the const is the pointee's, written once
+            return (f"  {loc} {t.removeprefix('const ') if loc.startswith('const') else t}* {name}", name)
+        return (f"  {loc} ::emu::ptr<{t}> {name} /* {loc} {t}* [[buffer]] */", wrapper)
+
     for i, (n, arr, dt) in enumerate(zip(input_names, inputs, input_dtypes)):
         t = _TYPES[_dtype_name(dt)][0]
-        loc = "constant" if arr.size < MAX_CONSTANT_ARRAY_SIZE else "device"
+        loc = binding or ("constant" if arr.size < MAX_CONSTANT_ARRAY_SIZE else "device")
         buffer = f"g_in[{i}]"
         if arr.ndim == 0:
             pairs.append((f"  const {loc} {t}& {n} /* [[buffer]] */",
-                          f"*reinterpret_cast<const {t}*>({buffer}.data.data())"))
+                          n if binding else f"*reinterpret_cast<const {t}*>({buffer}.data.data())"))
             continue
-        pairs.append((f"  const {loc} ::emu::ptr<const {t}> {n} /* const {loc} {t}* [[buffer]] */",
-                      f"::emu::ptr<const {t}>{{reinterpret_cast<const {t}*>({buffer}.data.data()), "
-                      f"{buffer}.n, 0, \"{n}\"}}"))
+        pairs.append(buffer_pointer(f"const {t}", f"const {loc}", n,
+                                    f"::emu::ptr<const {t}>{{reinterpret_cast<const {t}*>({buffer}.data.data()), "
+                                    f"{buffer}.n, 0, \"{n}\"}}"))
         has_shape, has_strides, has_ndim = shape_infos[i]
         if has_shape:
-            pairs.append((f"  const constant ::emu::ptr<const int> {n}_shape",
-                          f"::emu::ptr<const int>{{{buffer}.shape.data(), {buffer}.ndim, 0, \"{n}_shape\"}}"))
+            pairs.append(buffer_pointer("const int", "const constant", f"{n}_shape",
+                                        f"::emu::ptr<const int>{{{buffer}.shape.data(), {buffer}.ndim, 0, \"{n}_shape\"}}"))
         if has_strides:
-            pairs.append((f"  const constant ::emu::ptr<const int64_t> {n}_strides",
-                          f"::emu::ptr<const int64_t>{{{buffer}.strides.data(), {buffer}.ndim, 0, "
-                          f"\"{n}_strides\"}}"))
+            pairs.append(buffer_pointer("const int64_t", "const constant", f"{n}_strides",
+                                        f"::emu::ptr<const int64_t>{{{buffer}.strides.data(), {buffer}.ndim, 0, "
+                                        f"\"{n}_strides\"}}"))
         if has_ndim:
-            pairs.append((f"  const constant int& {n}_ndim", f"{buffer}.ndim"))
+            pairs.append((f"  const constant int& {n}_ndim", f"{n}_ndim" if binding else f"{buffer}.ndim"))
     for i, (n, dt) in enumerate(zip(output_names, output_dtypes)):
         t = _TYPES[_dtype_name(dt)][0]
         if atomic_outputs:
             t = f"atomic<{t}>"
-        pairs.append((f"  device ::emu::ptr<{t}> {n} /* device {t}* [[buffer]] */",
-                      f"::emu::ptr<{t}>{{reinterpret_cast<{t}*>(g_out[{i}].data.data()), "
-                      f"g_out[{i}].n, 0, \"{n}\"}}"))
+        pairs.append(buffer_pointer(t, "device", n,
+                                    f"::emu::ptr<{t}>{{reinterpret_cast<{t}*>(g_out[{i}].data.data()), "
+                                    f"g_out[{i}].n, 0, \"{n}\"}}"))
     for a, t in attributes:
-        pairs.append((f"  {t} {a} /* [[{a}]] */", f"at.{a}"))
+        pairs.append((f"  {t} {a} /* [[{a}]] */", a if binding else f"at.{a}"))
     return pairs
 
 
 def generate_source(name, input_names, output_names, source, inputs, output_dtypes,
-                    template=None, header="", atomic_outputs=False, input_dtypes=None):
+                    template=None, header="", atomic_outputs=False, input_dtypes=None,
+                    binding=None):
     """Return (kernel_name, template_def, wrapped C++ source, shape_infos, attributes).
-    ``input_dtypes`` overrides the inputs' numpy dtypes (bfloat16 travels as uint16)."""
+    ``input_dtypes`` overrides the inputs' numpy dtypes (bfloat16 travels as uint16).
+    ``binding``: the address-space check's build (see ``_parameters``), where threadgroup
+    arrays keep their address space and pointers their declared types."""
     input_dtypes = [a.dtype for a in inputs] if input_dtypes is None else input_dtypes
     template = list(template or [])
     tvals = [(n, *_template_value(v)) for n, v in template]
@@ -219,15 +231,23 @@ def generate_source(name, input_names, output_names, source, inputs, output_dtyp
                    for n in input_names]
     attributes = [(a, t) for a, t in _ATTRIBUTES if a in source]
 
-    src = _rewrite_pointer_locals(_rewrite_threadgroup(header)) + "\n"
+    rewrite = _static_threadgroup if binding else (
+        lambda code: _rewrite_pointer_locals(_rewrite_threadgroup(code)))
+    src = rewrite(header) + "\n"
     if tvals:
         src += "template <" + ", ".join(f"{k} {n}" for n, k, _ in tvals) + ">\n"
     params = [declaration for declaration, _ in _parameters(
         input_names, inputs, input_dtypes, output_names, output_dtypes, shape_infos, attributes,
-        atomic_outputs)]
+        atomic_outputs, binding)]
     src += f"[[kernel]] void {kernel_name}(\n" + ",\n".join(params) + ") {\n"
-    src += _rewrite_pointer_locals(_rewrite_threadgroup(source)) + "\n}\n"
+    src += rewrite(source) + "\n}\n"
     return kernel_name, template_def, src, shape_infos, attributes
+
+
+def _static_threadgroup(code: str) -> str:
+    """`threadgroup T x[N];` -> `static threadgroup T x[N];`: C++ has no automatic variables
+    in an address space, so the check gives the array static storage and keeps its type."""
+    return _TG_DECL.sub(lambda m: f"{m.group(1)}static threadgroup {m.group(2)};", "{" + code)[1:]
 
 
 def _runner_source(kernel_name, template_def, kernel_src, input_names, inputs, input_dtypes,
@@ -413,28 +433,46 @@ def metal_kernel(name, input_names, output_names, source, header="", ensure_row_
 
 
 def check_syntax(name, input_names, output_names, source, header="", *, inputs, output_dtypes,
-                 template=None, compiler="clang++", **launch):
+                 template=None, compiler="clang++", binding=None, **launch):
     """Compile the program ``run_kernel`` would build with another compiler, syntax only (the
     template instantiated, nothing run): catches what g++ lets through. Takes the kernel's
     definition and the call arguments of ``metal_kernel`` (grid and the rest are ignored).
+    The kernel's own code is held to C++14 (C++17 features are errors): MLX compiles kernels
+    as Metal 3.1, C++14-based, on macOS 14.
+
+    ``binding`` ("device" or "constant"): instead, check address spaces as Apple's compiler
+    does. device, constant and threadgroup become distinct pointer types (clang address
+    spaces), every array input is bound in ``binding`` (MLX binds inputs of fewer than 8
+    elements as constant, the rest as device), and a pointer that would cross from one to
+    another (a threadgroup array passed to a helper taking device memory) is an error.
     Raises EmulatorError with the compiler's message."""
     arrays = [_to_numpy(x) for x in inputs]
     dtypes = [x.dtype for x in inputs]
     wrapped = generate_source(name, list(input_names), list(output_names), source, arrays,
-                              list(output_dtypes), template, header, False, dtypes)
+                              list(output_dtypes), template, header, False, dtypes, binding)
     kernel_name, template_def, kernel_source, shape_infos, attributes = wrapped
-    program = _runner_source(kernel_name, template_def, kernel_source, list(input_names), arrays,
-                             dtypes, list(output_names), list(output_dtypes), shape_infos,
-                             attributes, False, only_kernel_warns=True)
+    if binding is None:
+        program = _runner_source(kernel_name, template_def, kernel_source, list(input_names),
+                                 arrays, dtypes, list(output_names), list(output_dtypes),
+                                 shape_infos, attributes, False, only_kernel_warns=True)
+    else:
+        parameters = _parameters(list(input_names), arrays, dtypes, list(output_names),
+                                 list(output_dtypes), shape_infos, attributes, False, binding)
+        program = "\n".join([
+            "#pragma clang diagnostic push", '#pragma clang diagnostic ignored "-Wc++17-extensions"',
+            "#define EMU_ADDRESS_SPACES", '#include "metal_shim.h"', "#pragma clang diagnostic pop",
+            '#line 1 "kernel"', kernel_source,
+            "void instantiate(\n" + ",\n".join(declaration for declaration, _ in parameters) + ") {",
+            f"  {kernel_name}{template_def}({', '.join(argument for _, argument in parameters)});",
+            "}"])
     with tempfile.TemporaryDirectory(prefix="metal_emu_") as d:
         path = Path(d) / "kernel.cpp"
         path.write_text(program)
-        # C++14 with C++17 features as errors in the kernel's code: MLX compiles kernels as
-        # Metal 3.1 on macOS 14, whose language is based on C++14.
         # EMU_SYNTAX_ONLY: a stand-in half type where the compiler has no _Float16 (clang 14).
         result = subprocess.run([compiler, "-fsyntax-only", "-std=c++14", "-Werror=c++17-extensions",
                                  "-Wno-attributes", "-DEMU_SYNTAX_ONLY", f"-I{_HERE}", str(path)],
                                 capture_output=True, text=True)
     if result.returncode != 0:
-        raise EmulatorError(f"kernel '{name}' fails {compiler}'s syntax check:\n"
+        check = "syntax check" if binding is None else f"address-space check ({binding} inputs)"
+        raise EmulatorError(f"kernel '{name}' fails {compiler}'s {check}:\n"
                             f"{result.stderr[-3000:]}")

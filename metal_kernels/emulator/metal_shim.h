@@ -625,9 +625,17 @@ inline void run_grid(LaunchFn launch, const unsigned grid[3], const unsigned tg_
 }  // namespace emu
 
 // Metal address-space keywords carry no meaning on the CPU.  Defined last so
-// that the standard headers above are not affected.
+// that the standard headers above are not affected.  The address-space check
+// (EMU_ADDRESS_SPACES, clang only) makes them distinct pointer types, as Apple's
+// compiler has them: no pointer converts from one to another.
+#ifdef EMU_ADDRESS_SPACES
+#define device __attribute__((address_space(1)))
+#define constant __attribute__((address_space(2)))
+#define threadgroup __attribute__((address_space(3)))
+#else
 #define device
 #define constant
-#define thread
 #define threadgroup
+#endif
+#define thread
 #define METAL_FUNC inline
