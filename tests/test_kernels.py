@@ -5,9 +5,12 @@ order."""
 import contextlib
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import warnings
 from functools import partial
+from pathlib import Path
 from types import SimpleNamespace
 
 import mlx.core as mx
@@ -478,3 +481,21 @@ def test_language_model_generates_the_same_tokens_on_the_kernels(on_kernels):
         model.reset_states()
         tokens[name] = model.generate(prompt[0], max_new_tokens=6, temperature=0.0).tolist()
     assert tokens["fast"] == tokens["plain"]
+
+
+def test_the_mac_check_compares_every_instantiation(on_kernels):
+    """What ``python -m metal_kernels.check`` runs first on a Mac, here on the backend the
+    other tests use (the emulator without Metal): every instantiation within its bound."""
+    from metal_kernels.check import instantiations, relative_error
+
+    rows = list(instantiations())
+    assert len(rows) == 4 * 3 + 4
+    for description, kernel, mlx_path, tolerance in rows:
+        assert relative_error(kernel, mlx_path) <= tolerance, description
+
+
+@pytest.mark.skipif(HAS_METAL, reason="what a machine without Metal says")
+def test_the_mac_check_says_it_needs_metal():
+    result = subprocess.run([sys.executable, "-m", "metal_kernels.check"], capture_output=True,
+                            text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 2 and "needs a Mac with Metal" in result.stdout
