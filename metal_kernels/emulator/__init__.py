@@ -165,9 +165,11 @@ def _parameters(input_names, inputs, input_dtypes, output_names, output_dtypes, 
     pairs = []
 
     def buffer_pointer(t, loc, name, wrapper):
-        if binding:  # `const device float* a`: the const is the pointee's, written once
-            return (f"  {loc} {t.removeprefix('const ') if loc.startswith('const') else t}* {name}", name)
-        return (f"  {loc} ::emu::ptr<{t}> {name} /* {loc} {t}* [[buffer]] */", wrapper)
+        # `const device float* a` as Metal writes it: the const is the pointee's, once.
+        pointer = f"{loc} {t.removeprefix('const ') if loc.startswith('const') else t}*"
+        if binding:
+            return (f"  {pointer} {name}", name)
+        return (f"  {loc} ::emu::ptr<{t}> {name} /* {pointer} [[buffer]] */", wrapper)
 
     for i, (n, arr, dt) in enumerate(zip(input_names, inputs, input_dtypes)):
         t = _TYPES[_dtype_name(dt)][0]
