@@ -26,7 +26,7 @@ import click
 from common import machine_description
 
 from llm.atomic import write_atomic
-from llm.config import ModelConfig, state_floats_per_layer
+from llm.config import ModelConfig, saved_config, state_floats_per_layer
 
 
 def grid_options(name: str):
@@ -91,6 +91,15 @@ def cell_model(mixer: str, **shape) -> dict:
     return json.loads(json.dumps(small_config(mixer, **shape).to_dict()))
 
 
+def as_today(cell: dict) -> dict:
+    """A saved cell with its model read as a saved config.json is: a field added since, whose
+    default leaves the model as it was, does not make an old cell another one (a field whose
+    absence meant another model, such as an older default, still does)."""
+    if "model" not in cell:
+        return cell
+    return {**cell, "model": json.loads(json.dumps(saved_config(cell["model"]).to_dict()))}
+
+
 def state_floats(config: ModelConfig, seq_len: int) -> int:
     """Floats a model keeps per sequence to continue it after ``seq_len`` tokens: recurrent
     states (power) or the KV cache (softmax), all layers: Zoology's 'state size'."""
@@ -117,11 +126,12 @@ class Results:
             self.data = {"settings": settings, "machine": machine_description(), "cells": []}
 
     def done(self, cell: dict) -> bool:
-        return any(record["cell"] == cell for record in self.data["cells"])
+        return any(as_today(record["cell"]) == cell for record in self.data["cells"])
 
     def records(self, cells: list) -> list:
         """The records of ``cells``, in their order (the file may hold other grids' cells too)."""
-        return [record for cell in cells for record in self.data["cells"] if record["cell"] == cell]
+        return [record for cell in cells for record in self.data["cells"]
+                if as_today(record["cell"]) == cell]
 
     def add(self, record: dict):
         self.data["cells"].append(record)

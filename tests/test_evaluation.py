@@ -81,3 +81,17 @@ def test_mixer_names():
     assert parse_mixer("softmax:conv_size=4") == {"mixer": "softmax", "conv_size": 4}
     assert parse_mixer("p4:rope=true:gate_init=0.9") == {"mixer": "power", "deg": 4, "rope": True,
                                                          "gate_init": 0.9}
+
+
+def test_a_cell_saved_before_a_field_was_added_is_still_found():
+    """A results file's cell whose model predates a field: the same cell when the field's
+    default leaves the model as it was (document_start_id), another one when the missing
+    field meant another model (gate_init, whose older default was 0.999)."""
+    from harness import as_today, cell_model
+
+    shape = dict(vocab_size=256, width=64, layers=2, head_dim=16, seq_len=64)
+    today = {"mixer": "p2", "model": cell_model("p2", **shape)}
+    older = {**today, "model": {k: v for k, v in today["model"].items() if k != "document_start_id"}}
+    assert as_today(older) == today
+    oldest = {**today, "model": {k: v for k, v in today["model"].items() if k != "gate_init"}}
+    assert as_today(oldest) != today
