@@ -19,14 +19,10 @@ from common import machine_description, machine_line, median_seconds, now, write
 
 from llm import create_model_config
 from metal_kernels import launch
+from metal_kernels.check import relative_error
 from power_retention import RetentionState, expanded_dim, power_retention, power_retention_step
 
 PRESETS = ("ultra-tiny", "tiny", "small", "medium", "1b")
-
-
-def relative_error(actual, expected) -> float:
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-300))
 
 
 def step_inputs(preset: str, seed: int = 0):

@@ -93,14 +93,11 @@ def sentencepiece_tokenizer_json(tokenizer) -> str:
     merges = []
     for i in sorted(learned, key=lambda i: -sp.get_score(i)):
         piece = pieces[i]
-        for cut in range(1, len(piece)):
-            left, right = piece[:cut], piece[cut:]
-            if left in vocab and right in vocab:
-                merges.append((vocab[left], vocab[right], [left, right]))
-    ranked = [pair for *_, pair in merges]
+        merges += [[piece[:cut], piece[cut:]] for cut in range(1, len(piece))
+                   if piece[:cut] in vocab and piece[cut:] in vocab]
     model = {"type": "BPE", "dropout": None, "unk_token": pieces[sp.unk_id()],
              "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
-             "byte_fallback": True, "ignore_merges": False, "vocab": vocab, "merges": ranked}
+             "byte_fallback": True, "ignore_merges": False, "vocab": vocab, "merges": merges}
     added = [_added_token(i, pieces[i]) for i in range(len(pieces)) if sp.is_control(i) or sp.is_unknown(i)]
     normalizer = {"type": "Replace", "pattern": {"String": " "}, "content": SPACE_STAND_IN}
     decoder = {"type": "Sequence", "decoders": [

@@ -106,16 +106,16 @@ class SoftmaxAttention(nn.Module):
         v = v.reshape(B, T, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         offset = 0 if cache is None else cache.offset
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
-        if reset is not None:
+        if reset is None:
+            # "causal" aligns the last query with the last key, which is what a prefill that
+            # continues a cache needs; a single new token sees every key.
+            mask = "causal" if T > 1 else None
+        else:
             mask, start = document_mask(reset, offset, getattr(cache, "document_start", None))
             if cache is not None:
                 cache.document_start = start
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        # "causal" aligns the last query with the last key, which is what a prefill that
-        # continues a cache needs; a single new token sees every key.
-        if reset is None:
-            mask = "causal" if T > 1 else None
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
 

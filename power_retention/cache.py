@@ -19,17 +19,9 @@ from mlx.utils import tree_flatten
 
 
 class Cache:
-    """What every cache answers: its arrays (``state``, what ``mx.eval`` materialises and a
-    prompt cache file stores), whether it can drop its last tokens, its size and bytes."""
-
-    @property
-    def state(self):
-        return []
-
-    @state.setter
-    def state(self, value):
-        if value:
-            raise ValueError(f"{type(self).__name__} has no state, got one")
+    """What every cache answers besides its arrays (``state``, what ``mx.eval`` materialises
+    and a prompt cache file stores, each subclass's own): whether it can drop its last
+    tokens, its size and bytes, and how it is rebuilt from a state."""
 
     def is_trimmable(self) -> bool:
         return False
@@ -56,10 +48,9 @@ class ArraysCache(Cache):
     """``size`` slots, each an array or None; ``state`` is (slots, left_padding, lengths), the
     last two for mlx-lm's batched generation (None here)."""
 
-    def __init__(self, size: int, left_padding=None):
+    def __init__(self, size: int):
         self.cache = [None] * size
-        self.left_padding = None if left_padding is None else mx.array(left_padding)
-        self.lengths = None
+        self.left_padding = self.lengths = None
 
     def __getitem__(self, index):
         return self.cache[index]

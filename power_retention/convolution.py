@@ -50,22 +50,23 @@ class ShortConvolution(nn.Module):
         if tail is None:
             tail = mx.zeros((B, history, channels), dtype=x.dtype)
         padded = mx.concatenate([tail.astype(x.dtype), x], axis=1)
+        taps, tail = [padded[:, i:i + T] for i in range(self.kernel_size)], padded[:, T:]
         if reset is not None:
             # Document number of every padded position (the tail is in the first one); a
-            # select, not a multiply, so that a non-finite input elsewhere stays there.
+            # select, not a multiply, so that a non-finite input elsewhere stays there. The
+            # last tap is the token itself, always in its own document.
             document = mx.cumsum(reset.astype(mx.int32), axis=1)
             document = mx.concatenate([mx.zeros((B, history), dtype=mx.int32), document], axis=1)
-            taps = [mx.where((document[:, i:i + T] == document[:, history:])[..., None],
-                             padded[:, i:i + T], 0) for i in range(self.kernel_size)]
-            padded = mx.where((document == document[:, -1:])[..., None], padded, 0)
-        else:
-            taps = [padded[:, i:i + T] for i in range(self.kernel_size)]
+            for i in range(history):
+                taps[i] = mx.where((document[:, i:i + T] == document[:, history:])[..., None],
+                                   taps[i], 0)
+            tail = mx.where((document[:, T:] == document[:, -1:])[..., None], tail, 0)
         # kernel_size shifted multiply-adds: for kernels of a few taps this is cheaper than
         # a general convolution and has the same gradient.
         y = taps[0] * self.weight[:, 0]
         for i in range(1, self.kernel_size):
             y = y + taps[i] * self.weight[:, i]
-        return nn.silu(y), padded[:, T:]
+        return nn.silu(y), tail
 
     def split(self, *parts: mx.array, tail: mx.array | None = None,
               reset: mx.array | None = None) -> tuple[list, mx.array]:

@@ -11,6 +11,7 @@ gradients through the kernels are those of the MLX path.
 
 from __future__ import annotations
 
+import math
 import warnings
 from functools import lru_cache, partial
 
@@ -31,11 +32,7 @@ INDEX_LIMIT = 2**32
 
 def indexable(*shapes) -> bool:
     """Whether arrays of these shapes have fewer elements each than the kernels can index."""
-    sizes = [1] * len(shapes)
-    for i, shape in enumerate(shapes):
-        for n in shape:
-            sizes[i] *= int(n)
-    return all(size < INDEX_LIMIT for size in sizes)
+    return all(math.prod(shape) < INDEX_LIMIT for shape in shapes)
 
 
 def kernels_run(use_metal: bool) -> bool:

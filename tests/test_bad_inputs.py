@@ -546,9 +546,9 @@ def config_json(change, checksums=False):
     return edit if checksums else without_checksums(edit)
 
 
-def weights_bytes(change, checksums=False):
+def weights_bytes(change, checksums=False, name="model.safetensors"):
     def edit(directory):
-        path = directory / "model.safetensors"
+        path = directory / name
         path.write_bytes(change(path.read_bytes()))
     return edit if checksums else without_checksums(edit)
 
@@ -636,13 +636,9 @@ ADAPTERS = {
     "for-another-base": Case(adapters(lambda ctx, m: m.load_adapters(other_base(), saved_adapters(ctx, m))),
                              ValueError, r"adapters.safetensors does not fit this base model"),
     "file-flipped-byte": Case(adapters(lambda ctx, m: m.load_adapters(fresh_model(), saved_adapters(
-        ctx, m, lambda d: weights_bytes_in(d / "adapters.safetensors", flip_last_byte)))), ValueError,
+        ctx, m, weights_bytes(flip_last_byte, checksums=True, name="adapters.safetensors")))), ValueError,
         r"adapters.safetensors is damaged"),
 }
-
-
-def weights_bytes_in(path: Path, change):
-    path.write_bytes(change(path.read_bytes()))
 
 
 # ----------------------------------------------------------------------------- environment
