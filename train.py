@@ -6,11 +6,14 @@
     python train.py sample RUN_DIR --prompt "def main("
     python train.py report RUN_DIR                       # summary and a loss / learning-rate plot
     python train.py --quick-test                         # a whole run in under a minute
+    python train.py finetune BASE --data train.jsonl --adapter lora --quantize-base 4   # QLoRA
+    python train.py fuse RUN_DIR                         # a fine-tuned run's adapters merged
 
 A run directory holds train_config.json (every option), metrics.jsonl (every step and
 evaluation), samples.jsonl (generations at each evaluation), and checkpoints/{last,best}/,
 each a complete model directory (config.json, model.safetensors, tokenizer) plus the
-optimizer's state and the trainer's position (trainer_state.json). Checkpoints are written
+optimizer's state and the trainer's position (trainer_state.json); a fine-tuning run's
+checkpoints hold its adapters (mlx-lm's adapter directory) instead of the model. Checkpoints are written
 to a temporary directory and renamed into place, so a kill at any moment leaves the last
 good one loadable, and --resume continues from it with the same losses as an uninterrupted
 run.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from collections import Counter
@@ -31,10 +35,11 @@ from pathlib import Path
 
 import click
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
-from llm import RetentionLLM, create_model_config, load_tokenizer, train_tokenizer
-from llm.atomic import replace_directory
-from llm.config import RENAMED_FIELDS, describe, fields_added_later
+from llm import RetentionLLM, create_model_config, load, load_tokenizer, train_tokenizer
+from llm.atomic import MANIFEST, replace_directory
+from llm.config import RENAMED_FIELDS, describe, fields_added_later, saved_config
 from llm.data import (BatchSampler, cache_key, documents_fingerprint, read_documents,
                       tokenize_corpus, unigram_entropy, validation_batches)
 from llm.memory import estimate, format_bytes
@@ -44,11 +49,15 @@ from llm.tokenizer import ByteTokenizer
 from llm.trainer import (DTYPES, CollapseMonitor, MemoryGuard, NonFiniteGuard, OptionError,
                          OverfitMonitor, SampleMonitor, SpikeMonitor, TrainConfig, TrainingCallback,
                          TrainingData, make_optimizer, read_jsonl, train)
+from llm.weights import read_config_file
 from power_retention.cpu_tuning import tune_process
 
 # Options that may differ when resuming (to extend or re-schedule a run); any other option
 # given on the command line must match the run's train_config.json.
 RESUMABLE_OVERRIDES = ("steps", "eval_every", "eval_batches", "save_every", "patience")
+# Options of pretraining that a fine-tuned model (its base's config and tokenizer) does not take.
+PRETRAINING_ONLY = ("base", "model", "tokenizer", "mixer", "deg", "head_dim", "model_fields",
+                    "document_resets")
 QUICK_TEST = dict(model="ultra-tiny", tokenizer="byte", steps=150, batch_size=16, seq_len=64,
                   warmup=15, eval_every=50, save_every=50, eval_batches=8, patience=0)
 
@@ -100,15 +109,69 @@ def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int | None = None):
     return create_model_config(cfg.model, **overrides)
 
 
-def prepare(cfg: TrainConfig):
+def prepare(cfg: TrainConfig, tokenizer=None):
+    """The tokenizer (``tokenizer``: a fine-tuned base's own) and the tokenized corpus."""
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     documents = read_documents(cfg.data)
-    preset_vocab = create_model_config(cfg.model).vocab_size
-    tokenizer = build_tokenizer(cfg, documents, preset_vocab, cache_root)
-    key = cache_key(cfg.data, tokenizer, cfg.val_fraction, cfg.seed, documents_fingerprint(documents))
+    if tokenizer is None:
+        preset_vocab = create_model_config(cfg.model).vocab_size
+        tokenizer = build_tokenizer(cfg, documents, preset_vocab, cache_root)
+    spec, fingerprint, val_documents = cfg.data, documents_fingerprint(documents), None
+    if cfg.val_data:
+        val_documents = read_documents(cfg.val_data)
+        spec += f"|validation:{cfg.val_data}"
+        fingerprint += documents_fingerprint(val_documents)
+    key = cache_key(spec, tokenizer, cfg.val_fraction, cfg.seed, fingerprint)
     data = tokenize_corpus(documents, tokenizer, cache_root / "tokens", key,
-                           val_fraction=cfg.val_fraction, seed=cfg.seed)
+                           val_fraction=cfg.val_fraction, seed=cfg.seed, val_documents=val_documents)
     return tokenizer, data
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+def base_model_dir(base: str) -> Path:
+    """The model directory that --base names: itself, or a run directory's best checkpoint."""
+    path = Path(base)
+    if (path / "config.json").is_file():
+        return path
+    if (path / "checkpoints").is_dir():
+        return _checkpoint_model_dir(path)
+    raise click.UsageError(f"--base {base}: not a model directory (no config.json) nor a run "
+                           f"directory (no checkpoints/)")
+
+
+def base_fingerprint(directory: Path) -> str:
+    """sha256 over a model directory's files (its checksum manifest when it has one)."""
+    digest = hashlib.sha256()
+    manifest = directory / MANIFEST
+    files = [manifest] if manifest.is_file() else sorted(p for p in directory.iterdir() if p.is_file())
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def finetuned_model(base, base_dir: Path, cfg: TrainConfig) -> tuple:
+    """(the model to train, its adapter config) from the loaded ``base``: the base frozen and
+    quantized as asked, with adapters (None for --adapter full, which trains every weight)."""
+    from llm.adapters import add_adapters, quantize_base
+
+    if cfg.dtype != "float32":
+        base.set_dtype(DTYPES[cfg.dtype])
+    if cfg.adapter == "full":
+        return base, None
+    if cfg.quantize_base != "none":
+        quantize_base(base, int(cfg.quantize_base))
+    config = add_adapters(base, cfg.adapter, cfg.rank, cfg.adapter_layers or None,
+                          scale=cfg.adapter_scale)
+    config["model"] = str(base_dir.resolve())  # how mlx-lm's adapter_config.json names its base
+    config["base_fingerprint"] = cfg.base_fingerprint
+    config["quantize_base"] = cfg.quantize_base
+    return base, config
+
+
+def steps_for_epochs(cfg: TrainConfig, train_tokens: int, seq_len: int) -> int:
+    windows = max((train_tokens - 1) // seq_len, 1)
+    return max(1, math.ceil(cfg.epochs * windows / (cfg.batch_size * cfg.grad_accum)))
 
 
 # ----------------------------------------------------------------------------- a run
@@ -141,19 +204,40 @@ def run_training(cfg: TrainConfig, resume: bool) -> dict:
     """Prepare the data, plan the memory, build the model, and train it, guarded and monitored;
     ``resume``: continue the run in ``cfg.out`` from its last checkpoint, if it has one."""
     mx.random.seed(cfg.seed)
-    tokenizer, corpus = prepare(cfg)
-    requested_config = model_config(cfg, tokenizer.vocab_size, tokenizer.bos_id)
+    base = adapter_config = None
+    if cfg.base:  # fine-tuning: the base's model and tokenizer
+        base_dir = base_model_dir(cfg.base)
+        fingerprint = base_fingerprint(base_dir)
+        if cfg.base_fingerprint and cfg.base_fingerprint != fingerprint:
+            raise click.UsageError(f"--base {cfg.base} has changed since this run began (its "
+                                   f"files differ): resuming over another base would mix two "
+                                   f"models; fine-tune it in a new run")
+        cfg.base_fingerprint = fingerprint
+        base, tokenizer = load(base_dir)
+        tokenizer, corpus = prepare(cfg, tokenizer)
+        requested_config = base.config
+    else:
+        tokenizer, corpus = prepare(cfg)
+        requested_config = model_config(cfg, tokenizer.vocab_size, tokenizer.bos_id)
     seq_len = cfg.seq_len or requested_config.max_position_embeddings
-    requested = RunShape(requested_config, cfg.batch_size, cfg.grad_accum, seq_len)
+    if not cfg.plan and cfg.epochs:
+        cfg.steps = steps_for_epochs(cfg, len(corpus.train_tokens), seq_len)
+        cfg.resolve_warmup()
+        cfg.warmup = min(cfg.warmup, cfg.steps - 1)
+    requested = RunShape(requested_config, cfg.batch_size, cfg.grad_accum, seq_len,
+                         adapters=cfg.adapters())
     if not cfg.plan:  # a fresh run plans; a resumed one keeps the plan it started with
         plan, limits = make_plan(cfg, requested)
         cfg.plan = rung_to_plan(plan.chosen, requested)
     else:
         limits = run_limits(cfg)
     shape = apply_plan(requested, cfg.plan)
-    model = RetentionLLM(shape.config)
-    if cfg.dtype != "float32":
-        model.set_dtype(DTYPES[cfg.dtype])
+    if base is not None:
+        model, adapter_config = finetuned_model(base, base_dir, cfg)
+    else:
+        model = RetentionLLM(shape.config)
+        if cfg.dtype != "float32":
+            model.set_dtype(DTYPES[cfg.dtype])
     data = TrainingData(
         tokenizer=tokenizer,
         sampler=BatchSampler(corpus.train_tokens, corpus.train_mask, seq_len, shape.batch_size,
@@ -161,9 +245,17 @@ def run_training(cfg: TrainConfig, resume: bool) -> dict:
         # From the requested batch size, so the validation set is the same whatever the plan.
         val_batches=validation_batches(corpus.val_tokens, corpus.val_mask, seq_len, cfg.batch_size,
                                        cfg.eval_batches),
-        unigram_entropy=unigram_entropy(corpus.train_tokens, tokenizer.vocab_size))
+        unigram_entropy=unigram_entropy(corpus.train_tokens, tokenizer.vocab_size),
+        adapter_config=adapter_config)
 
-    print(f"model: {cfg.model}, {describe(shape.config)}")
+    if base is not None:
+        trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+        print(f"fine-tuning {cfg.base} ({describe(shape.config)}): {cfg.adapter}"
+              + (f" rank {cfg.rank} on {cfg.adapter_layers or 'all'} blocks" if adapter_config else "")
+              + (f" over a {cfg.quantize_base}-bit base" if cfg.quantize_base != "none" else "")
+              + f"; {trainable:,} trainable parameters")
+    else:
+        print(f"model: {cfg.model}, {describe(shape.config)}")
     print(f"data: {cfg.data}: {corpus.n_train_documents} train / {corpus.n_val_documents} validation "
           f"documents, {len(corpus.train_tokens):,} / {len(corpus.val_tokens):,} tokens; tokenizer "
           f"vocab {tokenizer.vocab_size}; unigram entropy {data.unigram_entropy:.3f} nats")
@@ -210,11 +302,13 @@ def click_option(spec: dataclasses.Field):
                         **settings)
 
 
-def config_options(memory: bool):
+def config_options(memory: bool, finetune: bool = False, without=()):
     """A decorator adding TrainConfig's options: those that shape a run's memory (shared by
-    training and `train.py plan`), or the others."""
+    training and `train.py plan`), or the others; the fine-tuning ones with ``finetune``;
+    none named in ``without``."""
     options = [click_option(spec) for spec in dataclasses.fields(TrainConfig)
-               if "help" in spec.metadata and spec.metadata.get("memory", False) == memory]
+               if "help" in spec.metadata and spec.metadata.get("memory", False) == memory
+               and (finetune or not spec.metadata.get("finetune")) and spec.name not in without]
 
     def decorate(command):
         for option in reversed(options):
@@ -271,19 +365,37 @@ def cli(ctx, mode, resume, quick_test, **options):
     else:
         if quick_test:
             options.update({k: v for k, v in QUICK_TEST.items() if k not in given})
-        cfg = validated(TrainConfig(**options))
-        if not cfg.out:
-            cfg.out = str(Path("runs") / f"{'quick-test' if quick_test else cfg.model}-"
-                                          f"{time.strftime('%Y%m%d-%H%M%S')}")
-        out = Path(cfg.out)
-        if out.exists() and any(out.iterdir()):
-            raise click.UsageError(f"--out {out} already holds a run: continue it with "
-                                   f"--resume {out}, or choose another --out (nothing was written)")
-    resuming = resume is not None
+        cfg = new_run(options, "quick-test" if quick_test else options["model"])
+    summary = execute(cfg, resume is not None)
+    if quick_test:
+        fell = summary["initial_val_loss"] - summary["best_val_loss"]
+        if not fell >= 0.5:
+            raise click.ClickException(
+                f"QUICK TEST FAILED: validation loss fell by {fell:.3f} nats "
+                f"({summary['initial_val_loss']:.3f} -> {summary['best_val_loss']:.3f}); expected >= 0.5")
+        print(f"quick test passed: validation loss {summary['initial_val_loss']:.3f} -> "
+              f"{summary['best_val_loss']:.3f} in {summary['elapsed_s']:.0f} s")
+
+
+def new_run(options: dict, name: str) -> TrainConfig:
+    """The config of a new run (its directory runs/NAME-DATE unless --out names one, which
+    must not hold a run already)."""
+    cfg = validated(TrainConfig(**options))
+    if not cfg.out:
+        cfg.out = str(Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()):
+        raise click.UsageError(f"--out {out} already holds a run: continue it with "
+                               f"--resume {out}, or choose another --out (nothing was written)")
+    return cfg
+
+
+def execute(cfg: TrainConfig, resuming: bool) -> dict:
+    """Train (``resuming``: from the run's last checkpoint); a memory plan that must change the
+    model restarts the run loudly from step 0, keeping the old checkpoints."""
     while True:
         try:
-            summary = run_training(cfg, resuming)
-            break
+            return run_training(cfg, resuming)
         except ModelMustChange as change:
             run_dir = Path(cfg.out)
             kept = run_dir / f"checkpoints-before-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -297,14 +409,6 @@ def cli(ctx, mode, resume, quick_test, **options):
             cfg.inject = ""  # test injections have been delivered
         except (ValueError, OSError) as error:  # bad data or files, a failed write: one line
             raise click.ClickException(str(error)) from error
-    if quick_test:
-        fell = summary["initial_val_loss"] - summary["best_val_loss"]
-        if not fell >= 0.5:
-            raise click.ClickException(
-                f"QUICK TEST FAILED: validation loss fell by {fell:.3f} nats "
-                f"({summary['initial_val_loss']:.3f} -> {summary['best_val_loss']:.3f}); expected >= 0.5")
-        print(f"quick test passed: validation loss {summary['initial_val_loss']:.3f} -> "
-              f"{summary['best_val_loss']:.3f} in {summary['elapsed_s']:.0f} s")
 
 
 def _resumed_config(directory: Path, options: dict, given: set) -> TrainConfig:
@@ -371,18 +475,78 @@ def _checkpoint_model_dir(run_dir: Path) -> Path:
     raise click.UsageError(f"{run_dir}: no checkpoint found (expected checkpoints/best or last)")
 
 
+@cli.command("finetune")
+@click.argument("base", type=click.Path(exists=True, file_okay=False))
+@config_options(memory=True, finetune=True, without=PRETRAINING_ONLY)
+@config_options(memory=False, finetune=True, without=PRETRAINING_ONLY)
+def finetune(base, **options):
+    """Fine-tune BASE (a model directory, or a run directory's best checkpoint) on --data:
+    lora or dora adapters (over a 4- or 8-bit base with --quantize-base: QLoRA), or every
+    weight (--adapter full), with the trainer's guards; resume with train.py --resume RUN_DIR."""
+    tune_process()
+    options.update(base=str(Path(base).resolve()), model="", adapter=options["adapter"] or "lora")
+    execute(new_run(options, f"finetune-{Path(base).resolve().name}"), False)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", default="", help="model directory to write (default RUN_DIR/fused)")
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True)
+def fuse(run_dir, out, checkpoint):
+    """Write a fine-tuning run's model, its adapters merged into the base, as a plain model
+    directory (what `train.py sample`, `llm.load` and mlx-lm load)."""
+    from llm.adapters import fuse_adapters, load_adapters, quantize_base
+
+    run_dir = Path(run_dir)
+    cfg = TrainConfig(**upgrade_saved_options(_read_json(run_dir / "train_config.json")))
+    if not cfg.base:
+        raise click.UsageError(f"{run_dir} is a pretraining run: there is nothing to fuse "
+                               f"(its checkpoints are model directories already)")
+    checkpoint_dir = run_dir / "checkpoints" / checkpoint
+    if cfg.adapter == "full":
+        model, tokenizer = load(checkpoint_dir / "model")
+    else:
+        base_dir = base_model_dir(cfg.base)
+        if base_fingerprint(base_dir) != cfg.base_fingerprint:
+            raise click.UsageError(f"the base {cfg.base} has changed since {run_dir} fine-tuned it "
+                                   f"(its files differ): its adapters would not fit it")
+        model, tokenizer = load(base_dir)
+        if cfg.dtype != "float32":
+            model.set_dtype(DTYPES[cfg.dtype])
+        if cfg.quantize_base != "none":
+            quantize_base(model, int(cfg.quantize_base))
+        load_adapters(model, checkpoint_dir / "adapters")
+        fuse_adapters(model)
+    out = Path(out) if out else run_dir / "fused"
+    model.save_pretrained(out, tokenizer)
+    print(f"wrote {out}: {describe(model.config)}"
+          + (f" ({cfg.quantize_base}-bit)" if cfg.quantize_base != "none" else ""))
+
+
 @cli.command("plan")
-@config_options(memory=True)
+@config_options(memory=True, finetune=True)
 def plan_command(**options):
-    """Print the memory estimate and the plan of a run, without training."""
+    """Print the memory estimate and the plan of a run, without training (of fine-tuning with
+    --base or --adapter)."""
+    if options["base"] and not options["adapter"]:
+        options["adapter"] = "lora"
     cfg = validated(TrainConfig(**options))
-    config = model_config(cfg, create_model_config(cfg.model).vocab_size)
+    if cfg.base:
+        base_dir = base_model_dir(cfg.base)
+        config = saved_config(read_config_file(base_dir), source=f"{base_dir}/config.json")
+        name = str(base_dir)
+    else:
+        config = model_config(cfg, create_model_config(cfg.model).vocab_size)
+        name = cfg.model
     requested = RunShape(config, cfg.batch_size, cfg.grad_accum,
-                         cfg.seq_len or config.max_position_embeddings)
+                         cfg.seq_len or config.max_position_embeddings, adapters=cfg.adapters())
     estimate_ = estimate(config, requested.batch_size, requested.seq_len, dtype=cfg.dtype,
-                         optimizer=cfg.optimizer)
-    print(f"{cfg.model}: {describe(config)}; batch {requested.batch_size} x {requested.grad_accum} "
-          f"micro-batches, {requested.seq_len} tokens, {cfg.dtype}, {cfg.optimizer}")
+                         optimizer=cfg.optimizer, adapters=requested.adapters)
+    print(f"{name}: {describe(config)}; batch {requested.batch_size} x {requested.grad_accum} "
+          f"micro-batches, {requested.seq_len} tokens, {cfg.dtype}, {cfg.optimizer}"
+          + (f"; fine-tuning: {cfg.adapter}" if cfg.adapter else "")
+          + (f" rank {cfg.rank}, {cfg.adapter_layers or 'all'} blocks" if cfg.adapter in ("lora", "dora") else "")
+          + (f", {cfg.quantize_base}-bit base" if cfg.quantize_base != "none" else ""))
     print(f"estimate as requested ({estimate_.method} form): " + ", ".join(
         f"{name} {format_bytes(getattr(estimate_, name))}" for name in
         ("parameters", "gradients", "optimizer_state", "activations", "logits_and_loss", "transient"))
@@ -439,7 +603,8 @@ def report(run_dir, plot):
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
     config = _read_json(run_dir / "train_config.json")
-    print(f"run {run_dir}: model {config['model']}, data {config['data']}, {len(steps)} steps logged")
+    print(f"run {run_dir}: model {config.get('base') or config['model']}, data {config['data']}, "
+          f"{len(steps)} steps logged")
     if steps:
         print(f"  training loss: first {steps[0]['loss']:.4f}, last {steps[-1]['loss']:.4f}")
     if evals:
@@ -474,7 +639,7 @@ def report(run_dir, plot):
     lr_axis.plot([r["step"] for r in steps], [r["lr"] for r in steps])
     lr_axis.set_ylabel("learning rate")
     lr_axis.set_xlabel("step")
-    figure.suptitle(f"{config['model']} on {config['data']}")
+    figure.suptitle(f"{config.get('base') or config['model']} on {config['data']}")
     figure.tight_layout()
     figure.savefig(run_dir / "loss.png", dpi=100)
     print(f"  plot: {run_dir / 'loss.png'}")

@@ -10,6 +10,8 @@ Target: every prediction within +-15%.
 
 from __future__ import annotations
 
+import dataclasses
+
 import click
 import mlx.core as mx
 import mlx.nn as nn
@@ -17,14 +19,15 @@ import mlx.optimizers as optim
 from common import machine_description, machine_line, now, write_report
 
 from llm import RetentionLLM, create_model_config
-from llm.memory import estimate, format_bytes
+from llm.adapters import add_adapters, quantize_base
+from llm.memory import Adapters, estimate, format_bytes
 from power_retention.cpu_tuning import release_freed_memory, tune_process
 
 # A ~50M model: the small preset at half width and two thirds of the depth.
 MID = dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=8, head_dim=64,
            num_hidden_layers=8, intermediate_size=1408)
 CASES = [
-    # (name, preset, overrides, batch, seq_len, method, checkpointing)
+    # (name, preset, overrides, batch, seq_len, method, checkpointing[, adapters])
     ("ultra-tiny attention", "ultra-tiny", {}, 16, 128, "attention", False),
     ("ultra-tiny chunked", "ultra-tiny", {}, 16, 128, "chunked", False),
     ("ultra-tiny softmax", "ultra-tiny", {"mixer": "softmax"}, 16, 128, None, False),
@@ -38,12 +41,23 @@ CASES = [
     ("50M chunked ckpt", "small", MID, 2, 1024, "chunked", True),
     ("50M chunked", "small", MID, 2, 1024, "chunked", False),
     ("50M softmax", "small", {**MID, "mixer": "softmax"}, 2, 1024, None, False),
+    # Fine-tuning: adapters only are trained (llm/adapters.py), over a quantized base for QLoRA.
+    ("tiny lora 8", "tiny", {}, 4, 512, "chunked", False, Adapters("lora", 8)),
+    ("tiny lora 8 last 2", "tiny", {}, 4, 512, "chunked", False, Adapters("lora", 8, 2)),
+    ("tiny qlora 4-bit", "tiny", {}, 4, 512, "chunked", False, Adapters("lora", 8, 0, 4)),
+    ("tiny dora 8-bit ckpt", "tiny", {}, 4, 512, "chunked", True, Adapters("dora", 8, 0, 8)),
+    ("50M qlora 4-bit", "small", MID, 2, 1024, "chunked", False, Adapters("lora", 16, 4, 4)),
 ]
 
 
-def measure(config, batch, seq_len, method, checkpointing) -> int:
+def measure(config, batch, seq_len, method, checkpointing, adapters=None) -> int:
     mx.random.seed(0)
     model = RetentionLLM(config)
+    if adapters is not None:
+        if adapters.bits:
+            quantize_base(model, adapters.bits)
+        add_adapters(model, adapters.kind, adapters.rank, adapters.layers or None)
+    mx.eval(model.parameters())
     model.checkpointing = checkpointing
     if method is not None:
         model.set_retention_form(method)
@@ -79,23 +93,26 @@ def main(cases, out):
     print(f"# training-step memory, predicted vs measured, {started:%Y-%m-%d %H:%M %Z}")
     print(f"# machine: {machine_line(machine)}; float32, AdamW; peak = mx.get_peak_memory() "
           f"over one step")
-    header = f"{'case':<22} {'B x T':>9} {'form':>9} {'predicted':>10} {'measured':>10} {'error':>7}"
+    header = f"{'case':<24} {'B x T':>9} {'form':>9} {'predicted':>10} {'measured':>10} {'error':>7}"
     print(header)
     print("-" * len(header))
     results = []
-    for name, preset, overrides, batch, seq_len, method, checkpointing in CASES:
+    for name, preset, overrides, batch, seq_len, method, checkpointing, *adapters in CASES:
         if wanted and name not in wanted:
             continue
+        adapters = adapters[0] if adapters else None
         config = create_model_config(preset, **overrides)
         predicted = estimate(config, batch, seq_len, checkpointing=checkpointing,
-                             method=method or "auto")
-        measured = measure(config, batch, seq_len, method, checkpointing)
+                             method=method or "auto", adapters=adapters)
+        measured = measure(config, batch, seq_len, method, checkpointing, adapters)
         error = predicted.total / measured - 1
         results.append({"case": name, "preset": preset, "overrides": overrides, "batch": batch,
                         "seq_len": seq_len, "method": predicted.method,
-                        "checkpointing": checkpointing, "predicted_bytes": predicted.total,
+                        "checkpointing": checkpointing,
+                        "adapters": adapters and dataclasses.asdict(adapters),
+                        "predicted_bytes": predicted.total,
                         "measured_bytes": measured, "relative_error": error})
-        print(f"{name:<22} {f'{batch} x {seq_len}':>9} {predicted.method:>9} "
+        print(f"{name:<24} {f'{batch} x {seq_len}':>9} {predicted.method:>9} "
               f"{format_bytes(predicted.total):>10} {format_bytes(measured):>10} {100 * error:>6.1f}%",
               flush=True)
     worst = max(abs(r["relative_error"]) for r in results)

@@ -17,17 +17,20 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
 
 from power_retention.validation import check_integer
 
-from .atomic import replace_directory, verify_directory
+from .atomic import DamagedFileError, replace_directory, verify_directory
 
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 KINDS = ("lora", "dora")
 # mlx-lm's default LoRA scale (the update is scale * (x A) B); it has no alpha.
 DEFAULT_SCALE = 20.0
+QUANTIZE_BITS = (4, 8)
+QUANTIZE_GROUP_SIZE = 64  # mlx-lm's default
 
 
 def _mlx_lm_tuner():
@@ -58,6 +61,26 @@ def add_adapters(model, kind: str = "lora", rank: int = 8, layers: int | None = 
     _mlx_lm_tuner().linear_to_lora_layers(model, layers, config["lora_parameters"],
                                           use_dora=kind == "dora")
     return config
+
+
+def quantize_base(model, bits: int, group_size: int = QUANTIZE_GROUP_SIZE):
+    """Quantize ``model``'s layers in place as ``mlx_lm convert -q`` would (the layers its
+    ``quant_predicate`` allows): the frozen base of QLoRA."""
+    if bits not in QUANTIZE_BITS:
+        raise ValueError(f"bits must be one of {', '.join(map(str, QUANTIZE_BITS))}, got {bits!r}")
+    nn.quantize(model, group_size=group_size, bits=bits,
+                class_predicate=lambda path, module: hasattr(module, "to_quantized")
+                and model.quant_predicate(path, module))
+
+
+def fuse_adapters(model):
+    """Merge every adapter into the layer it wraps (mlx-lm's fuse), in place: the model is a
+    plain model again, and a quantized base stays quantized at its settings."""
+    fused = [(name, module.fuse()) for name, module in model.named_modules() if hasattr(module, "fuse")]
+    if not fused:
+        raise ValueError("the model has no adapters to fuse")
+    model.update_modules(tree_unflatten(fused))
+    return model
 
 
 def adapter_weights(model) -> dict:
@@ -104,3 +127,21 @@ def load_adapters(model, directory) -> dict:
     except ValueError as error:  # mlx-lm lists the tensors that do not fit
         raise ValueError(f"{directory / ADAPTER_FILE} does not fit this base model: {error}") from None
     return config
+
+
+def load_adapter_weights(model, directory):
+    """Load the tensors of an adapter directory into ``model``, which already has those
+    adapters (a fine-tuning run resuming from its checkpoint); a file damaged since it was
+    written, or one whose tensors are not exactly the model's adapters, is an error naming it."""
+    path = Path(directory) / ADAPTER_FILE
+    verify_directory(directory)
+    try:
+        weights = mx.load(str(path))
+    except Exception as error:  # MLX raises RuntimeError or ValueError by what is wrong
+        raise DamagedFileError(f"{path} cannot be read: {error}") from error
+    expected = adapter_weights(model)
+    wrong = sorted(set(weights) ^ set(expected)) + sorted(
+        name for name in set(weights) & set(expected) if weights[name].shape != expected[name].shape)
+    if wrong:
+        raise ValueError(f"{path} does not hold this run's adapters (first mismatch: {wrong[0]!r})")
+    model.load_weights(list(weights.items()), strict=False)

@@ -286,13 +286,14 @@ def _tokenizer_identity(tokenizer) -> str:
 
 
 def tokenize_corpus(documents, tokenizer, cache_root: Path, key: str, val_fraction: float = 0.05,
-                    seed: int = 0) -> TokenizedData:
+                    seed: int = 0, val_documents=None) -> TokenizedData:
     """Split ``documents`` into train and validation, tokenize both into
     ``cache_root/key/``, and return memory-mapped views of the token streams.
 
     The split is by document, a seeded permutation: ``round(n * val_fraction)`` documents (at
     least 1, at most n - 1) for validation. A single document is cut in two at the line
-    boundary nearest to ``1 - val_fraction`` of its text. The cache is written atomically
+    boundary nearest to ``1 - val_fraction`` of its text; ``val_documents``, when given, are the
+    validation set instead (and leave the training set). The cache is written atomically
     (meta.json last), and reused when its meta.json matches, so a corpus is tokenized once.
 
     The loss mask is 0 for bos and for prompt tokens, 1 for the rest. bos is masked because
@@ -302,7 +303,9 @@ def tokenize_corpus(documents, tokenizer, cache_root: Path, key: str, val_fracti
     documents = list(documents)
     if not documents:
         raise ValueError("documents is empty: there is nothing to tokenize")
-    for k, doc in enumerate(documents):
+    if val_documents is not None and not list(val_documents):
+        raise ValueError("val_documents is empty: there is nothing to validate on")
+    for k, doc in enumerate(documents + list(val_documents or [])):
         if not isinstance(doc, Document):
             raise ValueError(f"documents[{k}] must be a Document, got {type(doc).__name__}")
         if not is_integer(doc.prompt_chars) or not 0 <= doc.prompt_chars <= len(doc.text):
@@ -319,12 +322,13 @@ def tokenize_corpus(documents, tokenizer, cache_root: Path, key: str, val_fracti
     settings = {"format": CACHE_FORMAT, "key": key, "dtype": np.dtype(dtype).name,
                 "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id,
                 "eos_id": tokenizer.eos_id, "val_fraction": float(val_fraction), "seed": seed,
-                "n_documents": len(documents)}
+                "n_documents": len(documents),
+                "n_given_val_documents": len(val_documents) if val_documents is not None else None}
     cached = _load_cache(cache_dir, settings)
     if cached is not None:
         return cached
 
-    train_docs, val_docs = split_documents(documents, val_fraction, seed)
+    train_docs, val_docs = split_documents(documents, val_fraction, seed, val_documents)
     cache_dir.mkdir(parents=True, exist_ok=True)
     # From here until the new meta.json is in place the directory is not a valid cache.
     (cache_dir / META_FILE).unlink(missing_ok=True)
@@ -348,16 +352,29 @@ def tokenize_corpus(documents, tokenizer, cache_root: Path, key: str, val_fracti
     return data
 
 
-def split_documents(documents: list[Document], val_fraction: float,
-                    seed: int) -> tuple[list[Document], list[Document]]:
+def split_documents(documents: list[Document], val_fraction: float, seed: int,
+                    val_documents: list[Document] | None = None) -> tuple[list[Document], list[Document]]:
     """(train, validation) documents, each in a seeded random order (see tokenize_corpus).
 
     Exact duplicates are dropped first (repeated jsonl rows, copied files): otherwise a
-    validation document could also be a training document."""
-    unique = {}
-    for doc in documents:
-        unique.setdefault((doc.text, doc.prompt_chars), doc)
-    documents = list(unique.values())
+    validation document could also be a training document. Given ``val_documents``, they are
+    the validation set, and the training set is every other document."""
+    def unique(docs):
+        kept = {}
+        for doc in docs:
+            kept.setdefault((doc.text, doc.prompt_chars), doc)
+        return list(kept.values())
+
+    documents = unique(documents)
+    if val_documents is not None:
+        val_documents = unique(val_documents)
+        held_out = {(doc.text, doc.prompt_chars) for doc in val_documents}
+        train = [doc for doc in documents if (doc.text, doc.prompt_chars) not in held_out]
+        if not train:
+            raise ValueError("every training document is also a validation document: nothing "
+                             "is left to train on")
+        order = np.random.default_rng(seed).permutation(len(train))
+        return [train[i] for i in order], val_documents
     n = len(documents)
     if n == 1:
         return _split_one(documents[0], val_fraction)

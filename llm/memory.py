@@ -10,9 +10,11 @@ nonlinearity, per token, plus the per-sequence states of the chunked form.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import click
+from mlx.utils import tree_flatten
 
 from power_retention.ops import choose_method
 from power_retention.sympow import expanded_dim
@@ -24,6 +26,42 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # one momentum buffer, SGD without momentum nothing.
 OPTIMIZER_SLOTS = {"adamw": 2, "adam": 2, "lion": 1, "muon": 1, "sgd": 0}
 GB = 1e9
+
+
+@dataclass(frozen=True)
+class Adapters:
+    """What fine-tuning trains of a fixed base model: ``kind`` "lora" or "dora" adapters of
+    ``rank`` on the last ``layers`` blocks (0: all), over a base quantized to ``bits`` (0: as
+    it is); or every parameter (``kind`` "full")."""
+    kind: str
+    rank: int = 8
+    layers: int = 0
+    bits: int = 0
+
+
+_footprints: dict = {}
+
+
+def adapter_footprint(config: ModelConfig, adapters: Adapters) -> tuple[int, int, int]:
+    """(bytes of the frozen base, trainable parameters, linear layers with an adapter), counted
+    on the model that fine-tuning builds (mlx-lm's adapter layers over the quantized base).
+    MLX is lazy and nothing here is evaluated, so nothing is allocated, whatever the size."""
+    from .adapters import add_adapters, quantize_base
+    from .model import RetentionLLM
+
+    key = (json.dumps(config.to_dict(), sort_keys=True), adapters)
+    if key in _footprints:
+        return _footprints[key]
+    model = RetentionLLM(config)
+    if adapters.bits:
+        quantize_base(model, adapters.bits)
+    add_adapters(model, adapters.kind, adapters.rank, adapters.layers or None)
+    trainable = dict(tree_flatten(model.trainable_parameters()))
+    base = sum(array.nbytes for name, array in tree_flatten(model.parameters())
+               if name not in trainable)
+    adapted = sum(1 for _, module in model.named_modules() if hasattr(module, "lora_a"))
+    _footprints[key] = base, sum(array.size for array in trainable.values()), adapted
+    return _footprints[key]
 
 
 @dataclass
@@ -106,8 +144,9 @@ def _live_buffers(config: ModelConfig, T: int, method: str, chunk_size: int, che
 
 def estimate(config: ModelConfig, batch_size: int, seq_len: int, dtype: str = "float32",
              optimizer: str = "adamw", checkpointing: bool = False, method: str = "auto",
-             chunk_size: int | None = None) -> MemoryEstimate:
-    """Predicted peak memory of one training step (forward, backward, optimizer update)."""
+             chunk_size: int | None = None, adapters: Adapters | None = None) -> MemoryEstimate:
+    """Predicted peak memory of one training step (forward, backward, optimizer update);
+    with ``adapters``, of a fine-tuning step that trains only them."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     if optimizer not in OPTIMIZER_SLOTS:
@@ -126,6 +165,15 @@ def estimate(config: ModelConfig, batch_size: int, seq_len: int, dtype: str = "f
     block = B * T * (5 * dim + 4 * config.intermediate_size)
     per_layer = (mixer + block) * 4  # the op computes in float32 whatever the dtype
     layers = config.num_hidden_layers
+    stored, trained, trained_bytes = P * nbytes, P, nbytes
+    if adapters is not None and adapters.kind != "full":
+        base_bytes, trained, adapted = adapter_footprint(config, adapters)
+        trained_bytes = 4  # adapters are float32 whatever the base's dtype
+        stored = base_bytes + trained * trained_bytes
+        # No gradient flows below the first block with adapters, so the blocks under it
+        # keep nothing for a backward pass; each adapter keeps its rank-wide projection.
+        layers = min(adapters.layers or layers, layers)
+        per_layer += 4 * B * T * adapters.rank * adapted // layers
     if checkpointing:
         # Only each block's input survives the forward; one block is recomputed at a time.
         activations = layers * B * T * dim * nbytes + per_layer
@@ -137,8 +185,9 @@ def estimate(config: ModelConfig, batch_size: int, seq_len: int, dtype: str = "f
     largest_name = max(candidates, key=candidates.get)
     return MemoryEstimate(
         live_buffers=_live_buffers(config, T, method, chunk_size, checkpointing, optimizer),
-        parameters=P * nbytes, gradients=P * nbytes,
-        optimizer_state=OPTIMIZER_SLOTS[optimizer] * P * nbytes,  # MLX keeps them in the parameters' dtype
+        parameters=stored, gradients=trained * trained_bytes,
+        # MLX keeps the slots in the parameters' dtype.
+        optimizer_state=OPTIMIZER_SLOTS[optimizer] * trained * trained_bytes,
         activations=activations, activations_per_layer=per_layer,
         logits_and_loss=3 * logits,  # logits, their softmax, and its gradient
         # A layer's activation gradients during its backward, and the mixer's recomputation.

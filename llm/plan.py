@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from .config import ModelConfig
-from .memory import GB, estimate, format_bytes
+from .memory import GB, Adapters, estimate, format_bytes
 
 # Plan to use at most this share of the budget: the estimate's stated accuracy is +-15%.
 SAFETY_MARGIN = 0.85
@@ -100,6 +100,7 @@ class RunShape:
     checkpointing: bool = False
     method: str = "auto"
     chunk_size: int | None = None
+    adapters: Adapters | None = None  # fine-tuning: what is trained of a base that cannot change
 
     def replace(self, **changes) -> "RunShape":
         return dataclasses.replace(self, **changes)
@@ -159,7 +160,7 @@ class Plan:
 def _estimate(shape: RunShape, dtype: str, optimizer: str):
     return estimate(shape.config, shape.batch_size, shape.seq_len, dtype=dtype, optimizer=optimizer,
                     checkpointing=shape.checkpointing, method=shape.method,
-                    chunk_size=shape.chunk_size)
+                    chunk_size=shape.chunk_size, adapters=shape.adapters)
 
 
 def _ladder(shape: RunShape):
@@ -176,6 +177,9 @@ def _ladder(shape: RunShape):
         for method, chunk in (("chunked", 64), ("chunked", 32), ("chunked", 16), ("attention", None)):
             yield (f"3. {method} form" + (f", chunk {chunk}" if chunk else ""),
                    shape.replace(method=method, chunk_size=chunk), False)
+    if shape.adapters is not None:  # a fine-tuned base keeps its shape
+        return
+    if shape.config.mixer == "power":
         # The model-changing rungs go back to the automatic form: with smaller heads the
         # cheapest form changes, and each rung's estimate uses it.
         while shape.config.head_dim > 16 and shape.config.head_dim % 2 == 0:

@@ -33,15 +33,18 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from .adapters import load_adapter_weights, save_adapters
 from .atomic import (DamagedFileError, recover_directory, replace_directory, verify_directory,
                      write_atomic, write_failure)
 from .config import PRESETS, ModelConfig, param_count
 from .data import DEFAULT_DATA, BatchSampler
 from .generate import generate_tokens
+from .memory import Adapters
 from .plan import DEVICE_PROFILES, DeviceLimits, ModelMustChange, RunShape, make_plan, rung_to_plan
 from .weights import read_weights
 
 OPTIMIZERS = ("adamw", "lion", "muon")
+ADAPTER_KINDS = ("lora", "dora", "full")
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 # Muon's orthogonalized updates have unit spectral norm, far larger per entry than Adam's:
 # its hidden matrices take this multiple of --lr (Keller Jordan's setup: 0.02 against 3e-3).
@@ -130,8 +133,27 @@ class TrainConfig:
                                  memory=True)
     degrade: bool = option(True, "step down the memory ladder instead of failing when the run "
                            "does not fit", memory=True)
+    # Fine-tuning (`train.py finetune BASE`): the base model, and what of it is trained.
+    base: str = option("", "the model to fine-tune: a model directory, or a run directory (its "
+                       "best checkpoint)", finetune=True, memory=True, hidden=True)
+    adapter: str = option("", "what fine-tuning trains: lora or dora adapters (mlx-lm's), or "
+                          "full (every parameter); default lora", choices=("", *ADAPTER_KINDS),
+                          finetune=True, memory=True)
+    rank: int = option(8, "rank of the adapters", finetune=True, memory=True)
+    adapter_layers: int = option(0, "blocks with adapters, counted from the last (0: all)",
+                                 flags=("--layers",), finetune=True, memory=True)
+    adapter_scale: float = option(20.0, "the adapters' scale (mlx-lm's: the update is scale x "
+                                  "(x A) B)", finetune=True)
+    quantize_base: str = option("none", "quantize the frozen base to 4 or 8 bits (QLoRA)",
+                                choices=("none", "4", "8"), finetune=True, memory=True)
+    val_data: str = option("", "validation data (default: --val-fraction of --data's documents)",
+                           finetune=True)
+    epochs: float = option(0.0, "passes over the training data; sets --steps (0: use --steps)",
+                           finetune=True)
     # The chosen rung of the memory plan (llm.plan.rung_to_plan), fixed for resumes.
     plan: dict = field(default_factory=dict)
+    # sha256 of the base's files when fine-tuning began: a resume refuses a base changed since.
+    base_fingerprint: str = ""
     inject: str = option("", "testing only: faults to inject (train.py's FaultInjection)",
                          hidden=True)
 
@@ -140,7 +162,7 @@ class TrainConfig:
         def fail(name, message):
             raise OptionError(name, message)
 
-        if self.model not in PRESETS:
+        if not self.base and self.model not in PRESETS:
             fail("model", f"unknown model {self.model!r}; known presets: {', '.join(PRESETS)}")
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every",
                      "max_bad_steps"):
@@ -148,8 +170,12 @@ class TrainConfig:
                 fail(name, f"must be >= 1, got {getattr(self, name)}")
         if self.warmup < -1:
             fail("warmup", f"must be >= 0, or -1 for min(100, steps / 10); got {self.warmup}")
-        if self.warmup == -1:
-            self.warmup = min(100, self.steps // 10)
+        if not (math.isfinite(self.epochs) and self.epochs >= 0):
+            fail("epochs", f"must be a finite number >= 0, got {self.epochs}")
+        if self.epochs and not self.base:
+            fail("epochs", "applies to fine-tuning (train.py finetune); pretraining counts --steps")
+        if not self.epochs:  # with --epochs, --steps and the warmup are known once the data is
+            self.resolve_warmup()
         if not 0 <= self.seed < 2**32:
             fail("seed", f"must be in [0, 2^32), got {self.seed}")
         for name in ("lr", "min_lr", "grad_clip", "weight_decay", "val_fraction", "min_delta",
@@ -163,7 +189,7 @@ class TrainConfig:
             fail("lr", f"must be > 0, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
             fail("min-lr", f"must be in [0, --lr={self.lr}], got {self.min_lr}")
-        if self.warmup >= self.steps and self.steps > 1:
+        if self.warmup >= self.steps and self.steps > 1 and not self.epochs:
             fail("warmup", f"({self.warmup}) must be shorter than --steps ({self.steps})")
         if self.grad_clip < 0:
             fail("grad-clip", f"must be >= 0 (0: no clipping), got {self.grad_clip}")
@@ -193,6 +219,43 @@ class TrainConfig:
         if self.device_profile and self.device_profile not in DEVICE_PROFILES:
             fail("device-profile", f"unknown profile {self.device_profile!r}; known: "
                                    f"{', '.join(DEVICE_PROFILES)}")
+        self.validate_finetuning(fail)
+
+    def validate_finetuning(self, fail):
+        if self.adapter not in ("", *ADAPTER_KINDS):
+            fail("adapter", f"must be one of {', '.join(ADAPTER_KINDS)}, got {self.adapter!r}")
+        if self.rank < 1:
+            fail("rank", f"must be >= 1, got {self.rank}")
+        if self.adapter_layers < 0:
+            fail("layers", f"must be >= 0 (0: every block), got {self.adapter_layers}")
+        if not (math.isfinite(self.adapter_scale) and self.adapter_scale > 0):
+            fail("adapter-scale", f"must be a finite number > 0, got {self.adapter_scale}")
+        if self.quantize_base not in ("none", "4", "8"):
+            fail("quantize-base", f"must be none, 4 or 8, got {self.quantize_base!r}")
+        if self.quantize_base != "none" and self.adapter == "full":
+            fail("quantize-base", "a quantized base cannot be trained: with --adapter full leave "
+                                  "it out, or train lora/dora adapters over it (QLoRA)")
+        for name in ("base", "val_data"):
+            value = getattr(self, name)
+            if value and not Path(value).exists():
+                fail(name.replace("_", "-"), f"{value} does not exist")
+        if self.base and self.model_fields:
+            fail("set", "a fine-tuned model keeps its base's config; --set applies to pretraining")
+        if self.base and (self.mixer or self.deg or self.head_dim):
+            fail("mixer" if self.mixer else "deg" if self.deg else "head-dim",
+                 "a fine-tuned model keeps its base's config; this applies to pretraining")
+
+    def resolve_warmup(self):
+        """--warmup -1 as the steps make it: min(100, steps / 10)."""
+        if self.warmup == -1:
+            self.warmup = min(100, self.steps // 10)
+
+    def adapters(self) -> Adapters | None:
+        """What fine-tuning trains (for the memory plan), or None when pretraining."""
+        if not self.adapter:
+            return None
+        bits = 0 if self.quantize_base == "none" else int(self.quantize_base)
+        return Adapters(self.adapter, self.rank, self.adapter_layers, bits)
 
     def save(self, path: Path):
         write_atomic(path, json.dumps(dataclasses.asdict(self), indent=1) + "\n")
@@ -282,11 +345,16 @@ class TrainerState:
 
 
 def save_checkpoint(directory: Path, model, tokenizer, optimizer, trainer_state: dict,
-                    keep_replaced_as: Path | None = None):
+                    keep_replaced_as: Path | None = None, adapter_config: dict | None = None):
     """Model directory + optimizer state + trainer position, all or nothing (the version it
-    replaces moved to ``keep_replaced_as`` when given)."""
+    replaces moved to ``keep_replaced_as`` when given). With ``adapter_config`` (fine-tuning
+    with adapters), the adapters alone (``adapters/``, mlx-lm's adapter directory) stand for
+    the model: the base is not copied."""
     def build(tmp: Path):
-        model.save_pretrained(tmp / "model", tokenizer)
+        if adapter_config is not None:
+            save_adapters(model, tmp / "adapters", adapter_config)
+        else:
+            model.save_pretrained(tmp / "model", tokenizer)
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1) + "\n")
 
@@ -312,7 +380,10 @@ def load_checkpoint(directory: Path, model, optimizer) -> dict:
     checksums, and every tensor finite); returns its trainer_state.json."""
     verify_directory(directory)
     saved = read_trainer_state(directory)
-    model.load_weights(read_weights(model, directory / "model"))
+    if (directory / "adapters").is_dir():
+        load_adapter_weights(model, directory / "adapters")
+    else:
+        model.load_weights(read_weights(model, directory / "model"))
     path = directory / "optimizer.safetensors"
     try:
         optimizer.state = tree_unflatten(list(mx.load(str(path)).items()))
@@ -389,6 +460,7 @@ class TrainingData:
     sampler: BatchSampler          # training batches, in a seeded order whose position is saved
     val_batches: list              # the validation set, the same at every evaluation
     unigram_entropy: float         # the loss of a model that knows only token frequencies
+    adapter_config: dict | None = None  # fine-tuning with adapters: checkpoints hold them alone
 
 
 @dataclass
@@ -523,7 +595,7 @@ class Trainer:
         save_checkpoint(directory, self.model, self.data.tokenizer, self.optimizer,
                         dict(self.state.to_dict(), sampler=self.data.sampler.state_dict()),
                         self.run.previous_checkpoint if directory == self.run.last_checkpoint
-                        else None)
+                        else None, self.data.adapter_config)
 
     def restore(self, directory: Path):
         """Model, optimizer, data position and trainer state as ``directory`` holds them."""
@@ -579,6 +651,7 @@ class Trainer:
         # before it (the mean of the last 50), so that they differ only by the data they score.
         last_val_loss = evals[-1]["val_loss"] if evals else None
         last_train_loss = float(np.mean(state.train_losses)) if state.train_losses else None
+        saved = "model" if self.data.adapter_config is None else "adapters"
         summary = {"stop_reason": stop_reason, "steps": state.step, "tokens": state.tokens,
                    "initial_val_loss": state.initial_val_loss,
                    "last_val_loss": last_val_loss, "last_train_loss": last_train_loss,
@@ -587,9 +660,12 @@ class Trainer:
                    "tokens_per_s": state.tokens / max(elapsed, 1e-9),
                    "peak_memory_gb": self.peak_memory_gb,
                    "skipped_steps": state.skipped_steps, "rollbacks": state.rollbacks,
-                   "parameters": param_count(self.model.config), "run_dir": str(run.dir),
-                   "best_checkpoint": str(run.best_checkpoint / "model"),
-                   "last_checkpoint": str(run.last_checkpoint / "model")}
+                   "parameters": param_count(self.model.config),
+                   "trainable_parameters": sum(v.size for _, v in
+                                               tree_flatten(self.model.trainable_parameters())),
+                   "run_dir": str(run.dir),
+                   "best_checkpoint": str(run.best_checkpoint / saved),
+                   "last_checkpoint": str(run.last_checkpoint / saved)}
         write_atomic(run.dir / "summary.json", json.dumps(summary, indent=1) + "\n")
         print(f"done ({stop_reason}): {state.step} steps, {state.tokens:,} tokens in "
               f"{elapsed / 60:.1f} min ({summary['tokens_per_s']:,.0f} tok/s), peak "
@@ -832,14 +908,29 @@ class CollapseMonitor(TrainingCallback):
 
 
 class OverfitMonitor(TrainingCallback):
-    """Warns when validation loss has risen twice in a row while training loss fell."""
+    """Warns, on the console and in the evaluation's record (``"overfitting"``), when the
+    training loss keeps falling but the validation loss does not: rising twice in a row, or
+    no better than two evaluations ago (flat) while the training loss fell by more than 1%
+    (what a small fine-tuning set does first; early stopping then keeps the best checkpoint)."""
 
     def on_evaluation(self, trainer, step, record):
         evals = trainer.run.evaluations()  # the earlier ones: this one is not logged yet
-        recent = trainer.state.train_losses
-        if len(evals) >= 2 and record["val_loss"] > evals[-1]["val_loss"] > evals[-2]["val_loss"] \
-                and len(recent) > 1 and np.mean(list(recent)[-10:]) < evals[-1]["train_loss"]:
-            print("WARNING: validation loss rising while training loss falls (overfitting)")
+        recent = list(trainer.state.train_losses)[-10:]
+        if len(evals) < 2 or not recent or evals[-2].get("train_loss") is None:
+            return
+        train_now, train_then = float(np.mean(recent)), evals[-2]["train_loss"]
+        val_now, val_then = record["val_loss"], evals[-2]["val_loss"]
+        if not train_now < train_then * 0.99:
+            return
+        if val_now > evals[-1]["val_loss"] > val_then:
+            record["overfitting"] = "rising"
+        elif val_now > val_then - trainer.config.min_delta:
+            record["overfitting"] = "flat"
+        else:
+            return
+        print(f"WARNING: OVERFITTING: validation loss {record['overfitting']} ({val_then:.4f} -> "
+              f"{val_now:.4f}) over the last two evaluations while the training loss fell "
+              f"({train_then:.4f} -> {train_now:.4f}); the best checkpoint is kept")
 
 
 class SpikeMonitor(TrainingCallback):

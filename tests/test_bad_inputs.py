@@ -614,6 +614,11 @@ def saved_adapters(ctx, module, damage=None):
     return ctx.tmp / "adapters"
 
 
+def adapted(model, module, **options):
+    module.add_adapters(model, layers=1, **options)
+    return model
+
+
 def fresh_model(**fields):
     """A model of its own (adapters change the model they are put on)."""
     from llm import RetentionLLM, create_model_config
@@ -635,6 +640,13 @@ ADAPTERS = {
                               FileNotFoundError, r"adapter_config.json does not exist"),
     "for-another-base": Case(adapters(lambda ctx, m: m.load_adapters(other_base(), saved_adapters(ctx, m))),
                              ValueError, r"adapters.safetensors does not fit this base model"),
+    "of-another-rank": Case(adapters(lambda ctx, m: m.load_adapter_weights(
+        adapted(fresh_model(), m, rank=4), saved_adapters(ctx, m))), ValueError,
+        r"adapters.safetensors does not hold this run's adapters"),
+    "quantize-3-bits": Case(adapters(lambda ctx, m: m.quantize_base(fresh_model(), 3)), ValueError,
+                            r"bits must be one of 4, 8, got 3"),
+    "fuse-without-adapters": Case(adapters(lambda ctx, m: m.fuse_adapters(fresh_model())), ValueError,
+                                  r"the model has no adapters to fuse"),
     "file-flipped-byte": Case(adapters(lambda ctx, m: m.load_adapters(fresh_model(), saved_adapters(
         ctx, m, weights_bytes(flip_last_byte, checksums=True, name="adapters.safetensors")))), ValueError,
         r"adapters.safetensors is damaged"),
@@ -732,8 +744,9 @@ def train(*make_args, env=None):
     directory), writing under that directory unless they name --out or --cache-dir."""
     def call(ctx):
         args = [arg(ctx.tmp) if callable(arg) else arg for arg in make_args]
-        defaults = [] if args[:1] in (["sample"], ["report"], ["plan"]) or "--resume" in args else [
-            "--tokenizer", "byte",
+        command = args[0] if args and args[0] in ("sample", "report", "plan", "fuse", "finetune") else ""
+        defaults = [] if command in ("sample", "report", "plan", "fuse") or "--resume" in args else [
+            *(["--tokenizer", "byte"] if not command else []),  # a fine-tuned base has its own
             *(part for name in ("--out", "--cache-dir") if name not in args
               for part in (name, ctx.tmp / name.strip("-")))]
         return train_cli(ctx, *args, *defaults, env=env)
@@ -744,6 +757,22 @@ def on_trained_run(*args):
     def call(ctx):
         return train_cli(ctx, *(ctx.trained_run() if arg == "RUN" else arg for arg in args))
     return call
+
+
+def prompt_completion_file(directory: Path) -> Path:
+    return write(directory / "task.jsonl", jsonl(*({"prompt": f"say {w} =", "completion": f" {w}"}
+                                                  for w in ("one", "two", "three", "four"))))
+
+
+def tiny_base(directory: Path) -> Path:
+    from llm import ByteTokenizer
+    fresh_model().save_pretrained(directory / "base", ByteTokenizer())
+    return directory / "base"
+
+
+def finetune_tiny(*args):
+    """train.py finetune of an untrained tiny base on a four-line task, with ``args``."""
+    return train("finetune", tiny_base, "--data", prompt_completion_file, "--steps", "2", *args)
 
 
 def binary_directory(directory: Path) -> Path:
@@ -799,6 +828,18 @@ COMMAND_LINE = {
                                            CommandFailed, "max_new_tokens must be an integer >= 0"),
     "report-incomplete-run": Case(train("report", run_with_damaged_file("metrics.jsonl", '{"step": 1}\n')),
                                   CommandFailed, "train_config.json is missing"),
+    "finetune-rank-zero": Case(finetune_tiny("--rank", "0"), CommandFailed, "--rank: must be >= 1, got 0"),
+    "finetune-quantized-base-trained-whole": Case(
+        finetune_tiny("--adapter", "full", "--quantize-base", "4"), CommandFailed,
+        "--quantize-base: a quantized base cannot be trained"),
+    "finetune-base-not-a-model": Case(train("finetune", lambda d: (d / "empty").mkdir() or d / "empty",
+                                            "--data", prompt_completion_file), CommandFailed,
+                                      "empty: not a model directory"),
+    "finetune-val-data-missing": Case(finetune_tiny("--val-data", lambda d: d / "none.jsonl"),
+                                      CommandFailed, "--val-data: .*none.jsonl does not exist"),
+    "finetune-epochs-negative": Case(finetune_tiny("--epochs", "-1"), CommandFailed,
+                                     "--epochs: must be a finite number >= 0"),
+    "fuse-pretraining-run": Case(on_trained_run("fuse", "RUN"), CommandFailed, "is a pretraining run"),
     "plan-deg-40-no-degrade": Case(train("plan", "--model", "tiny", "--power", "40", "--no-degrade"),
                                    CommandFailed, "the run does not fit in this machine"),
 }
