@@ -38,7 +38,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from llm import RetentionLLM, create_model_config, load, load_tokenizer, train_tokenizer
-from llm.atomic import MANIFEST, replace_directory
+from llm.adapters import add_adapters, files_fingerprint, fuse_adapters, load_adapters, quantize_base
+from llm.atomic import replace_directory
 from llm.config import RENAMED_FIELDS, describe, fields_added_later, saved_config
 from llm.data import (BatchSampler, cache_key, documents_fingerprint, read_documents,
                       tokenize_corpus, unigram_entropy, validation_batches)
@@ -140,21 +141,9 @@ def base_model_dir(base: str) -> Path:
                            f"directory (no checkpoints/)")
 
 
-def base_fingerprint(directory: Path) -> str:
-    """sha256 over a model directory's files (its checksum manifest when it has one)."""
-    digest = hashlib.sha256()
-    manifest = directory / MANIFEST
-    files = [manifest] if manifest.is_file() else sorted(p for p in directory.iterdir() if p.is_file())
-    for path in files:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
-
-
 def finetuned_model(base, base_dir: Path, cfg: TrainConfig) -> tuple:
     """(the model to train, its adapter config) from the loaded ``base``: the base frozen and
     quantized as asked, with adapters (None for --adapter full, which trains every weight)."""
-    from llm.adapters import add_adapters, quantize_base
-
     if cfg.dtype != "float32":
         base.set_dtype(DTYPES[cfg.dtype])
     if cfg.adapter == "full":
@@ -207,7 +196,7 @@ def run_training(cfg: TrainConfig, resume: bool) -> dict:
     base = adapter_config = None
     if cfg.base:  # fine-tuning: the base's model and tokenizer
         base_dir = base_model_dir(cfg.base)
-        fingerprint = base_fingerprint(base_dir)
+        fingerprint = files_fingerprint(base_dir)
         if cfg.base_fingerprint and cfg.base_fingerprint != fingerprint:
             raise click.UsageError(f"--base {cfg.base} has changed since this run began (its "
                                    f"files differ): resuming over another base would mix two "
@@ -495,8 +484,6 @@ def finetune(base, **options):
 def fuse(run_dir, out, checkpoint):
     """Write a fine-tuning run's model, its adapters merged into the base, as a plain model
     directory (what `train.py sample`, `llm.load` and mlx-lm load)."""
-    from llm.adapters import fuse_adapters, load_adapters, quantize_base
-
     run_dir = Path(run_dir)
     cfg = TrainConfig(**upgrade_saved_options(_read_json(run_dir / "train_config.json")))
     if not cfg.base:
@@ -507,7 +494,7 @@ def fuse(run_dir, out, checkpoint):
         model, tokenizer = load(checkpoint_dir / "model")
     else:
         base_dir = base_model_dir(cfg.base)
-        if base_fingerprint(base_dir) != cfg.base_fingerprint:
+        if files_fingerprint(base_dir) != cfg.base_fingerprint:
             raise click.UsageError(f"the base {cfg.base} has changed since {run_dir} fine-tuned it "
                                    f"(its files differ): its adapters would not fit it")
         model, tokenizer = load(base_dir)

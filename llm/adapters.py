@@ -13,6 +13,7 @@ separate directory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from power_retention.validation import check_integer
 
-from .atomic import DamagedFileError, replace_directory, verify_directory
+from .atomic import MANIFEST, DamagedFileError, replace_directory, verify_directory
 
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -71,6 +72,27 @@ def quantize_base(model, bits: int, group_size: int = QUANTIZE_GROUP_SIZE):
     nn.quantize(model, group_size=group_size, bits=bits,
                 class_predicate=lambda path, module: hasattr(module, "to_quantized")
                 and model.quant_predicate(path, module))
+
+
+def remove_adapters(model):
+    """Put back, in place, the layers the adapters wrap: the base as it was."""
+    wrapped = [(name, module.linear if "linear" in module else module.embedding)
+               for name, module in model.named_modules() if "lora_a" in module]
+    if wrapped:
+        model.update_modules(tree_unflatten(wrapped))
+    return model
+
+
+def files_fingerprint(directory) -> str:
+    """sha256 over a model directory's files (its checksum manifest, when it has one): what an
+    adapter records of the base it was trained on."""
+    directory = Path(directory)
+    digest = hashlib.sha256()
+    manifest = directory / MANIFEST
+    files = [manifest] if manifest.is_file() else sorted(p for p in directory.iterdir() if p.is_file())
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def fuse_adapters(model):

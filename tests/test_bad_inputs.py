@@ -4,7 +4,7 @@ the argument, field, file or variable and says what was expected.
 One table: each case is (call, error, message); ``call(ctx)`` does what a user would do, and
 the test asserts that it raises ``error`` matching ``message``. The surfaces, in order: the op
 and its one-token step, the layer, the model, generation and sampling, model configs,
-tokenizers, corpora and the token cache, weights on disk, adapters, environment variables,
+tokenizers, corpora and the token cache, weights on disk, adapters, routing, environment variables,
 and the trainer's command line (in real subprocesses, where a Python traceback counts as a
 failure).
 ``python -m tests.battery`` runs the same table case by case in fresh processes and counts
@@ -653,6 +653,55 @@ ADAPTERS = {
 }
 
 
+# ----------------------------------------------------------------------------- routing
+
+def saved_base(ctx, model=None) -> Path:
+    from llm import ByteTokenizer
+    directory = ctx.tmp / ("other-base" if model is not None else "base")
+    (model or fresh_model()).save_pretrained(directory, ByteTokenizer())
+    return directory
+
+
+def adapter_set(ctx, adapters_of=fresh_model):
+    """A base and one adapter ("a") trained on ``adapters_of()``'s shape."""
+    from llm import adapters as module
+    from llm.route import AdapterSet
+    model = adapters_of()
+    config = module.add_adapters(model, rank=2, layers=1)
+    module.save_adapters(model, ctx.tmp / "a", config)
+    return AdapterSet(saved_base(ctx), {"a": ctx.tmp / "a"})
+
+
+def router(ctx, rules=(), **options):
+    from llm.route import Router
+    return Router(adapter_set(ctx), rules, **options)
+
+
+def route_command(ctx, *args) -> str:
+    result = subprocess.run([sys.executable, "-m", "llm.route", "--base", saved_base(ctx), *args],
+                            capture_output=True, text=True, timeout=COMMAND_TIMEOUT, cwd=ROOT)
+    return finished(result)
+
+
+ROUTING = {
+    "rule-unknown-adapter": Case(lambda ctx: router(ctx, [{"adapter": "b", "keywords": ["x"]}]), ValueError,
+                                 r'rule 1 must be an object whose "adapter" is one of a, got'),
+    "rule-bad-regex": Case(lambda ctx: router(ctx, [{"adapter": "a", "regex": "("}]), ValueError,
+                           r"rule 1: \"regex\" '\(' is not a regular expression"),
+    "rule-matching-nothing": Case(lambda ctx: router(ctx, [{"adapter": "a"}]), ValueError,
+                                  r'rule 1 has neither "keywords" nor "regex"'),
+    "default-unknown": Case(lambda ctx: router(ctx, default="b"), ValueError,
+                            r"default 'b' is not an adapter; known: a"),
+    "use-unknown": Case(lambda ctx: adapter_set(ctx).use("b"), ValueError, r"no adapter named 'b'; known: a"),
+    "adapter-for-another-base": Case(lambda ctx: adapter_set(ctx, other_base), ValueError,
+                                     r"adapter 'a' .* does not fit this base .* trained on another model"),
+    "not-an-adapter-directory": Case(lambda ctx: route_command(ctx, "--adapter", f"a={ctx.tmp}"),
+                                     CommandFailed, r"no adapter_config.json there .* nor a fine-tuning run"),
+    "command-adapter-without-name": Case(lambda ctx: route_command(ctx, "--adapter", str(ctx.tmp)),
+                                         CommandFailed, r"--adapter.*expected NAME=DIRECTORY"),
+}
+
+
 # ----------------------------------------------------------------------------- environment
 
 @contextlib.contextmanager
@@ -846,7 +895,7 @@ COMMAND_LINE = {
 
 SURFACES = {"op": OP, "step": STEP, "layer": LAYER, "model": MODEL, "config": CONFIG,
             "tokenizer": TOKENIZER, "corpus": CORPUS, "weights": WEIGHTS, "adapters": ADAPTERS,
-            "env": ENVIRONMENT,
+            "routing": ROUTING, "env": ENVIRONMENT,
             "cli": COMMAND_LINE}
 CASES = {f"{surface}-{name}": case for surface, table in SURFACES.items() for name, case in table.items()}
 
