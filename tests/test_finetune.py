@@ -4,7 +4,9 @@ and are saved, the base stays bit for bit, a killed run resumes exactly, QLoRA t
 
 import hashlib
 import json
+import math
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -169,3 +171,15 @@ def test_resume_refuses_a_base_changed_since(task, tmp_path):
     resumed = run([*TRAIN, "--resume", str(out), "--steps", "8"])
     assert resumed.returncode != 0 and "Traceback" not in resumed.stderr
     assert f"--base {base.resolve()} has changed since this run began" in resumed.stderr
+
+
+def test_epochs_set_the_steps_from_the_data(task, tmp_path):
+    out = tmp_path / "epochs"
+    args = finetune(task, out, "--epochs", "1.5")
+    args[args.index("--steps"):args.index("--steps") + 2] = []
+    result = run(args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    train_tokens = int(re.search(r"validation documents, ([\d,]+) / ", result.stdout).group(1).replace(",", ""))
+    windows = (train_tokens - 1) // 48
+    steps = json.loads((out / "train_config.json").read_text())["steps"]
+    assert steps == math.ceil(1.5 * windows / 8) == json.loads((out / "summary.json").read_text())["steps"]
