@@ -406,13 +406,13 @@ def test_kernels_pass_a_clang_syntax_check(deg, dtype):
 
 @pytest.mark.skipif(shutil.which("clang++") is None, reason="clang++ needed")
 @pytest.mark.parametrize("binding", ["device", "constant"])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("deg", [1, 2, 4])
-def test_kernels_pass_the_address_space_check(deg, binding):
-    """Every kernel with device, constant and threadgroup memory as distinct pointer types
-    (clang address spaces, as Apple's compiler has them), its array inputs bound as device
-    and, as MLX binds inputs of fewer than 8 elements, as constant. The fp16 and bf16
-    instantiations differ only in the element type, whose syntax the check above covers."""
-    for name, arguments in kernel_launches(deg, mx.float32):
+def test_kernels_pass_the_address_space_check(deg, dtype, binding):
+    """Every kernel instantiation with device, constant and threadgroup memory as distinct
+    pointer types (clang address spaces, as Apple's compiler has them), its array inputs bound
+    as device and, as MLX binds inputs of fewer than 8 elements, as constant."""
+    for name, arguments in kernel_launches(deg, dtype):
         inputs, outputs, headers = launch.KERNELS[name]
         emulator.check_syntax(name, inputs, outputs, kernel_body(name), header(*headers),
                               binding=binding, **arguments)
@@ -442,6 +442,24 @@ def test_the_address_space_check_catches_a_helper_taking_the_wrong_memory():
     for binding in ("device", "constant"):
         with pytest.raises(emulator.EmulatorError, match=r"no known conversion from 'threadgroup float"):
             run(on_threadgroup, binding)
+
+
+@pytest.mark.skipif(shutil.which("clang++") is None, reason="clang++ needed")
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["fp16", "bf16"])
+def test_the_address_space_check_covers_half_and_bfloat_inputs(dtype):
+    """The same planted helper, generic in the element type, on the decode kernel's fp16 or
+    bf16 keys: right as device memory, wrong as constant."""
+    planted = "template <class T> inline float first_of(const device T* x) { return float(x[0]); }\n"
+    inputs, outputs, headers = launch.KERNELS["decode_step"]
+    arguments = dict(kernel_launches(2, dtype))["decode_step"]
+    source = kernel_body("decode_step").replace(
+        "k_tile[i] = float(k[bh * DIM + i]);", "k_tile[i] = float(k[bh * DIM + i]) + first_of(k) * 0.0f;")
+    assert source != kernel_body("decode_step")
+    run = lambda binding: emulator.check_syntax(  # noqa: E731
+        "decode_step", inputs, outputs, source, planted + header(*headers), binding=binding, **arguments)
+    run("device")
+    with pytest.raises(emulator.EmulatorError, match=r"address-space check \(constant inputs\)"):
+        run("constant")
 
 
 @pytest.mark.skipif(HAS_METAL, reason="the fallback of a machine without Metal")

@@ -86,8 +86,17 @@ struct bfloat {
 };
 }  // namespace emu
 
+#ifdef EMU_ADDRESS_SPACES
+// The address-space check compiles and never runs, and clang calls no member function (a
+// conversion) of a class object in another address space, as a `device half` element is.
+// Two built-in floating types stand in for half and bfloat there, distinct from float and
+// from each other, so that their overloads and conversions are checked all the same.
+using half = long double;
+using bfloat = __float128;
+#else
 using half = emu::half;
 using bfloat = emu::bfloat;
+#endif
 using float16_t = half;    // MLX's get_type_string names
 using bfloat16_t = bfloat;
 using uint = unsigned int;
