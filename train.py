@@ -29,6 +29,8 @@ import hashlib
 import json
 import math
 import os
+import signal
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -43,6 +45,7 @@ from llm.atomic import replace_directory
 from llm.config import RENAMED_FIELDS, describe, fields_added_later, saved_config
 from llm.data import (BatchSampler, cache_key, documents_fingerprint, read_documents,
                       tokenize_corpus, unigram_entropy, validation_batches)
+from llm.distributed import World, is_lost_peer
 from llm.memory import estimate, format_bytes
 from llm.plan import (ModelMustChange, NoPlanFits, RunShape, apply_plan, make_plan, resize_heads,
                       run_limits, rung_to_plan)
@@ -193,6 +196,7 @@ def run_training(cfg: TrainConfig, resume: bool) -> dict:
     """Prepare the data, plan the memory, build the model, and train it, guarded and monitored;
     ``resume``: continue the run in ``cfg.out`` from its last checkpoint, if it has one."""
     mx.random.seed(cfg.seed)
+    world = join_world(cfg)
     base = adapter_config = None
     if cfg.base:  # fine-tuning: the base's model and tokenizer
         base_dir = base_model_dir(cfg.base)
@@ -213,7 +217,8 @@ def run_training(cfg: TrainConfig, resume: bool) -> dict:
         cfg.steps = steps_for_epochs(cfg, len(corpus.train_tokens), seq_len)
         cfg.resolve_warmup()
         cfg.warmup = min(cfg.warmup, cfg.steps - 1)
-    requested = RunShape(requested_config, cfg.batch_size, cfg.grad_accum, seq_len,
+    # The memory plan is per process: each holds a world-size share of every batch.
+    requested = RunShape(requested_config, cfg.batch_size // world.size, cfg.grad_accum, seq_len,
                          adapters=cfg.adapters())
     if not cfg.plan:  # a fresh run plans; a resumed one keeps the plan it started with
         plan, limits = make_plan(cfg, requested)
@@ -259,7 +264,37 @@ def run_training(cfg: TrainConfig, resume: bool) -> dict:
     callbacks += [MemoryGuard(requested, limits), NonFiniteGuard(cfg.max_bad_steps),
                   SampleMonitor(corpus.val_tokens, cfg.seed), CollapseMonitor(), OverfitMonitor(),
                   SpikeMonitor()]
-    return train(model, make_optimizer(cfg), data, cfg, callbacks, resume=resume)
+    return train(model, make_optimizer(cfg), data, cfg, callbacks, resume=resume, world=world)
+
+
+def join_world(cfg: TrainConfig) -> World:
+    """The processes of this run (several under mlx.launch: data parallel, see
+    llm/distributed.py); only rank 0 prints."""
+    world = World.join()
+    if world.size == 1 and cfg.world_size == 1:
+        return world
+    if not world.is_main:
+        sys.stdout = open(os.devnull, "w")
+
+    def stopped(signum, frame):
+        # mlx.launch ends every rank this way once one has stopped; checkpoints are atomic.
+        print(f"rank {world.rank}: stopped by SIGTERM (under mlx.launch: another process of this "
+              f"data-parallel run stopped); resume from the last checkpoint with the same "
+              f"mlx.launch command and train.py --resume {cfg.out}", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stopped)
+    if cfg.plan and cfg.world_size != world.size:  # a resume
+        raise click.UsageError(
+            f"{cfg.out} was trained by {cfg.world_size} process(es), and this is {world.size}: the "
+            f"memory plan and the batch split are per process, so resume it with as many: "
+            + ("python train.py --resume RUN" if cfg.world_size == 1 else
+               f"mlx.launch -n {cfg.world_size} ... train.py --resume {cfg.out}"))
+    if cfg.batch_size % world.size:
+        raise click.UsageError(f"--batch-size {cfg.batch_size} must be a multiple of the "
+                               f"{world.size} processes: each takes an equal share of every batch")
+    cfg.world_size = world.size
+    return world
 
 
 # ----------------------------------------------------------------------------- command line
@@ -398,6 +433,13 @@ def execute(cfg: TrainConfig, resuming: bool) -> dict:
             cfg.inject = ""  # test injections have been delivered
         except (ValueError, OSError) as error:  # bad data or files, a failed write: one line
             raise click.ClickException(str(error)) from error
+        except RuntimeError as error:
+            if not is_lost_peer(error):
+                raise
+            raise click.ClickException(
+                f"another process of this data-parallel run stopped ({error}); the run ends here. "
+                f"Resume it from its last checkpoint with the same mlx.launch command and "
+                f"train.py --resume {cfg.out}") from error
 
 
 def _resumed_config(directory: Path, options: dict, given: set) -> TrainConfig:

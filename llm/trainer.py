@@ -38,6 +38,7 @@ from .atomic import (DamagedFileError, recover_directory, replace_directory, ver
                      write_atomic, write_failure)
 from .config import PRESETS, ModelConfig, param_count
 from .data import DEFAULT_DATA, BatchSampler
+from .distributed import World
 from .generate import generate_tokens
 from .memory import Adapters
 from .plan import DEVICE_PROFILES, DeviceLimits, ModelMustChange, RunShape, make_plan, rung_to_plan
@@ -154,6 +155,8 @@ class TrainConfig:
     plan: dict = field(default_factory=dict)
     # sha256 of the base's files when fine-tuning began: a resume refuses a base changed since.
     base_fingerprint: str = ""
+    # Processes that train the run (data parallel under mlx.launch); a resume needs as many.
+    world_size: int = 1
     inject: str = option("", "testing only: faults to inject (train.py's FaultInjection)",
                          hidden=True)
 
@@ -296,17 +299,21 @@ def set_learning_rate(optimizer, cfg: TrainConfig, lr: float):
         sub.learning_rate = lr * (MUON_LR_MULTIPLIER if muon else 1.0)
 
 
-def evaluate(model, batches, rows: int) -> float:
+def evaluate(model, batches, rows: int, world: World | None = None) -> float:
     """Mean masked loss over fixed batches, ``rows`` sequences at a time (the plan's
-    micro-batch): the value does not depend on ``rows``, only the memory does."""
+    micro-batch): the value does not depend on ``rows``, only the memory does. Over a
+    data-parallel ``world``, each rank scores its share and the sums are added."""
+    world = world or World()
     total, count = 0.0, 0.0
-    for inputs, targets, mask in batches:
+    for batch in batches:
+        inputs, targets, mask = world.shard(batch)
         for start in range(0, len(inputs), rows):
             piece = slice(start, start + rows)
             loss_sum, n = loss_terms(model, mx.array(inputs[piece]), mx.array(targets[piece]),
                                      mx.array(mask[piece]))
             total += loss_sum.item()
             count += n.item()
+    total, count = world.sum(mx.array([total, count], dtype=mx.float32)).tolist()
     return total / max(count, 1.0)
 
 
@@ -405,10 +412,11 @@ def read_jsonl(path: Path) -> list:
 
 
 class RunDirectory:
-    """A training run's directory and the logs written to it."""
+    """A training run's directory and the logs written to it (by one process: ``writes`` is
+    False on the other ranks of a data-parallel run)."""
 
-    def __init__(self, directory: Path):
-        self.dir = directory
+    def __init__(self, directory: Path, writes: bool = True):
+        self.dir, self.writes = directory, writes
         self.metrics_path = directory / "metrics.jsonl"
         self.samples_path = directory / "samples.jsonl"
         self.last_checkpoint = directory / "checkpoints" / "last"
@@ -422,6 +430,8 @@ class RunDirectory:
 
 
     def log(self, record: dict, path: Path | None = None):
+        if not self.writes:
+            return
         path = path or self.metrics_path
         try:
             with open(path, "a") as f:
@@ -434,7 +444,7 @@ class RunDirectory:
 
     def truncate_metrics(self, step: int):
         """Drop records after ``step``: a resumed run rewrites them, so the log stays one run."""
-        for path in (self.metrics_path, self.samples_path):
+        for path in (self.metrics_path, self.samples_path) if self.writes else ():
             if not path.exists():
                 continue
             lines = [line for line in path.read_text().splitlines() if line]
@@ -507,10 +517,12 @@ class Trainer:
     """What the loop works on, as callbacks see it: the model, optimizer, data and options, the
     run directory, the position (``state``), and how a step runs (the memory plan)."""
 
-    def __init__(self, model, optimizer, data: TrainingData, config: TrainConfig, callbacks):
+    def __init__(self, model, optimizer, data: TrainingData, config: TrainConfig, callbacks,
+                 world: World | None = None):
         self.model, self.optimizer, self.data, self.config = model, optimizer, data, config
         self.callbacks = list(callbacks)
-        self.run = RunDirectory(Path(config.out))
+        self.world = world or World()
+        self.run = RunDirectory(Path(config.out), writes=self.world.is_main)
         self.state = TrainerState()
         self.started = time.perf_counter()
         self.peak_memory_gb = 0.0
@@ -524,7 +536,9 @@ class Trainer:
         depends on them."""
         self.model.checkpointing = plan["checkpointing"]
         self.model.set_retention_form(plan["method"], plan["chunk_size"])
-        self.data.sampler.batch_size = self.micro_batch_size = plan["batch_size"]
+        # The plan is per process; the sampler reads the micro-batch of every rank at once.
+        self.micro_batch_size = plan["batch_size"]
+        self.data.sampler.batch_size = plan["batch_size"] * self.world.size
         self.grad_accum = plan["grad_accum"]
         model_state = [self.model.state]  # the micro-step never touches the optimizer
 
@@ -537,24 +551,27 @@ class Trainer:
     def start(self, resume: bool):
         """Continue from the last checkpoint (``resume``, when there is one) or begin the run
         directory; a new run first scores the untrained model."""
-        for directory in (self.run.last_checkpoint, self.run.previous_checkpoint,
-                          self.run.best_checkpoint):
-            recover_directory(directory)  # a kill between a save's two renames
+        if self.world.is_main:
+            for directory in (self.run.last_checkpoint, self.run.previous_checkpoint,
+                              self.run.best_checkpoint):
+                recover_directory(directory)  # a kill between a save's two renames
+        self.world.agree(False)  # the other ranks read the checkpoints once they are whole
         if resume and self.restore_newest() is not None:
             self.run.truncate_metrics(self.state.step)
             print(f"resumed {self.run.dir} at step {self.state.step} (best validation loss "
                   f"{self.state.best_val_loss})")
         else:
             # Only now that the data and model are ready: a run that fails to start leaves nothing.
-            self.run.dir.mkdir(parents=True, exist_ok=True)
-            self.config.save(self.run.dir / "train_config.json")
+            if self.world.is_main:
+                self.run.dir.mkdir(parents=True, exist_ok=True)
+                self.config.save(self.run.dir / "train_config.json")
             self.run.truncate_metrics(0)
         mx.eval(self.model.parameters())
         self.started = time.perf_counter() - self.state.elapsed_s
         self.window_start = time.perf_counter()
         if self.state.step == 0:
             self.state.initial_val_loss = evaluate(self.model, self.data.val_batches,
-                                                   self.micro_batch_size)
+                                                   self.micro_batch_size, self.world)
             self.run.log({"step": 0, "val_loss": self.state.initial_val_loss,
                           "val_ppl": perplexity(self.state.initial_val_loss)})
             print(f"eval at step 0: validation loss {self.state.initial_val_loss:.4f}")
@@ -563,19 +580,32 @@ class Trainer:
         """The next batch's loss per counted token and its clipped gradients, accumulated over
         the plan's micro-batches."""
         loss_sum, count, grads = 0.0, 0.0, None
-        for _ in range(self.grad_accum):
-            batch = self.data.sampler.next_batch()
-            count += float(batch[2].sum())  # counted tokens, from the host-side mask
-            part_loss, part_grads = self.micro_step(*(mx.array(a) for a in batch))
-            grads = part_grads if grads is None else tree_map(mx.add, grads, part_grads)
-            loss_sum = loss_sum + part_loss
-            # Evaluated here, micro-batch by micro-batch: MLX is lazy, so this is where a step
-            # runs out of memory (inside the loop's guard), and accumulating unevaluated
-            # gradients would keep every micro-batch's activations alive at once.
-            mx.eval(loss_sum, grads)
+        try:
+            for _ in range(self.grad_accum):
+                batch = self.world.shard(self.data.sampler.next_batch())
+                count += float(batch[2].sum())  # counted tokens, from the host-side mask
+                part_loss, part_grads = self.micro_step(*(mx.array(a) for a in batch))
+                grads = part_grads if grads is None else tree_map(mx.add, grads, part_grads)
+                loss_sum = loss_sum + part_loss
+                # Evaluated here, micro-batch by micro-batch: MLX is lazy, so this is where a
+                # step runs out of memory (inside the loop's guard), and accumulating
+                # unevaluated gradients would keep every micro-batch's activations alive at once.
+                mx.eval(loss_sum, grads)
+            failed = None
+        except (RuntimeError, MemoryError) as error:
+            if self.world.size == 1 or not is_memory_error(error):
+                raise
+            failed = error
+        if self.world.size > 1:
+            # Every rank learns whether any ran out of memory before the gradients are summed,
+            # so that all re-plan together and none waits in a sum another never joins.
+            if self.world.agree(failed is not None):
+                raise failed or MemoryError("another rank ran out of memory in this step")
+            loss_sum, count = self.world.sum(mx.stack([loss_sum, mx.array(count)])).tolist()
+            grads = self.world.sum_gradients(grads)
         grads, norm = optim.clip_grad_norm(tree_map(lambda g: g / max(count, 1.0), grads),
                                            self.config.grad_clip or float("inf"))
-        return StepResult(loss_sum / max(count, 1.0), grads, norm, int(count))
+        return StepResult(mx.array(loss_sum) / max(count, 1.0), grads, norm, int(count))
 
     def position(self) -> tuple:
         """References to the state before a step (arrays are immutable: nothing is copied)."""
@@ -592,6 +622,8 @@ class Trainer:
         """Save the run to ``directory``. The last checkpoint's previous version is kept (as
         ``previous``): if the new one is ever damaged, a resume loses one interval, not the run."""
         self.state.elapsed_s = time.perf_counter() - self.started
+        if not self.world.is_main:
+            return
         save_checkpoint(directory, self.model, self.data.tokenizer, self.optimizer,
                         dict(self.state.to_dict(), sampler=self.data.sampler.state_dict()),
                         self.run.previous_checkpoint if directory == self.run.last_checkpoint
@@ -637,8 +669,9 @@ class Trainer:
         tokens_per_step = self.config.batch_size * self.config.grad_accum * self.data.sampler.seq_len
         eta = (self.config.steps - step) * tokens_per_step / max(tps, 1e-9)
         record["tokens_per_s"], record["peak_memory_gb"] = tps, self.peak_memory_gb
+        ranks = f" ({self.world.size} ranks)" if self.world.size > 1 else ""
         print(f"step {step:>6}/{self.config.steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-              f"|g| {record['grad_norm']:.2f}  {tps:,.0f} tok/s  peak {self.peak_memory_gb:.2f} GB  "
+              f"|g| {record['grad_norm']:.2f}  {tps:,.0f} tok/s{ranks}  peak {self.peak_memory_gb:.2f} GB  "
               f"ETA {eta / 60:.1f} min", flush=True)
         self.window_start, self.window_tokens = time.perf_counter(), 0
 
@@ -658,7 +691,7 @@ class Trainer:
                    "best_val_loss": state.best_val_loss, "best_step": state.best_step,
                    "unigram_entropy": self.data.unigram_entropy, "elapsed_s": elapsed,
                    "tokens_per_s": state.tokens / max(elapsed, 1e-9),
-                   "peak_memory_gb": self.peak_memory_gb,
+                   "peak_memory_gb": self.peak_memory_gb, "ranks": self.world.size,
                    "skipped_steps": state.skipped_steps, "rollbacks": state.rollbacks,
                    "parameters": param_count(self.model.config),
                    "trainable_parameters": sum(v.size for _, v in
@@ -666,9 +699,11 @@ class Trainer:
                    "run_dir": str(run.dir),
                    "best_checkpoint": str(run.best_checkpoint / saved),
                    "last_checkpoint": str(run.last_checkpoint / saved)}
-        write_atomic(run.dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+        if self.world.is_main:
+            write_atomic(run.dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+        ranks = f" over {self.world.size} ranks" if self.world.size > 1 else ""
         print(f"done ({stop_reason}): {state.step} steps, {state.tokens:,} tokens in "
-              f"{elapsed / 60:.1f} min ({summary['tokens_per_s']:,.0f} tok/s), peak "
+              f"{elapsed / 60:.1f} min ({summary['tokens_per_s']:,.0f} tok/s{ranks}), peak "
               f"{self.peak_memory_gb:.2f} GB; best validation loss "
               f"{state.best_val_loss or float('nan'):.4f} at step {state.best_step} (unigram "
               f"entropy {self.data.unigram_entropy:.3f}); checkpoints in {run.dir / 'checkpoints'}")
@@ -679,11 +714,11 @@ class Trainer:
 
 
 def train(model, optimizer, data: TrainingData, config: TrainConfig, callbacks=(), *,
-          resume: bool = False) -> dict:
+          resume: bool = False, world: World | None = None) -> dict:
     """Train ``model`` for ``config.steps`` optimizer steps as ``config.plan`` (a memory plan)
     says, in the run directory ``config.out``; with ``resume``, from its last checkpoint.
     Returns the summary (also in summary.json)."""
-    trainer = Trainer(model, optimizer, data, config, callbacks)
+    trainer = Trainer(model, optimizer, data, config, callbacks, world)
     trainer.start(resume)
     state, run = trainer.state, trainer.run
     log_every = max(1, config.steps // 40)
@@ -736,7 +771,7 @@ def train(model, optimizer, data: TrainingData, config: TrainConfig, callbacks=(
         # Evaluate: the validation loss (callbacks add samples and warnings), the best
         # checkpoint, and early stopping.
         if step % config.eval_every == 0 or step == config.steps:
-            val_loss = evaluate(model, data.val_batches, trainer.micro_batch_size)
+            val_loss = evaluate(model, data.val_batches, trainer.micro_batch_size, trainer.world)
             improved = state.best_val_loss is None or val_loss < state.best_val_loss - config.min_delta
             print(f"eval at step {step}: validation loss {val_loss:.4f} (perplexity "
                   f"{perplexity(val_loss):.1f}; unigram entropy {data.unigram_entropy:.3f})"
@@ -886,6 +921,8 @@ class SampleMonitor(TrainingCallback):
         self.val_tokens, self.seed = val_tokens, seed
 
     def on_evaluation(self, trainer, step, record):
+        if not trainer.world.is_main:  # one rank's samples are the run's
+            return
         samples, stats = sample_continuations(trainer.model, trainer.data.tokenizer,
                                               self.val_tokens, step, self.seed)
         for sample in samples:
