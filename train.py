@@ -171,14 +171,16 @@ def steps_for_epochs(cfg: TrainConfig, train_tokens: int, seq_len: int) -> int:
 class FaultInjection(TrainingCallback):
     """Faults on chosen steps, for the tests of the guards (the hidden --inject option):
     "nan:STEP,STEP" makes those steps' loss non-finite, "oom:STEP" fails that step with Metal's
-    out-of-memory error; entries separated by ";". A step listed n times fails n times (the
-    step redone after a rollback or a re-plan fails again until then)."""
+    out-of-memory error, "oom@RANK:STEP" on one rank of a data-parallel run only; entries
+    separated by ";". A step listed n times fails n times (the step redone after a rollback or
+    a re-plan fails again until then)."""
 
-    def __init__(self, spec: str):
+    def __init__(self, spec: str, rank: int = 0):
         self.remaining = {"nan": Counter(), "oom": Counter()}
         for entry in filter(None, spec.split(";")):
             kind, _, steps = entry.partition(":")
-            if kind in self.remaining:
+            kind, _, only_rank = kind.partition("@")
+            if kind in self.remaining and only_rank in ("", str(rank)):
                 self.remaining[kind].update(int(s) for s in steps.split(",") if s)
 
     def on_step_begin(self, trainer, step):
@@ -260,7 +262,7 @@ def run_training(cfg: TrainConfig, resume: bool) -> dict:
           f"run directory {cfg.out}")
 
     # The fault injection comes first: its failures are the guards' to catch.
-    callbacks = [FaultInjection(cfg.inject)] if cfg.inject else []
+    callbacks = [FaultInjection(cfg.inject, world.rank)] if cfg.inject else []
     callbacks += [MemoryGuard(requested, limits), NonFiniteGuard(cfg.max_bad_steps),
                   SampleMonitor(corpus.val_tokens, cfg.seed), CollapseMonitor(), OverfitMonitor(),
                   SpikeMonitor()]

@@ -576,31 +576,27 @@ class Trainer:
                           "val_ppl": perplexity(self.state.initial_val_loss)})
             print(f"eval at step 0: validation loss {self.state.initial_val_loss:.4f}")
 
-    def gradients(self) -> StepResult:
-        """The next batch's loss per counted token and its clipped gradients, accumulated over
-        the plan's micro-batches."""
+    def gradients(self) -> tuple:
+        """This process's share of the next batch: (loss sum, counted tokens, gradients of the
+        loss sum), accumulated over the plan's micro-batches."""
         loss_sum, count, grads = 0.0, 0.0, None
-        try:
-            for _ in range(self.grad_accum):
-                batch = self.world.shard(self.data.sampler.next_batch())
-                count += float(batch[2].sum())  # counted tokens, from the host-side mask
-                part_loss, part_grads = self.micro_step(*(mx.array(a) for a in batch))
-                grads = part_grads if grads is None else tree_map(mx.add, grads, part_grads)
-                loss_sum = loss_sum + part_loss
-                # Evaluated here, micro-batch by micro-batch: MLX is lazy, so this is where a
-                # step runs out of memory (inside the loop's guard), and accumulating
-                # unevaluated gradients would keep every micro-batch's activations alive at once.
-                mx.eval(loss_sum, grads)
-            failed = None
-        except (RuntimeError, MemoryError) as error:
-            if self.world.size == 1 or not is_memory_error(error):
-                raise
-            failed = error
+        for _ in range(self.grad_accum):
+            batch = self.world.shard(self.data.sampler.next_batch())
+            count += float(batch[2].sum())  # counted tokens, from the host-side mask
+            part_loss, part_grads = self.micro_step(*(mx.array(a) for a in batch))
+            grads = part_grads if grads is None else tree_map(mx.add, grads, part_grads)
+            loss_sum = loss_sum + part_loss
+            # Evaluated here, micro-batch by micro-batch: MLX is lazy, so this is where a step
+            # runs out of memory (inside the loop's guard), and accumulating unevaluated
+            # gradients would keep every micro-batch's activations alive at once.
+            mx.eval(loss_sum, grads)
+        return loss_sum, count, grads
+
+    def step_result(self, local: tuple) -> StepResult:
+        """The whole batch's loss per counted token and clipped gradients, from every rank's
+        share (``gradients``)."""
+        loss_sum, count, grads = local
         if self.world.size > 1:
-            # Every rank learns whether any ran out of memory before the gradients are summed,
-            # so that all re-plan together and none waits in a sum another never joins.
-            if self.world.agree(failed is not None):
-                raise failed or MemoryError("another rank ran out of memory in this step")
             loss_sum, count = self.world.sum(mx.stack([loss_sum, mx.array(count)])).tolist()
             grads = self.world.sum_gradients(grads)
         grads, norm = optim.clip_grad_norm(tree_map(lambda g: g / max(count, 1.0), grads),
@@ -731,9 +727,19 @@ def train(model, optimizer, data: TrainingData, config: TrainConfig, callbacks=(
         # callback deals with the failure (a memory guard re-planning), it runs again.
         before = trainer.position()
         try:
-            for callback in trainer.callbacks:
-                callback.on_step_begin(trainer, step)
-            result = trainer.gradients()
+            try:
+                for callback in trainer.callbacks:
+                    callback.on_step_begin(trainer, step)
+                local, failure = trainer.gradients(), None
+            except (RuntimeError, MemoryError) as error:
+                if trainer.world.size == 1 or not is_memory_error(error):
+                    raise
+                local, failure = None, error
+            # Every rank learns whether any ran out of memory before the sums, so that all
+            # re-plan together and none waits in a sum that another never joins.
+            if trainer.world.agree(failure is not None):
+                raise failure or MemoryError("another rank ran out of memory in this step")
+            result = trainer.step_result(local)
         except (RuntimeError, MemoryError) as error:
             trainer.return_to(before)
             if any(callback.on_step_failed(trainer, step, error) for callback in trainer.callbacks):
@@ -829,7 +835,8 @@ class MemoryGuard(TrainingCallback):
             return
         self.measured = True
         measured = mx.get_peak_memory()
-        if measured > self.limits.memory_bytes and trainer.config.degrade:
+        # Decided together: every rank of a data-parallel run keeps the same plan.
+        if trainer.world.agree(measured > self.limits.memory_bytes) and trainer.config.degrade:
             self.step_down(trainer, f"measured peak {measured / 1e9:.2f} GB over the budget "
                                     f"{self.limits.memory_bytes / 1e9:.2f} GB")
 

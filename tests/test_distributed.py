@@ -80,6 +80,16 @@ def test_two_processes_train_as_one(tmp_path):
     assert config["world_size"] == 2 and json.loads(
         (tmp_path / "two" / "summary.json").read_text())["ranks"] == 2
 
+    # Out of memory on rank 1 alone at step 5: both ranks step down the ladder together
+    # (gradient checkpointing, the same arithmetic) and redo the step; no step is lost.
+    failing = train("failing", "--batch-size", "8", "--inject", "oom@1:5", launch=True)
+    assert "MEMORY: step 5 failed: another rank ran out of memory in this step" in failing.stdout
+    assert json.loads((tmp_path / "failing" / "train_config.json").read_text())["plan"]["rung"] \
+        == "1. gradient checkpointing"
+    redone = losses(tmp_path / "failing")
+    assert sorted(redone) == list(range(1, STEPS + 1))
+    assert max(abs(redone[s] - got[s]) / abs(got[s]) for s in got) <= RESUME_TOLERANCE
+
 
 def test_a_killed_rank_ends_the_run_and_it_resumes_exactly(tmp_path):
     args = small_run(tmp_path, tmp_path / "whole", "--batch-size", "8", steps=24)
