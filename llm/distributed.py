@@ -6,8 +6,8 @@ Started by ``mlx.launch`` (ring over TCP, MPI, or Apple's Thunderbolt backend), 
     mlx.launch -n 2 --backend ring --python "$(which python)" train.py --model tiny ...
 
 Every rank holds the whole model and reads the same global batch in the same seeded order,
-then keeps its own rows of it (``shard``): rank r of W takes rows r*b to (r+1)*b of every
-micro-batch of W*b rows. Gradients and token counts are summed across ranks before the
+then keeps its own rows of it (``shard``): rank r of W takes rows r, r + W, r + 2W, ... of
+every micro-batch of W*b rows. Gradients and token counts are summed across ranks before the
 update (``sum``), so a step sees the gradient of the whole global batch, as one process
 would; every decision that follows (skip a non-finite step, roll back, stop early) is then
 the same on every rank. Only rank 0 prints and writes. Started without ``mlx.launch``, the
@@ -42,17 +42,13 @@ class World:
         """Rank 0: the one that prints, logs and writes checkpoints."""
         return self.rank == 0
 
-    def rows(self, batch_rows: int) -> slice:
-        """This rank's rows of a global micro-batch of ``batch_rows`` (a multiple of size)."""
-        per_rank = batch_rows // self.size
-        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
-
     def shard(self, batch: tuple) -> tuple:
-        """This rank's rows of every array of a global batch."""
+        """This rank's rows of every array of a global batch: every size-th row from its
+        rank on, so that a batch of any size is covered once (a last, smaller validation
+        batch included)."""
         if self.size == 1:
             return batch
-        piece = self.rows(len(batch[0]))
-        return tuple(array[piece] for array in batch)
+        return tuple(array[self.rank::self.size] for array in batch)
 
     def sum(self, tree):
         """Every array of ``tree`` summed over the ranks (a gradient, a loss, a count)."""
