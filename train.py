@@ -8,15 +8,16 @@
     python train.py --quick-test                         # a whole run in under a minute
     python train.py finetune BASE --data train.jsonl --adapter lora --quantize-base 4   # QLoRA
     python train.py fuse RUN_DIR                         # a fine-tuned run's adapters merged
+    mlx.launch -n 2 --backend ring --python "$(which python)" train.py --model tiny  # data parallel
 
 A run directory holds train_config.json (every option), metrics.jsonl (every step and
 evaluation), samples.jsonl (generations at each evaluation), and checkpoints/{last,best}/,
 each a complete model directory (config.json, model.safetensors, tokenizer) plus the
 optimizer's state and the trainer's position (trainer_state.json); a fine-tuning run's
-checkpoints hold its adapters (mlx-lm's adapter directory) instead of the model. Checkpoints are written
-to a temporary directory and renamed into place, so a kill at any moment leaves the last
-good one loadable, and --resume continues from it with the same losses as an uninterrupted
-run.
+checkpoints hold its adapters (mlx-lm's adapter directory) instead of the model.
+Checkpoints are written to a temporary directory and renamed into place, so a kill at any
+moment leaves the last good one loadable, and --resume continues from it with the same
+losses as an uninterrupted run.
 
 The loop itself, its guards and its monitors are a library (llm/trainer.py); this file reads
 the options, prepares the data and the model, and calls it.
