@@ -2,7 +2,7 @@
 backend, on this machine), and the bytes each step all-reduces.
 
     python benchmarks/bench_distributed.py                  # ultra-tiny and tiny
-    python benchmarks/bench_distributed.py --presets ultra-tiny --steps 40
+    python benchmarks/bench_distributed.py --presets ultra-tiny --repeats 3
 
 Each case runs train.py itself, the same global batch in both (each of two ranks takes half
 of it), one after the other, repeated ``--repeats`` times in alternation; the throughput of a
@@ -30,7 +30,8 @@ from llm import create_model_config, param_count
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = [str(Path(sys.executable).parent / "mlx.launch"), "-n", "2", "--backend", "ring",
           "--python", sys.executable]
-SHAPES = {"ultra-tiny": dict(batch_size=16, seq_len=128), "tiny": dict(batch_size=8, seq_len=512)}
+SHAPES = {"ultra-tiny": dict(batch_size=16, seq_len=128, steps=60),
+          "tiny": dict(batch_size=8, seq_len=512, steps=8)}
 
 
 def throughput(command: list, run_dir: Path) -> float:
@@ -44,10 +45,9 @@ def throughput(command: list, run_dir: Path) -> float:
 
 @click.command()
 @click.option("--presets", default="ultra-tiny,tiny", show_default=True)
-@click.option("--steps", default=60, show_default=True)
 @click.option("--repeats", default=2, show_default=True)
 @click.option("--out", default=None, help="JSON path (default benchmarks/results/distributed-DATE.json)")
-def main(presets, steps, repeats, out):
+def main(presets, repeats, out):
     started = now()
     machine = machine_description()
     print(f"# data-parallel training throughput, {started:%Y-%m-%d %H:%M %Z}; {machine_line(machine)}")
@@ -57,6 +57,7 @@ def main(presets, steps, repeats, out):
     with tempfile.TemporaryDirectory(prefix="bench-distributed-") as scratch:
         for preset in presets.split(","):
             shape = SHAPES[preset]
+            steps = shape["steps"]
             rates = {1: [], 2: []}
             for repeat in range(repeats):
                 for processes in (1, 2):
@@ -69,7 +70,7 @@ def main(presets, steps, repeats, out):
                     rates[processes].append(throughput(command, run_dir))
             config = create_model_config(preset, vocab_size=258)
             reduced = 4 * param_count(config) + 8
-            row = {"preset": preset, **shape, "steps": steps,
+            row = {"preset": preset, **shape,
                    "tokens_per_s_1": statistics.median(rates[1]), "tokens_per_s_2": statistics.median(rates[2]),
                    "runs": rates, "all_reduced_bytes_per_step": reduced,
                    "ring_bytes_sent_per_rank_per_step": reduced}  # 2 (n - 1) / n = 1 at n = 2
