@@ -152,9 +152,9 @@ def markdown(report: dict) -> str:
 @click.option("--base", type=click.Path(exists=True, file_okay=False), default=None,
               help="base model directory (default: pretrain ultra-tiny on byte-level stdlib source)")
 @click.option("--base-steps", default=1500, show_default=True)
-@click.option("--steps", default=600, show_default=True, help="fine-tuning steps per adapter")
-@click.option("--rank", default=8, show_default=True)
-@click.option("--lr", default=3e-3, show_default=True)
+@click.option("--steps", default=800, show_default=True, help="fine-tuning steps per adapter")
+@click.option("--rank", default=16, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
 @click.option("--seeds", default="0,1", show_default=True)
 @click.option("--workdir", default="", help="where runs go (default runs/eval-adapters-DATE)")
 @click.option("--out", default="", help="results JSON (default benchmarks/results/adapters-DATE.json)")
