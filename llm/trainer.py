@@ -136,7 +136,7 @@ class TrainConfig:
                            "does not fit", memory=True)
     # Fine-tuning (`train.py finetune BASE`): the base model, and what of it is trained.
     base: str = option("", "the model to fine-tune: a model directory, or a run directory (its "
-                       "best checkpoint)", finetune=True, memory=True, hidden=True)
+                       "best checkpoint)", finetune=True, memory=True)
     adapter: str = option("", "what fine-tuning trains: lora or dora adapters (mlx-lm's), or "
                           "full (every parameter); default lora", choices=("", *ADAPTER_KINDS),
                           finetune=True, memory=True)
