@@ -36,6 +36,7 @@ import click
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from . import load
 from .adapters import (ADAPTER_CONFIG, ADAPTER_FILE, add_adapters, files_fingerprint, quantize_base,
                        remove_adapters)
 from .atomic import verify_directory
@@ -88,8 +89,6 @@ class AdapterSet:
     """One base model and several named adapters, any one of them active at a time."""
 
     def __init__(self, base, adapters: dict):
-        from . import load
-
         if not adapters:
             raise ValueError("adapters is empty: give at least one name=directory")
         self.model, self.tokenizer = load(base)
