@@ -54,7 +54,7 @@ from llm.tokenizer import ByteTokenizer
 from llm.trainer import (DTYPES, CollapseMonitor, MemoryGuard, NonFiniteGuard, OptionError,
                          OverfitMonitor, SampleMonitor, SpikeMonitor, TrainConfig, TrainingCallback,
                          TrainingData, make_optimizer, read_jsonl, train)
-from llm.weights import read_config_file
+from llm.weights import quantization_of, read_config_file
 from power_retention.cpu_tuning import tune_process
 
 # Options that may differ when resuming (to extend or re-schedule a run); any other option
@@ -195,11 +195,12 @@ class FaultInjection(TrainingCallback):
             result.loss = result.loss * float("nan")
 
 
-def run_training(cfg: TrainConfig, resume: bool) -> dict:
+def run_training(cfg: TrainConfig, resume: bool, world: World) -> dict:
     """Prepare the data, plan the memory, build the model, and train it, guarded and monitored;
-    ``resume``: continue the run in ``cfg.out`` from its last checkpoint, if it has one."""
+    ``resume``: continue the run in ``cfg.out`` from its last checkpoint, if it has one;
+    ``world``: this process's place among the run's (data parallel under mlx.launch)."""
     mx.random.seed(cfg.seed)
-    world = join_world(cfg)
+    check_world(cfg, world)
     base = adapter_config = None
     if cfg.base:  # fine-tuning: the base's model and tokenizer
         base_dir = base_model_dir(cfg.base)
@@ -210,10 +211,13 @@ def run_training(cfg: TrainConfig, resume: bool) -> dict:
                                    f"models; fine-tune it in a new run")
         cfg.base_fingerprint = fingerprint
         base, tokenizer = load(base_dir)
-        tokenizer, corpus = prepare(cfg, tokenizer)
+        if cfg.adapter == "full" and quantization_of(base):
+            raise click.UsageError(f"--base {cfg.base} is quantized: its weights cannot be trained "
+                                   f"(--adapter full); train lora or dora adapters over it")
+        tokenizer, corpus = main_first(world, lambda: prepare(cfg, tokenizer))
         requested_config = base.config
     else:
-        tokenizer, corpus = prepare(cfg)
+        tokenizer, corpus = main_first(world, lambda: prepare(cfg))
         requested_config = model_config(cfg, tokenizer.vocab_size, tokenizer.bos_id)
     seq_len = cfg.seq_len or requested_config.max_position_embeddings
     if not cfg.plan and cfg.epochs:
@@ -270,12 +274,21 @@ def run_training(cfg: TrainConfig, resume: bool) -> dict:
     return train(model, make_optimizer(cfg), data, cfg, callbacks, resume=resume, world=world)
 
 
-def join_world(cfg: TrainConfig) -> World:
-    """The processes of this run (several under mlx.launch: data parallel, see
-    llm/distributed.py); only rank 0 prints."""
-    world = World.join()
+def main_first(world: World, make):
+    """``make()`` on rank 0, then on the other ranks, which then find the caches it filled
+    (the tokenizer and the tokenized corpus) instead of writing them at the same time."""
+    if not world.is_main:
+        world.agree(False)
+    result = make()
+    if world.is_main:
+        world.agree(False)
+    return result
+
+
+def check_world(cfg: TrainConfig, world: World):
+    """A data-parallel run's checks (see llm/distributed.py); only rank 0 prints."""
     if world.size == 1 and cfg.world_size == 1:
-        return world
+        return
     if not world.is_main:
         sys.stdout = open(os.devnull, "w")
 
@@ -297,7 +310,6 @@ def join_world(cfg: TrainConfig) -> World:
         raise click.UsageError(f"--batch-size {cfg.batch_size} must be a multiple of the "
                                f"{world.size} processes: each takes an equal share of every batch")
     cfg.world_size = world.size
-    return world
 
 
 # ----------------------------------------------------------------------------- command line
@@ -385,15 +397,16 @@ def cli(ctx, mode, resume, quick_test, **options):
     if ctx.invoked_subcommand is not None:
         return
     tune_process()
+    world = World.join()
     given = {name for name in options
              if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
     if resume is not None:
-        cfg = _resumed_config(Path(resume), options, given)
+        cfg = _resumed_config(Path(resume), options, given, world)
     else:
         if quick_test:
             options.update({k: v for k, v in QUICK_TEST.items() if k not in given})
-        cfg = new_run(options, "quick-test" if quick_test else options["model"])
-    summary = execute(cfg, resume is not None)
+        cfg = new_run(options, "quick-test" if quick_test else options["model"], world)
+    summary = execute(cfg, resume is not None, world)
     if quick_test:
         fell = summary["initial_val_loss"] - summary["best_val_loss"]
         if not fell >= 0.5:
@@ -404,10 +417,13 @@ def cli(ctx, mode, resume, quick_test, **options):
               f"{summary['best_val_loss']:.3f} in {summary['elapsed_s']:.0f} s")
 
 
-def new_run(options: dict, name: str) -> TrainConfig:
+def new_run(options: dict, name: str, world: World) -> TrainConfig:
     """The config of a new run (its directory runs/NAME-DATE unless --out names one, which
     must not hold a run already)."""
     cfg = validated(TrainConfig(**options))
+    if not cfg.out and world.size > 1:  # each process would stamp its own date
+        raise click.UsageError("a data-parallel run needs --out: every process must name the same "
+                               "run directory")
     if not cfg.out:
         cfg.out = str(Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     out = Path(cfg.out)
@@ -417,19 +433,21 @@ def new_run(options: dict, name: str) -> TrainConfig:
     return cfg
 
 
-def execute(cfg: TrainConfig, resuming: bool) -> dict:
+def execute(cfg: TrainConfig, resuming: bool, world: World) -> dict:
     """Train (``resuming``: from the run's last checkpoint); a memory plan that must change the
     model restarts the run loudly from step 0, keeping the old checkpoints."""
     while True:
         try:
-            return run_training(cfg, resuming)
+            return run_training(cfg, resuming, world)
         except ModelMustChange as change:
             run_dir = Path(cfg.out)
             kept = run_dir / f"checkpoints-before-{time.strftime('%Y%m%d-%H%M%S')}"
-            kept.mkdir()
-            for name in ("checkpoints", "metrics.jsonl", "samples.jsonl"):
-                if (run_dir / name).exists():
-                    os.replace(run_dir / name, kept / name)
+            if world.is_main:
+                kept.mkdir()
+                for name in ("checkpoints", "metrics.jsonl", "samples.jsonl"):
+                    if (run_dir / name).exists():
+                        os.replace(run_dir / name, kept / name)
+            world.agree(False)  # the others restart once the old run is set aside
             print(f"!!! MEMORY: only rungs that change the model are left; RESTARTING FROM STEP 0 "
                   f"with '{change}' (the old checkpoints and logs are in {kept}) !!!")
             resuming = True  # no checkpoint there now: a fresh start that keeps the new plan
@@ -445,7 +463,7 @@ def execute(cfg: TrainConfig, resuming: bool) -> dict:
                 f"train.py --resume {cfg.out}") from error
 
 
-def _resumed_config(directory: Path, options: dict, given: set) -> TrainConfig:
+def _resumed_config(directory: Path, options: dict, given: set, world: World) -> TrainConfig:
     path = directory / "train_config.json"
     if not path.is_file():
         raise click.UsageError(f"--resume {directory}: no train_config.json there, not a run directory")
@@ -473,7 +491,7 @@ def _resumed_config(directory: Path, options: dict, given: set) -> TrainConfig:
     saved.update({name: options[name] for name in given if name in RESUMABLE_OVERRIDES})
     saved["out"] = str(directory)
     cfg = validated(TrainConfig(**saved))
-    if any(name in given for name in RESUMABLE_OVERRIDES):
+    if any(name in given for name in RESUMABLE_OVERRIDES) and world.is_main:
         cfg.save(path)
     return cfg
 
@@ -506,6 +524,9 @@ def _checkpoint_model_dir(run_dir: Path) -> Path:
         directory = run_dir / "checkpoints" / name / "model"
         if (directory / "config.json").is_file():
             return directory
+    if any((run_dir / "checkpoints" / name / "adapters").is_dir() for name in ("best", "last")):
+        raise click.UsageError(f"{run_dir} holds adapters, not a model: merge them into its base "
+                               f"with `train.py fuse {run_dir}` and use {run_dir / 'fused'}")
     raise click.UsageError(f"{run_dir}: no checkpoint found (expected checkpoints/best or last)")
 
 
@@ -518,8 +539,9 @@ def finetune(base, **options):
     lora or dora adapters (over a 4- or 8-bit base with --quantize-base: QLoRA), or every
     weight (--adapter full), with the trainer's guards; resume with train.py --resume RUN_DIR."""
     tune_process()
+    world = World.join()
     options.update(base=str(Path(base).resolve()), model="", adapter=options["adapter"] or "lora")
-    execute(new_run(options, f"finetune-{Path(base).resolve().name}"), False)
+    execute(new_run(options, f"finetune-{Path(base).resolve().name}", world), False, world)
 
 
 @cli.command()

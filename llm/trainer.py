@@ -313,7 +313,8 @@ def evaluate(model, batches, rows: int, world: World | None = None) -> float:
                                      mx.array(mask[piece]))
             total += loss_sum.item()
             count += n.item()
-    total, count = world.sum(mx.array([total, count], dtype=mx.float32)).tolist()
+    if world.size > 1:
+        total, count = world.sum(mx.array([total, count], dtype=mx.float32)).tolist()
     return total / max(count, 1.0)
 
 
@@ -566,6 +567,12 @@ class Trainer:
                 self.run.dir.mkdir(parents=True, exist_ok=True)
                 self.config.save(self.run.dir / "train_config.json")
             self.run.truncate_metrics(0)
+            # Rollbacks and resumes read rank 0's checkpoints: every rank must see its files.
+            self.world.agree(False)  # rank 0 has written train_config.json
+            if self.world.agree(not (self.run.dir / "train_config.json").is_file()):
+                raise ValueError(f"the run directory {self.run.dir} is not visible to every rank: a "
+                                 f"data-parallel run keeps it on storage they share (the same "
+                                 f"local disk, or a network volume mounted at the same path)")
         mx.eval(self.model.parameters())
         self.started = time.perf_counter() - self.state.elapsed_s
         self.window_start = time.perf_counter()
@@ -849,7 +856,8 @@ class MemoryGuard(TrainingCallback):
         if plan.chosen.changes_model:
             raise ModelMustChange(plan.chosen.name)
         trainer.use_plan(config.plan)
-        config.save(trainer.run.dir / "train_config.json")
+        if trainer.world.is_main:
+            config.save(trainer.run.dir / "train_config.json")
         trainer.run.log({"step": trainer.state.step, "event": "replan", "rung": config.plan["rung"],
                          "reason": reason})
 

@@ -120,7 +120,11 @@ def test_a_killed_rank_ends_the_run_and_it_resumes_exactly(tmp_path):
     assert worst <= RESUME_TOLERANCE, f"resumed losses differ by {worst:.2e}"
 
 
-def test_a_batch_that_does_not_split_evenly_is_refused(tmp_path):
-    result = run(two_ranks(small_run(tmp_path, tmp_path / "odd", "--batch-size", "5", steps=5)))
-    assert "--batch-size 5 must be a multiple of the 2 processes" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_options_a_data_parallel_run_cannot_take_are_refused(tmp_path):
+    odd = run(two_ranks(small_run(tmp_path, tmp_path / "odd", "--batch-size", "5", steps=5)))
+    assert "--batch-size 5 must be a multiple of the 2 processes" in odd.stderr
+    args = small_run(tmp_path, tmp_path / "unnamed", steps=5)
+    del args[args.index("--out"):args.index("--out") + 2]
+    unnamed = run(two_ranks(args))
+    assert "a data-parallel run needs --out" in unnamed.stderr
+    assert "Traceback" not in odd.stderr + unnamed.stderr
