@@ -557,7 +557,11 @@ class Trainer:
                               self.run.best_checkpoint):
                 recover_directory(directory)  # a kill between a save's two renames
         self.world.agree(False)  # the other ranks read the checkpoints once they are whole
-        if resume and self.restore_newest() is not None:
+        restored = resume and self.restore_newest() is not None
+        if self.world.agree(restored) and self.world.agree(not restored):  # some ranks only
+            raise ValueError(f"the checkpoints in {self.run.dir} are not visible to every rank: a "
+                             f"data-parallel run keeps its directory on storage they share")
+        if restored:
             self.run.truncate_metrics(self.state.step)
             print(f"resumed {self.run.dir} at step {self.state.step} (best validation loss "
                   f"{self.state.best_val_loss})")
