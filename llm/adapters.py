@@ -161,9 +161,16 @@ def load_adapter_weights(model, directory):
         weights = mx.load(str(path))
     except Exception as error:  # MLX raises RuntimeError or ValueError by what is wrong
         raise DamagedFileError(f"{path} cannot be read: {error}") from error
+    mismatch = first_mismatch(weights, model)
+    if mismatch:
+        raise ValueError(f"{path} does not hold this run's adapters (first mismatch: {mismatch!r})")
+    model.load_weights(list(weights.items()), strict=False)
+
+
+def first_mismatch(weights: dict, model) -> str | None:
+    """The first tensor name that is in ``weights`` or in ``model``'s adapters but not both,
+    or in both with another shape; None when the tensors are exactly its adapters'."""
     expected = adapter_weights(model)
     wrong = sorted(set(weights) ^ set(expected)) + sorted(
         name for name in set(weights) & set(expected) if weights[name].shape != expected[name].shape)
-    if wrong:
-        raise ValueError(f"{path} does not hold this run's adapters (first mismatch: {wrong[0]!r})")
-    model.load_weights(list(weights.items()), strict=False)
+    return wrong[0] if wrong else None

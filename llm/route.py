@@ -37,8 +37,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from . import load
-from .adapters import (ADAPTER_CONFIG, ADAPTER_FILE, add_adapters, files_fingerprint, quantize_base,
-                       remove_adapters)
+from .adapters import (ADAPTER_CONFIG, ADAPTER_FILE, add_adapters, files_fingerprint,
+                       first_mismatch, quantize_base, remove_adapters)
 from .atomic import verify_directory
 from .data import read_documents
 from .generate import generate
@@ -92,7 +92,7 @@ class AdapterSet:
         if not adapters:
             raise ValueError("adapters is empty: give at least one name=directory")
         self.model, self.tokenizer = load(base)
-        self.base_bytes = sum(array.nbytes for _, array in tree_flatten(self.model.parameters()))
+        base_fingerprint = files_fingerprint(Path(base))
         self.adapters: dict[str, Adapter] = {}
         for name, path in adapters.items():
             directory = adapter_directory(path)
@@ -102,7 +102,7 @@ class AdapterSet:
                 raise ValueError(f"adapter {name!r} ({directory}) is a full fine-tune, not an "
                                  f"adapter: serve its fused model on its own")
             trained_on = config.get("base_fingerprint")
-            if trained_on and trained_on != files_fingerprint(Path(base)):
+            if trained_on and trained_on != base_fingerprint:
                 raise ValueError(f"adapter {name!r} ({directory}) was trained on another base "
                                  f"({config.get('model')}), not on {base}")
             self.adapters[name] = Adapter(name, directory, config, mx.load(str(directory / ADAPTER_FILE)))
@@ -113,7 +113,7 @@ class AdapterSet:
         self.quantization = quantized.pop()
         if self.quantization != "none":
             quantize_base(self.model, int(self.quantization))
-            self.base_bytes = sum(array.nbytes for _, array in tree_flatten(self.model.parameters()))
+        self.base_bytes = sum(array.nbytes for _, array in tree_flatten(self.model.parameters()))
         self.active: str | None = None
         self._layers: tuple | None = None  # the shape of the adapter layers in place
         for adapter in self.adapters.values():  # every adapter fits this base, checked up front
@@ -136,14 +136,12 @@ class AdapterSet:
             kind, layers, rank, scale, dropout = adapter.shape
             add_adapters(self.model, kind, rank, layers, scale=scale, dropout=dropout)
             self._layers = adapter.shape
-        expected = dict(tree_flatten(self.model.trainable_parameters()))
-        wrong = sorted(set(adapter.weights) ^ set(expected)) + sorted(
-            n for n in set(adapter.weights) & set(expected) if adapter.weights[n].shape != expected[n].shape)
-        if wrong:
+        mismatch = first_mismatch(adapter.weights, self.model)
+        if mismatch:
             remove_adapters(self.model)
             self.active, self._layers = None, None
             raise ValueError(f"adapter {name!r} ({adapter.directory / ADAPTER_FILE}) does not fit "
-                             f"this base (first mismatch: {wrong[0]!r}): it was trained on another model")
+                             f"this base (first mismatch: {mismatch!r}): it was trained on another model")
         self.model.load_weights(list(adapter.weights.items()), strict=False)
         self.model.eval()
         self.active = name
