@@ -7,7 +7,10 @@ fields, each after a colon: ``p2:conv_size=0:gate_init=0.99``. Lists of mixers a
 comma-separated. The name is also the label in tables.
 
 A cell is one training run (a dict of JSON values, the model its mixer's name builds
-included: ``cell_model``); each runs in its own process (so a crash
+included: ``cell_model``), identified by what it trains, not by its label: after a change of
+defaults, ``p2`` finds the records of ``p2:gate_init=0.999`` when that is what ``p2`` now
+builds, and the older records under the name that still builds their model. Each runs in its
+own process (so a crash
 or a leak cannot touch the others, and ``--jobs 2`` uses both cores of a small machine), and
 its record is added to the results file as soon as it ends: an interrupted grid resumes
 where it stopped when run again with the same results file.
@@ -100,6 +103,13 @@ def as_today(cell: dict) -> dict:
     return {**cell, "model": json.loads(json.dumps(saved_config(cell["model"]).to_dict()))}
 
 
+def unlabelled(cell: dict) -> dict:
+    """A cell without its mixer's name (the model it builds says what it is)."""
+    if "model" not in cell:
+        return cell
+    return {key: value for key, value in cell.items() if key != "mixer"}
+
+
 def state_floats(config: ModelConfig, seq_len: int) -> int:
     """Floats a model keeps per sequence to continue it after ``seq_len`` tokens: recurrent
     states (power) or the KV cache (softmax), all layers: Zoology's 'state size'."""
@@ -125,13 +135,21 @@ class Results:
         else:
             self.data = {"settings": settings, "machine": machine_description(), "cells": []}
 
+    def find(self, cell: dict):
+        """The first record that trained ``cell`` (whatever its mixer was called), or None."""
+        wanted = unlabelled(cell)
+        return next((record for record in self.data["cells"]
+                     if unlabelled(as_today(record["cell"])) == wanted), None)
+
     def done(self, cell: dict) -> bool:
-        return any(as_today(record["cell"]) == cell for record in self.data["cells"])
+        return self.find(cell) is not None
 
     def records(self, cells: list) -> list:
-        """The records of ``cells``, in their order (the file may hold other grids' cells too)."""
-        return [record for cell in cells for record in self.data["cells"]
-                if as_today(record["cell"]) == cell]
+        """The records of ``cells``, in their order and under their labels (the file may hold
+        other grids' cells too)."""
+        found = [(cell, self.find(cell)) for cell in cells]
+        return [{**record, "cell": {**record["cell"], "mixer": cell["mixer"]}}
+                for cell, record in found if record is not None]
 
     def add(self, record: dict):
         self.data["cells"].append(record)
@@ -144,7 +162,10 @@ class Results:
 def run_cells(script: str, cells: list, results: Results, jobs: int, describe) -> None:
     """Run each cell not yet in ``results`` as ``python script --cell JSON`` (its last stdout
     line is its record), ``jobs`` at a time; add each record as it arrives."""
-    todo = [cell for cell in cells if not results.done(cell)]
+    todo = []
+    for cell in cells:  # two names for one model train once
+        if not results.done(cell) and all(unlabelled(cell) != unlabelled(other) for other in todo):
+            todo.append(cell)
     print(f"{len(cells) - len(todo)} of {len(cells)} cells already in {results.path}; "
           f"running {len(todo)}, {jobs} at a time", flush=True)
     env = dict(os.environ)

@@ -42,10 +42,15 @@ def test_mqar_grid_writes_table_plot_and_resumes(tmp_path):
     again = run("eval_mqar.py", *args)
     assert "4 of 4 cells already" in again and "2 of 2 cells already" in again
     assert len(json.loads(out.read_text())["cells"]) == 6
+    # Another name for the same model finds its cells and labels the table with that name.
+    renamed = [arg.replace("p2:gate_init=0.9", "p2:conv_size=4:gate_init=0.9") for arg in args]
+    relabelled = run("eval_mqar.py", *renamed, "--report", str(tmp_path / "renamed"))
+    assert "4 of 4 cells already" in relabelled and "| p2:conv_size=4:gate_init=0.9 | 64 |" in relabelled
+    assert len(json.loads(out.read_text())["cells"]) == 6
     # A cell trained when its mixer's name meant another model (older defaults) is not one of
     # today's: it trains again. Another grid's table can go elsewhere (--report).
     saved = json.loads(out.read_text())
-    saved["cells"][0]["cell"]["model"]["gate_init"] = 0.999
+    saved["cells"][0]["cell"]["model"]["gate_init"] = 0.5
     out.write_text(json.dumps(saved))
     third = run("eval_mqar.py", *args, "--report", str(tmp_path / "table"))
     assert "3 of 4 cells already" in third and len(json.loads(out.read_text())["cells"]) >= 7
@@ -86,12 +91,12 @@ def test_mixer_names():
 def test_a_cell_saved_before_a_field_was_added_is_still_found():
     """A results file's cell whose model predates a field: the same cell when the field's
     default leaves the model as it was (document_start_id), another one when the missing
-    field meant another model (gate_init, whose older default was 0.999)."""
+    field meant another model (conv_size, whose older default was 0)."""
     from harness import as_today, cell_model
 
     shape = dict(vocab_size=256, width=64, layers=2, head_dim=16, seq_len=64)
     today = {"mixer": "p2", "model": cell_model("p2", **shape)}
     older = {**today, "model": {k: v for k, v in today["model"].items() if k != "document_start_id"}}
     assert as_today(older) == today
-    oldest = {**today, "model": {k: v for k, v in today["model"].items() if k != "gate_init"}}
+    oldest = {**today, "model": {k: v for k, v in today["model"].items() if k != "conv_size"}}
     assert as_today(oldest) != today
