@@ -103,11 +103,19 @@ def as_today(cell: dict) -> dict:
     return {**cell, "model": json.loads(json.dumps(saved_config(cell["model"]).to_dict()))}
 
 
+# ModelConfig fields only the power mixer reads: attention is the same model whatever they hold.
+POWER_ONLY_FIELDS = ("deg", "gating", "gate_init", "output_norm", "chunk_size")
+
+
 def unlabelled(cell: dict) -> dict:
-    """A cell without its mixer's name (the model it builds says what it is)."""
+    """What a cell trains: the cell without its mixer's name (its model says what it is) and,
+    for attention, without the power mixer's fields (so a new power default keeps its cells)."""
     if "model" not in cell:
         return cell
-    return {key: value for key, value in cell.items() if key != "mixer"}
+    model = cell["model"]
+    if model.get("mixer") == "softmax":
+        model = {key: value for key, value in model.items() if key not in POWER_ONLY_FIELDS}
+    return {**{key: value for key, value in cell.items() if key != "mixer"}, "model": model}
 
 
 def state_floats(config: ModelConfig, seq_len: int) -> int:
