@@ -55,6 +55,7 @@ from llm.trainer import (DTYPES, CollapseMonitor, MemoryGuard, NonFiniteGuard, O
                          OverfitMonitor, SampleMonitor, SpikeMonitor, TrainConfig, TrainingCallback,
                          TrainingData, make_optimizer, read_jsonl, train)
 from llm.weights import quantization_of, read_config_file
+from power_retention import tuning
 from power_retention.cpu_tuning import tune_process
 
 # Options that may differ when resuming (to extend or re-schedule a run); any other option
@@ -228,6 +229,8 @@ def run_training(cfg: TrainConfig, resume: bool, world: World) -> dict:
     requested = RunShape(requested_config, cfg.batch_size // world.size, cfg.grad_accum, seq_len,
                          adapters=cfg.adapters())
     if not cfg.plan:  # a fresh run plans; a resumed one keeps the plan it started with
+        # Rank 0 measures; the other ranks of a data-parallel run then read its choice.
+        requested = main_first(world, lambda: tuned_form(requested))
         plan, limits = make_plan(cfg, requested)
         cfg.plan = rung_to_plan(plan.chosen, requested)
     else:
@@ -272,6 +275,20 @@ def run_training(cfg: TrainConfig, resume: bool, world: World) -> dict:
                   SampleMonitor(corpus.val_tokens, cfg.seed), CollapseMonitor(), OverfitMonitor(),
                   SpikeMonitor()]
     return train(model, make_optimizer(cfg), data, cfg, callbacks, resume=resume, world=world)
+
+
+def tuned_form(requested: RunShape) -> RunShape:
+    """``requested`` with the retention form and chunk size measured fastest for its training
+    step on this device (measured once per machine, then kept: power_retention.tuning), unless
+    the model names a chunk size."""
+    config = requested.config
+    if config.mixer != "power" or config.chunk_size is not None:
+        return requested
+    choice = tuning.choose(B=requested.batch_size, T=requested.seq_len, Hq=config.num_attention_heads,
+                           H=config.num_key_value_heads, d=config.head_dim, e=config.head_dim,
+                           deg=config.deg, gated=config.gating, mode="training")
+    print(f"retention form for this step on this device: {choice.describe()}")
+    return requested.replace(method=choice.method, chunk_size=choice.chunk_size)
 
 
 def main_first(world: World, make):

@@ -81,7 +81,8 @@ class ModelConfig:
                                      # degree's default, on for odd degrees only)
     rope: bool | None = None      # rotary embeddings on q, k (None: the mixer's default, ROPE
                                   # for power; softmax always has them)
-    chunk_size: int = 64          # chunk of the power mixer's chunked form
+    chunk_size: int | None = None  # chunk of the power mixer's chunked form (None: the form and
+                                   # size measured fastest on the device, power_retention.tuning)
     rope_theta: float = 10000.0   # rotary embedding base
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
@@ -113,6 +114,8 @@ class ModelConfig:
             if isinstance(value, bool) or not isinstance(value, numbers.Real) \
                     or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive finite number, got {value!r}")
+        check_integer("ModelConfig.chunk_size", self.chunk_size, allow_none=True,
+                      meaning="None: the size measured fastest here")
         check_integer("ModelConfig.document_start_id", self.document_start_id, minimum=0,
                       allow_none=True)
         if self.document_start_id is not None and self.document_start_id >= self.vocab_size:

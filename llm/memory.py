@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import click
 from mlx.utils import tree_flatten
 
+from power_retention import tuning
 from power_retention.ops import choose_method
 from power_retention.sympow import expanded_dim
 
@@ -153,10 +154,15 @@ def estimate(config: ModelConfig, batch_size: int, seq_len: int, dtype: str = "f
         raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_SLOTS)}, got {optimizer!r}")
     B, T, dim = batch_size, seq_len, config.hidden_size
     chunk_size = config.chunk_size if chunk_size is None else chunk_size
+    shape = dict(B=B, T=T, Hq=config.num_attention_heads, H=config.num_key_value_heads,
+                 d=config.head_dim, e=config.head_dim, deg=config.deg, gated=config.gating)
+    if config.mixer == "power" and chunk_size is None and method in ("auto", "chunked"):
+        # What the run will use: a measured choice where one is kept (nothing is measured here).
+        choice = tuning.choose(**shape, method=method, mode="training", measure=False)
+        method, chunk_size = choice.method, choice.chunk_size
+    chunk_size = chunk_size or tuning.DEFAULT_CHUNK
     if config.mixer == "power" and method == "auto":
-        method = choose_method(B=B, T=T, Hq=config.num_attention_heads,
-                               H=config.num_key_value_heads, d=config.head_dim, e=config.head_dim,
-                               deg=config.deg, chunk_size=chunk_size, gated=config.gating)
+        method = choose_method(**shape, chunk_size=chunk_size)
     nbytes = DTYPE_BYTES[dtype]
     P = param_count(config)
 

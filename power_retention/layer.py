@@ -98,7 +98,8 @@ class PowerRetention(nn.Module):
         deg: the power p. Even p (default 2) gives non-negative weights and the normalized form.
         gating: learn a per-token, per-key/value-head decay ``log_g = logsigmoid(x W_g + b)``
             (starting at g = ``gate_init``); False means no decay.
-        chunk_size, method: passed to ``power_retention``; "auto" picks the cheapest form.
+        chunk_size, method: passed to ``power_retention``; by default the form and chunk size
+            measured fastest for the shape on this device (``power_retention.tuning``).
         normalize: divide by the sum of weights; default True for even deg, False for odd.
         scale: the query scale (only matters when normalize=False); default 1/sqrt(head_dim).
         use_metal: run on the fused Metal kernels where they run (``kernels``): one-token
@@ -128,7 +129,7 @@ class PowerRetention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int | None = None, num_kv_heads: int | None = None,
                  head_dim: int | None = None, deg: int = 2, gating: bool = True,
-                 chunk_size: int = 64, use_metal: bool = False, *,
+                 chunk_size: int | None = None, use_metal: bool = False, *,
                  method: str = "auto", normalize: bool | None = None, scale: float | None = None,
                  norm_eps: float = 1e-6, gate_init: float = INITIAL_GATE,
                  conv_size: int = CONV_SIZE, output_norm: bool | None = None, rope: bool = ROPE,
@@ -148,7 +149,8 @@ class PowerRetention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.deg = deg
         self.gating = bool(gating)
-        self.chunk_size = check_integer("chunk_size", chunk_size)
+        self.chunk_size = check_integer("chunk_size", chunk_size, allow_none=True,
+                                        meaning="None: the size measured fastest here")
         self.method = method
         self.normalize = bool(normalize)
         self.scale = scale

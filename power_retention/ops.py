@@ -18,7 +18,7 @@ from .recurrent import recurrent_power_retention, recurrent_step
 from .validation import check_integer, check_method
 
 
-def power_retention(q, k, v, log_g=None, *, deg=2, scale=None, method="auto", chunk_size=64,
+def power_retention(q, k, v, log_g=None, *, deg=2, scale=None, method="auto", chunk_size=None,
                     initial_state=None, return_state=False, normalize=None, use_metal=False,
                     check_gates=True):
     """Causal power retention over a sequence.
@@ -36,19 +36,29 @@ def power_retention(q, k, v, log_g=None, *, deg=2, scale=None, method="auto", ch
 
     method: "attention" (T x T weights, cheapest for short T), "chunked" (attention inside
     chunks of ``chunk_size``, a state across them; linear in T), "recurrent" (one token at a
-    time), or "auto" (the cheapest by ``estimated_seconds``). ``use_metal``: the chunked and
+    time), or "auto" (the fastest). ``chunk_size``: None, the default, takes the form and chunk
+    size measured fastest for this shape on this device (``tuning``: measured at the first call
+    of a shape, then kept on disk); with a chunk size given, "auto" picks the form by the cost
+    model (``estimated_seconds``). ``use_metal``: the chunked and
     attention forms' state products on the fused Metal kernels where they run (``kernels``).
     """
     check_method(method)
-    chunk_size = check_integer("chunk_size", chunk_size)
+    chunk_size = check_integer("chunk_size", chunk_size, allow_none=True,
+                               meaning="None: the size measured fastest here")
     out_dtype = q.dtype if hasattr(q, "dtype") else None
     raw = (q, k, v)
     q, k, v, log_g, deg, normalize, initial_state = prepare_inputs(
         q, k, v, log_g, deg, scale, normalize, initial_state, has_time=True, check_gates=check_gates)
     B, T, Hq, d = q.shape
     shape = dict(B=B, T=T, Hq=Hq, H=k.shape[2], d=d, e=v.shape[-1], deg=deg,
-                 chunk_size=chunk_size, gated=log_g is not None,
-                 with_state=initial_state is not None or return_state)
+                 gated=log_g is not None, with_state=initial_state is not None or return_state)
+    from . import tuning  # here, so that python -m power_retention.tuning runs it as a script
+
+    if chunk_size is None and method in ("auto", "chunked"):
+        choice = tuning.choose(**shape, dtype=q.dtype, method=method)
+        method, chunk_size = choice.method, choice.chunk_size
+    chunk_size = chunk_size or tuning.DEFAULT_CHUNK
+    shape["chunk_size"] = chunk_size
     if method == "auto":
         method = choose_method(**shape)
     check_fits(method, **shape)

@@ -1,3 +1,6 @@
+import os
+import tempfile
+
 import mlx.core as mx
 import pytest
 
@@ -9,3 +12,8 @@ mx.set_default_device(mx.cpu)
 @pytest.fixture(autouse=True)
 def _seed():
     mx.random.seed(0)
+
+
+# The op keeps the chunk sizes it measures (power_retention.tuning) in one file per machine:
+# the suite, and the processes it starts, keep theirs apart from the user's.
+os.environ.setdefault("POWER_RETENTION_CACHE", tempfile.mkdtemp(prefix="power-retention-tuning-"))
