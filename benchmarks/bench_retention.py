@@ -1,4 +1,5 @@
-"""Time and memory of every power retention form against causal softmax attention.
+"""Time and memory of every power retention form against causal softmax attention (MLX's
+SDPA, and PyTorch's where it is installed).
 
     python benchmarks/bench_retention.py                 # T = 256 .. 32768, about 20 minutes here
     python benchmarks/bench_retention.py --max-T 4096    # a quick look
@@ -19,12 +20,25 @@ import click
 import mlx.core as mx
 from common import machine_description, machine_line, median_seconds, now, write_report
 
-from power_retention import choose_method, expanded_dim, power_retention
+from power_retention import choose_method, expanded_dim, power_retention, tuning
 from power_retention.cpu_tuning import (blas_threads, loaded_blas, parallel_cpu_streams,
                                         release_freed_memory, set_blas_threads,
                                         split_across_cpu_streams, stream_parts, tune_process)
 
-METHODS = ("attention", "chunked", "recurrent", "auto", "softmax")
+METHODS = ("attention", "chunked", "recurrent", "auto", "softmax", "torch")
+
+
+def torch_device():
+    """PyTorch's device for its SDPA rows (the MPS GPU on a Mac, else the CPU), or None when
+    PyTorch is not installed (the rows are then left out)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    torch.set_num_threads(os.cpu_count() or 1)
+    return torch.device("cpu")
 
 
 def _best_gflops(products, flops, repeats) -> float:
@@ -62,7 +76,7 @@ def blas_configuration(mode):
     """How the run uses the cores: "blas" = a threaded BLAS on one stream; "streams" = a
     single-threaded BLAS, heads split across one stream per core (see power_retention.cpu_tuning).
     Needs OpenBLAS loaded to switch; otherwise the run takes the machine as it is."""
-    if not loaded_blas().startswith("OpenBLAS"):
+    if mode == "default" or not loaded_blas().startswith("OpenBLAS"):
         yield
         return
     before = blas_threads()
@@ -83,12 +97,26 @@ def in_configuration(mode, fn):
     return run
 
 
-def chunked_flops(T, H, d, e, deg, chunk_size) -> dict:
-    """Matmul flops of the chunked form: intra-chunk scores and values, state update and read.
-    The backward pass does two matmuls for each forward one."""
-    D = expanded_dim(d, deg)
-    c = min(chunk_size, T)
-    forward = 2 * H * T * c * (d + e + 1) + 2 * 2 * H * T * D * (e + 1)
+def matmul_flops(method, B, T, H, d, deg, chunk_size) -> dict:
+    """Matmul flops of one pass, for GFLOP/s and the fraction of peak. Power retention: the
+    products its form computes (chunked: intra-chunk scores and values, state update and read;
+    attention: the T x T weights, half of them causal), the backward doing two for each forward
+    one. Softmax: the causal half of QK^T and PV, the backward 2.5x the forward (FlashAttention's
+    count)."""
+    D, e = expanded_dim(d, deg), d
+    if method == "auto":
+        method = choose_method(B=B, T=T, Hq=H, H=H, d=d, e=e, deg=deg,
+                               chunk_size=chunk_size or tuning.DEFAULT_CHUNK)
+    if method in ("softmax", "torch"):
+        forward = 2 * B * H * T * T * (d + e) / 2
+        return {"forward": forward, "forward_backward": 3.5 * forward}
+    if method == "recurrent":
+        forward = 2 * 2 * B * H * T * D * (e + 1)
+    elif method == "attention":
+        forward = 2 * B * H * T * T * (d + e + 1) / 2
+    else:
+        c = min(chunk_size, T)
+        forward = 2 * B * H * T * c * (d + e + 1) + 2 * 2 * B * H * T * D * (e + 1)
     return {"forward": forward, "forward_backward": 3 * forward}
 
 
@@ -96,6 +124,8 @@ def make_case(method, B, T, H, d, deg, chunk_size):
     q, k, v = (mx.random.normal((B, T, H, d)) for _ in range(3))
     log_g = -0.05 * mx.random.uniform(shape=(B, T, H))
     mx.eval(q, k, v, log_g)
+    if method == "torch":
+        return torch_case(B, T, H, d)
     if method == "softmax":
         def attend(q, k, v):
             out = mx.fast.scaled_dot_product_attention(
@@ -124,6 +154,30 @@ def make_case(method, B, T, H, d, deg, chunk_size):
     return (lambda: forward(*inputs)), (lambda: gradient(*inputs))
 
 
+def torch_case(B, T, H, d):
+    """PyTorch's causal SDPA on (B, H, T, d): forward, and forward+backward, each returning
+    nothing for mx.eval once PyTorch has finished."""
+    import torch
+
+    device = torch_device()
+    finish = torch.mps.synchronize if device.type == "mps" else (lambda: None)
+    q, k, v = (torch.randn(B, H, T, d, device=device, requires_grad=True) for _ in range(3))
+    attend = torch.nn.functional.scaled_dot_product_attention
+
+    def forward():
+        with torch.no_grad():
+            attend(q, k, v, is_causal=True)
+        finish()
+        return []
+
+    def forward_backward():
+        attend(q, k, v, is_causal=True).sum().backward()
+        finish()
+        return []
+
+    return forward, forward_backward
+
+
 def predicted_bytes(method, B, T, H, d, deg, chunk_size) -> float:
     """Rough peak memory of the forward+backward pass, to skip what cannot fit."""
     if method == "auto":
@@ -133,7 +187,7 @@ def predicted_bytes(method, B, T, H, d, deg, chunk_size) -> float:
         return 4 * 4 * B * H * T * D * d
     # Floats per T x T weight per head at the fwd+bwd peak, measured by this script on the MLX
     # CPU backend (3.4 for softmax at T=8192, 7.3 for the attention form at T=8192).
-    if method == "softmax":
+    if method in ("softmax", "torch"):  # PyTorch's flash kernel needs far less; kept on the safe side
         return 3.5 * 4 * B * H * T * T
     if method == "attention":
         return 8 * 4 * B * H * T * T
@@ -194,25 +248,43 @@ def interleaved_fraction_of_peak(run, flops, repeats) -> float:
 @click.option("--heads", "H", default=4, show_default=True)
 @click.option("--head-dim", "d", default=64, show_default=True)
 @click.option("--deg", default=2, show_default=True)
-@click.option("--chunk-size", default=64, show_default=True)
+@click.option("--chunk-size", default=None, type=int,
+              help="chunk of the chunked and auto rows (default: the op's, measured per device)")
 @click.option("--repeats", default=3, show_default=True, help="timed runs per cell (median)")
 @click.option("--time-limit", default=60.0, show_default=True, help="skip cells whose fwd+bwd run is predicted slower (s)")
 @click.option("--memory-limit", default=16.0, show_default=True, help="skip cells predicted larger (GB)")
-@click.option("--methods", default=",".join(METHODS), show_default=True)
-@click.option("--cpu-parallel", type=click.Choice(["streams", "blas"]), default="streams", show_default=True,
-              help="how every method uses the CPU cores: heads split across one stream per core with a "
-                   "single-threaded BLAS, or one stream with a threaded BLAS (needs OpenBLAS to choose)")
+@click.option("--methods", default=",".join(METHODS), show_default=True,
+              help="torch: PyTorch's SDPA, when PyTorch is installed (MPS on a Mac)")
+@click.option("--cpu-parallel", type=click.Choice(["default", "streams", "blas"]), default="default",
+              show_default=True,
+              help="how every method uses the CPU cores: as a user's process does (default), heads "
+                   "split across one stream per core with a single-threaded BLAS and "
+                   "MLX_BFS_MAX_WIDTH=16384 (streams), or one stream with a threaded BLAS")
 @click.option("--out", default=None, help="JSON path (default benchmarks/results/retention-DATE.json)")
 def main(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, memory_limit, methods, cpu_parallel,
          out):
     tune_process()
-    # Read by MLX at its first evaluation (none has run yet). The streams overlap only when the
-    # breadth-first order spans both parts of a graph, whose width grows with the number of
-    # chunks: at T=8192, chunk 64, fwd+bwd took 1.79 s with 256, 1.45 s with 4096.
-    os.environ.setdefault("MLX_BFS_MAX_WIDTH", "16384")
+    if cpu_parallel == "streams":
+        # Read by MLX at its first evaluation (none has run yet). The streams overlap only when
+        # the breadth-first order spans both parts of a graph, whose width grows with the
+        # number of chunks: at T=8192, chunk 64, fwd+bwd took 1.79 s with 256, 1.45 s with 4096.
+        os.environ.setdefault("MLX_BFS_MAX_WIDTH", "16384")
+    methods = [m.strip() for m in methods.split(",")]
+    if "torch" in methods and torch_device() is None:
+        print("# PyTorch is not installed: no torch rows (pip install torch to add them)")
+        methods.remove("torch")
     with blas_configuration(cpu_parallel):
         run_benchmark(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, memory_limit,
-                      [m.strip() for m in methods.split(",")], cpu_parallel, out)
+                      methods, cpu_parallel, out)
+
+
+def chosen_chunk(method, B, T, H, d, deg, chunk_size):
+    """The form and chunk size a row runs with: the op's own choice when none is given."""
+    if chunk_size is not None or method not in ("auto", "chunked"):
+        return (choose_method(B=B, T=T, Hq=H, H=H, d=d, e=d, deg=deg, chunk_size=chunk_size)
+                if method == "auto" else method), chunk_size or tuning.DEFAULT_CHUNK
+    choice = tuning.choose(B=B, T=T, Hq=H, H=H, d=d, e=d, deg=deg, gated=True, method=method)
+    return choice.method, choice.chunk_size
 
 
 def run_benchmark(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, memory_limit, methods,
@@ -220,14 +292,16 @@ def run_benchmark(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, m
     machine = machine_description()
     peak = matmul_gflops()
     started = now()
-    streams = len(parallel_cpu_streams())
+    streams = len(parallel_cpu_streams()) if cpu_parallel == "streams" else 0
+    width = os.environ.get("MLX_BFS_MAX_WIDTH", "MLX's default")
     print(f"# power retention benchmark, {started:%Y-%m-%d %H:%M %Z}")
     print(f"# machine: {machine_line(machine)}")
-    print(f"# cores used: {f'{streams} streams, single-threaded BLAS' if streams else 'threaded BLAS, one stream'}"
-          f" (--cpu-parallel {cpu_parallel}; MLX_BFS_MAX_WIDTH={os.environ['MLX_BFS_MAX_WIDTH']})")
+    print(f"# cores used: {f'{streams} streams, single-threaded BLAS' if streams else f'{blas_threads()} BLAS threads, one stream'}"
+          f" (--cpu-parallel {cpu_parallel}; MLX_BFS_MAX_WIDTH={width})")
     print(f"# fp32 matmul peak (2048^3, the better of one threaded product and one per core): {peak:.1f} GFLOP/s")
-    print(f"# B={B} H={H} d={d} deg={deg} D={expanded_dim(d, deg)} chunk_size={chunk_size}; "
-          f"median of {repeats} after a warm-up; peak memory in GB")
+    print(f"# B={B} H={H} d={d} deg={deg} D={expanded_dim(d, deg)} chunk_size={chunk_size or 'the op default'}; "
+          f"median of {repeats} after a warm-up; peak memory in GB (MLX's; none for torch); GFLOP/s of "
+          f"the matmul flops (matmul_flops) and % of the peak")
 
     Ts = []
     T = min_T
@@ -236,75 +310,90 @@ def run_benchmark(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, m
         T *= 2
     results = []
     last_time = {}
-    header = f"{'T':>6} {'method':>10} {'fwd s':>9} {'fwd+bwd s':>10} {'fwd GB':>7} {'f+b GB':>7}  note"
+    header = (f"{'T':>6} {'method':>10} {'fwd s':>9} {'fwd+bwd s':>10} {'fwd GB':>7} {'f+b GB':>7} "
+              f"{'fwd GF/s':>9} {'f+b GF/s':>9} {'f+b %pk':>8}  note")
     print(header)
     print("-" * len(header))
     for T in Ts:
         for method in methods:
             row = {"T": T, "method": method}
-            if method == "auto":
-                row["auto_choice"] = choose_method(B=B, T=T, Hq=H, H=H, d=d, e=d, deg=deg,
-                                                   chunk_size=chunk_size)
-            growth = 4 if method in ("attention", "softmax") else 2
+            form, chunk = chosen_chunk(method, B, T, H, d, deg, chunk_size)
+            if method in ("auto", "chunked"):
+                row.update(form=form, chunk_size=chunk)
+            growth = 4 if method in ("attention", "softmax", "torch") else 2
             predicted_time = last_time.get(method, 0) * growth
-            if predicted_bytes(method, B, T, H, d, deg, chunk_size) > memory_limit * 1e9:
+            if predicted_bytes(method, B, T, H, d, deg, chunk) > memory_limit * 1e9:
                 row["skipped"] = f"needs > {memory_limit:g} GB"
             elif predicted_time > time_limit:
                 row["skipped"] = f"predicted > {time_limit:g} s"
             else:
                 row.update(measure(method, B, T, H, d, deg, chunk_size, repeats))
+                if method == "torch":
+                    row["forward_peak_gb"] = row["forward_backward_peak_gb"] = None
+                flops = matmul_flops(form, B, T, H, d, deg, chunk)
+                for name in ("forward", "forward_backward"):
+                    row[f"{name}_gflops"] = flops[name] / row[f"{name}_s"] / 1e9
+                    row[f"{name}_fraction_of_peak"] = row[f"{name}_gflops"] / peak
                 if method == "auto":
                     row["auto_over_choice"] = interleaved_ratio(
                         make_case("auto", B, T, H, d, deg, chunk_size)[0],
-                        make_case(row["auto_choice"], B, T, H, d, deg, chunk_size)[0], repeats)
+                        make_case(form, B, T, H, d, deg, chunk)[0], repeats)
                 if method == "chunked" and T >= 4096:
                     # Linearity: forward at T over forward at T / 2, interleaved.
                     row["forward_over_half_T"] = interleaved_ratio(
-                        make_case(method, B, T, H, d, deg, chunk_size)[0],
-                        make_case(method, B, T // 2, H, d, deg, chunk_size)[0], repeats)
+                        make_case(method, B, T, H, d, deg, chunk)[0],
+                        make_case(method, B, T // 2, H, d, deg, chunk)[0], repeats)
+                    forward_backward = make_case(method, B, T, H, d, deg, chunk)[1]
+                    row["forward_backward_fraction_of_peak_interleaved"] = interleaved_fraction_of_peak(
+                        forward_backward, flops["forward_backward"], repeats)
+                    if "torch" in methods:
+                        for name, index in (("forward", 0), ("forward_backward", 1)):
+                            row[f"{name}_over_torch"] = interleaved_ratio(
+                                make_case(method, B, T, H, d, deg, chunk)[index],
+                                torch_case(B, T, H, d)[index], repeats)
+                    if streams:
+                        row["forward_backward_streams_over_threaded_blas"] = interleaved_ratio(
+                            in_configuration("streams", forward_backward),
+                            in_configuration("blas", forward_backward), repeats)
                 last_time[method] = row["forward_backward_s"]
-                if method == "chunked":
-                    flops = chunked_flops(T, H, d, d, deg, chunk_size)
-                    row["forward_gflops"] = flops["forward"] / row["forward_s"] / 1e9
-                    row["forward_backward_gflops"] = flops["forward_backward"] / row["forward_backward_s"] / 1e9
-                    row["forward_backward_fraction_of_peak"] = row["forward_backward_gflops"] / peak
-                    if T >= 4096:
-                        forward_backward = make_case(method, B, T, H, d, deg, chunk_size)[1]
-                        row["forward_backward_fraction_of_peak_interleaved"] = interleaved_fraction_of_peak(
-                            forward_backward, flops["forward_backward"], repeats)
-                        if streams:
-                            row["forward_backward_streams_over_threaded_blas"] = interleaved_ratio(
-                                in_configuration("streams", forward_backward),
-                                in_configuration("blas", forward_backward), repeats)
             results.append(row)
-            if "skipped" in row:
-                print(f"{T:>6} {method:>10} {'-':>9} {'-':>10} {'-':>7} {'-':>7}  skipped: {row['skipped']}")
-            else:
-                note = (f"-> {row['auto_choice']} (x{row['auto_over_choice']:.2f} of it, interleaved)"
-                        if method == "auto" else "")
-                if method == "chunked":
-                    note = (f"{row['forward_backward_gflops']:.1f} GFLOP/s fwd+bwd "
-                            f"({100 * row['forward_backward_fraction_of_peak']:.0f}% of peak")
-                    if "forward_backward_fraction_of_peak_interleaved" in row:
-                        note += (f", {100 * row['forward_backward_fraction_of_peak_interleaved']:.0f}% "
-                                 "of a peak timed alongside")
-                    note += ")"
-                    if "forward_backward_streams_over_threaded_blas" in row:
-                        note += (f"; fwd+bwd x{row['forward_backward_streams_over_threaded_blas']:.2f} of "
-                                 "one stream with threaded BLAS, interleaved")
-                    if "forward_over_half_T" in row:
-                        note += f"; fwd x{row['forward_over_half_T']:.2f} of T/2, interleaved"
-                print(f"{T:>6} {method:>10} {row['forward_s']:>9.4f} {row['forward_backward_s']:>10.4f} "
-                      f"{row['forward_peak_gb']:>7.2f} {row['forward_backward_peak_gb']:>7.2f}  {note}",
-                      flush=True)
+            print_row(row)
 
     out = write_report("bench_retention", started,
                        {"matmul_fp32_gflops": peak, "matmul_fp32_gflops_at_end": matmul_gflops(),
                         "config": {"B": B, "H": H, "d": d, "deg": deg, "chunk_size": chunk_size,
                                    "repeats": repeats, "cpu_parallel": cpu_parallel, "streams": streams,
-                                   "mlx_bfs_max_width": os.environ["MLX_BFS_MAX_WIDTH"]},
+                                   "blas_threads": blas_threads(), "mlx_bfs_max_width": width},
                         "results": results}, out)
     print(f"# wrote {out}")
+
+
+def print_row(row):
+    T, method = row["T"], row["method"]
+    if "skipped" in row:
+        print(f"{T:>6} {method:>10} {'-':>9} {'-':>10} {'-':>7} {'-':>7} {'-':>9} {'-':>9} {'-':>8}  "
+              f"skipped: {row['skipped']}")
+        return
+    notes = []
+    if method in ("auto", "chunked"):
+        notes.append(row["form"] + (f" {row['chunk_size']}" if row["form"] == "chunked" else ""))
+    if "auto_over_choice" in row:
+        notes.append(f"x{row['auto_over_choice']:.2f} of it, interleaved")
+    if "forward_backward_fraction_of_peak_interleaved" in row:
+        notes.append(f"{100 * row['forward_backward_fraction_of_peak_interleaved']:.0f}% of a peak timed alongside")
+    if "forward_over_torch" in row:
+        notes.append(f"x{row['forward_over_torch']:.2f} / x{row['forward_backward_over_torch']:.2f} "
+                     "of torch's time fwd / fwd+bwd, interleaved")
+    if "forward_backward_streams_over_threaded_blas" in row:
+        notes.append(f"fwd+bwd x{row['forward_backward_streams_over_threaded_blas']:.2f} of one stream "
+                     "with threaded BLAS, interleaved")
+    if "forward_over_half_T" in row:
+        notes.append(f"fwd x{row['forward_over_half_T']:.2f} of T/2, interleaved")
+    memory = "".join(f" {row[name]:>7.2f}" if row[name] is not None else f" {'-':>7}"
+                     for name in ("forward_peak_gb", "forward_backward_peak_gb"))
+    print(f"{T:>6} {method:>10} {row['forward_s']:>9.4f} {row['forward_backward_s']:>10.4f}{memory} "
+          f"{row['forward_gflops']:>9.1f} {row['forward_backward_gflops']:>9.1f} "
+          f"{100 * row['forward_backward_fraction_of_peak']:>7.0f}%  {'; '.join(notes)}", flush=True)
 
 
 if __name__ == "__main__":
