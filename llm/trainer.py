@@ -41,6 +41,7 @@ from .data import DEFAULT_DATA, BatchSampler
 from .distributed import World
 from .generate import generate_tokens
 from .memory import Adapters
+from .flops import matmul_peak, training_flops_per_token
 from .plan import DEVICE_PROFILES, DeviceLimits, ModelMustChange, RunShape, make_plan, rung_to_plan
 from .weights import read_weights
 
@@ -682,6 +683,17 @@ class Trainer:
               f"ETA {eta / 60:.1f} min", flush=True)
         self.window_start, self.window_tokens = time.perf_counter(), 0
 
+    def utilisation(self, tokens_per_s: float) -> dict:
+        """Model FLOPs utilisation over the whole run (evaluations and checkpoints included),
+        against a matmul peak in the training dtype measured now (llm.flops)."""
+        plan = self.config.plan or {}
+        per_token = training_flops_per_token(
+            self.model.config, self.data.sampler.seq_len, plan.get("method", "auto"),
+            plan.get("chunk_size"), frozen=self.data.adapter_config is not None)
+        peak = matmul_peak(DTYPES[self.config.dtype])
+        return {"model_flops_per_token": per_token, "matmul_peak_gflops": peak / 1e9,
+                "mfu": tokens_per_s / self.world.size * per_token / peak}
+
     def finish(self, stop_reason: str) -> dict:
         """The run's summary, written to summary.json and printed."""
         state, run = self.state, self.run
@@ -699,6 +711,7 @@ class Trainer:
                    "unigram_entropy": self.data.unigram_entropy, "elapsed_s": elapsed,
                    "tokens_per_s": state.tokens / max(elapsed, 1e-9),
                    "peak_memory_gb": self.peak_memory_gb, "ranks": self.world.size,
+                   **self.utilisation(state.tokens / max(elapsed, 1e-9)),
                    "skipped_steps": state.skipped_steps, "rollbacks": state.rollbacks,
                    "parameters": param_count(self.model.config),
                    "trainable_parameters": sum(v.size for _, v in
@@ -710,7 +723,9 @@ class Trainer:
             write_atomic(run.dir / "summary.json", json.dumps(summary, indent=1) + "\n")
         ranks = f" over {self.world.size} ranks" if self.world.size > 1 else ""
         print(f"done ({stop_reason}): {state.step} steps, {state.tokens:,} tokens in "
-              f"{elapsed / 60:.1f} min ({summary['tokens_per_s']:,.0f} tok/s{ranks}), peak "
+              f"{elapsed / 60:.1f} min ({summary['tokens_per_s']:,.0f} tok/s{ranks}, MFU "
+              f"{100 * summary['mfu']:.1f}% of a {summary['matmul_peak_gflops']:,.0f} GFLOP/s "
+              f"matmul peak{' per rank' if ranks else ''}), peak "
               f"{self.peak_memory_gb:.2f} GB; best validation loss "
               f"{state.best_val_loss or float('nan'):.4f} at step {state.best_step} (unigram "
               f"entropy {self.data.unigram_entropy:.3f}); checkpoints in {run.dir / 'checkpoints'}")

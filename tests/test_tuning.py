@@ -10,7 +10,10 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from power_retention import power_retention, tuning
+from llm import ModelConfig, create_model_config, load
+from llm.config import param_count
+from llm.flops import training_flops_per_token
+from power_retention import expanded_dim, power_retention, tuning
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = dict(B=1, T=96, Hq=2, H=2, d=8, e=8, deg=2, gated=True)
@@ -97,3 +100,27 @@ def test_train_py_measures_the_training_step_and_keeps_the_choice_in_its_plan(tm
     kept = next(iter(json.loads(cache.read_text())["devices"].values()))
     (entry,) = next(iter(kept.values())).values()
     assert (plan["method"], plan["chunk_size"]) == (entry["method"], entry["chunk_size"])
+    # The summary's model FLOPs utilisation counts the products of the form it ran.
+    summary = json.loads((out / "summary.json").read_text())
+    config = load(out / "checkpoints" / "last" / "model")[0].config
+    assert summary["model_flops_per_token"] == training_flops_per_token(
+        config, 64, plan["method"], plan["chunk_size"])
+    assert summary["mfu"] > 0 and summary["matmul_peak_gflops"] > 0
+    assert f"MFU {100 * summary['mfu']:.1f}%" in result.stdout
+
+
+def test_model_flops_count_the_causal_half_of_every_weight_matrix():
+    config = create_model_config("ultra-tiny")
+    L, Hq, H, d = (config[name] for name in ("num_hidden_layers", "num_attention_heads",
+                                             "num_key_value_heads", "head_dim"))
+    weights = param_count(ModelConfig(**config))  # tied embeddings: the head's product
+    softmax = ModelConfig(**{**config, "mixer": "softmax", "rope": None})
+    assert training_flops_per_token(softmax, 128) == \
+        6 * param_count(softmax) + 3 * L * 2 * Hq * 64 * 2 * d
+    power = ModelConfig(**config)
+    D = expanded_dim(d, power.deg)
+    state = 2 * (H + Hq) * D * (d + 1)
+    assert training_flops_per_token(power, 1024, "chunked", 32) == \
+        6 * weights + 3 * L * (2 * Hq * 16 * (2 * d + 1) + state)
+    assert training_flops_per_token(power, 1024, "chunked", 32, frozen=True) == \
+        4 * weights + 3 * L * (2 * Hq * 16 * (2 * d + 1) + state)
