@@ -280,11 +280,9 @@ def main(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, memory_lim
 
 def chosen_chunk(method, B, T, H, d, deg, chunk_size):
     """The form and chunk size a row runs with: the op's own choice when none is given."""
-    if chunk_size is not None or method not in ("auto", "chunked"):
-        return (choose_method(B=B, T=T, Hq=H, H=H, d=d, e=d, deg=deg, chunk_size=chunk_size)
-                if method == "auto" else method), chunk_size or tuning.DEFAULT_CHUNK
-    choice = tuning.choose(B=B, T=T, Hq=H, H=H, d=d, e=d, deg=deg, gated=True, method=method)
-    return choice.method, choice.chunk_size
+    if method not in ("auto", "chunked"):
+        return method, chunk_size or tuning.DEFAULT_CHUNK
+    return tuning.resolve(method, chunk_size, B=B, T=T, Hq=H, H=H, d=d, e=d, deg=deg, gated=True)
 
 
 def run_benchmark(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, memory_limit, methods,

@@ -17,7 +17,6 @@ import click
 from mlx.utils import tree_flatten
 
 from power_retention import tuning
-from power_retention.ops import choose_method
 from power_retention.sympow import expanded_dim
 
 from .config import PRESETS, ModelConfig, create_model_config, param_count, state_floats_per_layer
@@ -156,13 +155,9 @@ def estimate(config: ModelConfig, batch_size: int, seq_len: int, dtype: str = "f
     chunk_size = config.chunk_size if chunk_size is None else chunk_size
     shape = dict(B=B, T=T, Hq=config.num_attention_heads, H=config.num_key_value_heads,
                  d=config.head_dim, e=config.head_dim, deg=config.deg, gated=config.gating)
-    if config.mixer == "power" and chunk_size is None and method in ("auto", "chunked"):
+    if config.mixer == "power":
         # What the run will use: a measured choice where one is kept (nothing is measured here).
-        choice = tuning.choose(**shape, method=method, mode="training", measure=False)
-        method, chunk_size = choice.method, choice.chunk_size
-    chunk_size = chunk_size or tuning.DEFAULT_CHUNK
-    if config.mixer == "power" and method == "auto":
-        method = choose_method(**shape, chunk_size=chunk_size)
+        method, chunk_size = tuning.resolve(method, chunk_size, mode="training", measure=False, **shape)
     nbytes = DTYPE_BYTES[dtype]
     P = param_count(config)
 

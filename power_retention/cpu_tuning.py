@@ -59,7 +59,7 @@ import sys
 
 import mlx.core as mx
 
-from .cost import choose_method, estimated_seconds
+from .cost import estimated_seconds
 from .state import RetentionState
 from .validation import check_integer
 
@@ -290,17 +290,13 @@ def split_across_cpu_streams(op):
         H = k.shape[2]
         shape = dict(B=B, T=T, Hq=Hq, H=H, d=d, e=v.shape[-1], deg=options.get("deg", 2),
                      gated=log_g is not None)
-        with_state = initial_state is not None or return_state
-        method, chunk_size = options.pop("method", "auto"), options.pop("chunk_size", None)
         from . import tuning  # here, so that python -m power_retention.tuning runs it as a script
 
         # Chosen for the whole call, not for a part.
-        if chunk_size is None and method in ("auto", "chunked"):
-            choice = tuning.choose(**shape, dtype=q.dtype, with_state=with_state, method=method)
-            method, chunk_size = choice.method, choice.chunk_size
-        shape["chunk_size"] = chunk_size = chunk_size or tuning.DEFAULT_CHUNK
-        if method == "auto":
-            method = choose_method(with_state=with_state, **shape)
+        method, chunk_size = tuning.resolve(options.pop("method", "auto"), options.pop("chunk_size", None),
+                                            dtype=q.dtype, with_state=initial_state is not None or return_state,
+                                            **shape)
+        shape["chunk_size"] = chunk_size
         options.update(method=method, chunk_size=chunk_size)
         if method == "recurrent" or max(B, H) < 2 or \
                 estimated_seconds(method, **shape) < MIN_SECONDS_TO_SPLIT:

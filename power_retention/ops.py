@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from . import kernels
 from .chunk import attention_power_retention, chunk_power_retention
-from .cost import check_fits, choose_method
+from .cost import check_fits
 from .inputs import prepare_inputs
 from .recurrent import recurrent_power_retention, recurrent_step
 from .validation import check_integer, check_method
@@ -54,13 +54,8 @@ def power_retention(q, k, v, log_g=None, *, deg=2, scale=None, method="auto", ch
                  gated=log_g is not None, with_state=initial_state is not None or return_state)
     from . import tuning  # here, so that python -m power_retention.tuning runs it as a script
 
-    if chunk_size is None and method in ("auto", "chunked"):
-        choice = tuning.choose(**shape, dtype=q.dtype, method=method)
-        method, chunk_size = choice.method, choice.chunk_size
-    chunk_size = chunk_size or tuning.DEFAULT_CHUNK
+    method, chunk_size = tuning.resolve(method, chunk_size, dtype=q.dtype, **shape)
     shape["chunk_size"] = chunk_size
-    if method == "auto":
-        method = choose_method(**shape)
     check_fits(method, **shape)
     options = dict(deg=deg, normalize=normalize, initial_state=initial_state,
                    return_state=return_state)

@@ -209,6 +209,21 @@ def choose(*, B, T, Hq, H, d, e, deg, gated, dtype=mx.float32, with_state=False,
     return Choice(method, DEFAULT_CHUNK, "cost model")
 
 
+def resolve(method: str, chunk_size: int | None, *, with_state: bool = False, dtype=mx.float32,
+            mode: str = "forward", measure: bool | None = None, **shape) -> tuple:
+    """(form, chunk size) a call with ``method`` and ``chunk_size`` runs with: with no chunk
+    size, the one measured fastest (``choose``); with one, it, and for "auto" the cost
+    model's form. ``shape``: B, T, Hq, H, d, e, deg, gated."""
+    if chunk_size is None and method in ("auto", "chunked"):
+        choice = choose(**shape, dtype=dtype, with_state=with_state, method=method, mode=mode,
+                        measure=measure)
+        return choice.method, choice.chunk_size
+    chunk_size = chunk_size or DEFAULT_CHUNK
+    if method == "auto":
+        method = choose_method(with_state=with_state, chunk_size=chunk_size, **shape)
+    return method, chunk_size
+
+
 def report() -> str:
     """What is kept, one line per shape, for each device and BLAS this machine has measured
     under this MLX version (this process's first)."""

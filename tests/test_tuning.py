@@ -124,3 +124,20 @@ def test_model_flops_count_the_causal_half_of_every_weight_matrix():
         6 * weights + 3 * L * (2 * Hq * 16 * (2 * d + 1) + state)
     assert training_flops_per_token(power, 1024, "chunked", 32, frozen=True) == \
         4 * weights + 3 * L * (2 * Hq * 16 * (2 * d + 1) + state)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--tune", "T=x"], "--tune: expected NAME=INT"),
+    (["--tune", "B=1,H=4"], "--tune needs T="),
+    (["--mode", "backward"], "invalid choice: 'backward'"),
+], ids=["tune-not-an-integer", "tune-without-T", "unknown-mode"])
+def test_the_tuning_command_names_what_is_wrong(cache, arguments, message):
+    result = subprocess.run([sys.executable, "-m", "power_retention.tuning", *arguments],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120,
+                            env={**os.environ, tuning.CACHE_VARIABLE: str(cache.parent)})
+    assert result.returncode != 0 and message in result.stderr + result.stdout
+
+
+def test_choose_names_a_bad_mode():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        tuning.choose(**SHAPE, mode="backward")
