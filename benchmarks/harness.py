@@ -105,16 +105,19 @@ def as_today(cell: dict) -> dict:
 
 # ModelConfig fields only the power mixer reads: attention is the same model whatever they hold.
 POWER_ONLY_FIELDS = ("deg", "gating", "gate_init", "output_norm", "chunk_size")
+# Fields that say how a model is computed, not what it computes (the chunk size changes the
+# speed and the rounding only): a cell trained with another value is the same cell.
+COMPUTATION_FIELDS = ("chunk_size",)
 
 
 def unlabelled(cell: dict) -> dict:
-    """What a cell trains: the cell without its mixer's name (its model says what it is) and,
-    for attention, without the power mixer's fields (so a new power default keeps its cells)."""
+    """What a cell trains: the cell without its mixer's name (its model says what it is), its
+    model without the fields of how it is computed and, for attention, without the power
+    mixer's fields (so a new power default keeps its cells)."""
     if "model" not in cell:
         return cell
-    model = cell["model"]
-    if model.get("mixer") == "softmax":
-        model = {key: value for key, value in model.items() if key not in POWER_ONLY_FIELDS}
+    ignored = COMPUTATION_FIELDS + (POWER_ONLY_FIELDS if cell["model"].get("mixer") == "softmax" else ())
+    model = {key: value for key, value in cell["model"].items() if key not in ignored}
     return {**{key: value for key, value in cell.items() if key != "mixer"}, "model": model}
 
 

@@ -42,7 +42,12 @@ def test_mqar_grid_writes_table_plot_and_resumes(tmp_path):
     again = run("eval_mqar.py", *args)
     assert "4 of 4 cells already" in again and "2 of 2 cells already" in again
     assert len(json.loads(out.read_text())["cells"]) == 6
-    # Another name for the same model finds its cells and labels the table with that name.
+    # Another name for the same model finds its cells and labels the table with that name;
+    # a cell computed with another chunk size is the same cell.
+    saved = json.loads(out.read_text())
+    for record in saved["cells"]:
+        record["cell"]["model"]["chunk_size"] = 128
+    out.write_text(json.dumps(saved))
     renamed = [arg.replace("p2:gate_init=0.9", "p2:conv_size=4:gate_init=0.9") for arg in args]
     relabelled = run("eval_mqar.py", *renamed, "--report", str(tmp_path / "renamed"))
     assert "4 of 4 cells already" in relabelled and "| p2:conv_size=4:gate_init=0.9 | 64 |" in relabelled
