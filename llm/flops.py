@@ -15,7 +15,7 @@ import time
 
 import mlx.core as mx
 
-from power_retention import choose_method, expanded_dim
+from power_retention import expanded_dim, tuning
 
 from .config import ModelConfig, param_count
 
@@ -27,10 +27,9 @@ def mixer_forward_flops_per_token(config: ModelConfig, seq_len: int, method: str
     e, T = d, seq_len
     if config.mixer == "softmax":
         return 2 * Hq * (T / 2) * (d + e)
-    chunk = chunk_size or config.chunk_size or 64
-    if method == "auto":
-        method = choose_method(B=1, T=T, Hq=Hq, H=H, d=d, e=e, deg=config.deg, chunk_size=chunk,
-                               gated=config.gating)
+    method, chunk = tuning.resolve(method, chunk_size or config.chunk_size, mode="training",
+                                   measure=False, B=1, T=T, Hq=Hq, H=H, d=d, e=e, deg=config.deg,
+                                   gated=config.gating)
     if method == "attention":
         return 2 * Hq * (T / 2) * (d + e + 1)
     D = expanded_dim(d, config.deg)

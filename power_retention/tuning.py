@@ -1,9 +1,9 @@
 """The form and chunk size of ``power_retention``, measured on this device.
 
 The fastest chunk size depends on the device, the BLAS, the shape and on whether a backward
-pass follows: on a 2-core x86 server with OpenBLAS, fwd+bwd at T=8192 (4 heads of 64, degree
-2) ran 1.3-1.9x faster with chunks of 256 than of 64, depending on how the cores were used,
-while short sequences want the attention form. So when a call leaves ``chunk_size`` unset, the
+pass follows: on a 2-core x86 server with OpenBLAS, fwd+bwd at T = 4096-32768 (4 heads of 64,
+degree 2) ran 1.1-1.5x faster with chunks of 256 than of 64 (benchmarks/README.md), while
+short sequences want the attention form. So when a call leaves ``chunk_size`` unset, the
 first call of each shape on a device measures the candidates (each run a few times on random
 inputs of that shape, as Triton's autotune does), keeps the fastest on disk, per device and
 MLX version, and every later call (in any process) reads it. Where measuring is off, the cost
@@ -139,10 +139,13 @@ def _measure(shape: dict, mode: str, dtype, repeats: int = 3) -> dict:
     from .ops import power_retention  # the op imports this module
 
     B, T, Hq, H, d, e = (shape[name] for name in ("B", "T", "Hq", "H", "d", "e"))
-    q = mx.random.normal((B, T, Hq, d)).astype(dtype)
-    k = mx.random.normal((B, T, H, d)).astype(dtype)
-    v = mx.random.normal((B, T, H, e)).astype(dtype)
-    log_g = -0.05 * mx.random.uniform(shape=(B, T, H)) if shape["gated"] else None
+    # Keys of their own: measuring must not move the global random state (a seeded run draws
+    # the same weights whether or not its shape was measured before).
+    keys = mx.random.split(mx.random.key(0), 4)
+    q = mx.random.normal((B, T, Hq, d), key=keys[0]).astype(dtype)
+    k = mx.random.normal((B, T, H, d), key=keys[1]).astype(dtype)
+    v = mx.random.normal((B, T, H, e), key=keys[2]).astype(dtype)
+    log_g = -0.05 * mx.random.uniform(shape=(B, T, H), key=keys[3]) if shape["gated"] else None
     state = shape["with_state"]
     mx.eval(q, k, v, *([log_g] if log_g is not None else []))
     limit = memory_limit() / (4 if mode == "training" else 2)

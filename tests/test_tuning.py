@@ -141,3 +141,11 @@ def test_the_tuning_command_names_what_is_wrong(cache, arguments, message):
 def test_choose_names_a_bad_mode():
     with pytest.raises(ValueError, match="mode must be one of"):
         tuning.choose(**SHAPE, mode="backward")
+
+
+def test_measuring_leaves_the_global_random_state_alone(cache):
+    mx.random.seed(7)
+    expected = mx.random.normal((4,))
+    mx.random.seed(7)
+    assert tuning.choose(**SHAPE, measure=True).source == "measured"
+    assert mx.array_equal(mx.random.normal((4,)), expected).item()
