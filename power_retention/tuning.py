@@ -47,7 +47,7 @@ FORMAT = 1
 class Choice:
     method: str
     chunk_size: int
-    source: str  # "measured", "cached", "cost model"
+    source: str  # "measured", "cached", "cost model", "one chunk"
     seconds: dict | None = None  # candidate -> median seconds, when measured
 
     def describe(self) -> str:
@@ -191,6 +191,8 @@ def choose(*, B, T, Hq, H, d, e, deg, gated, dtype=mx.float32, with_state=False,
         _chosen[key] = asdict(choice)
         return choice
     shape = dict(B=B, T=T, Hq=Hq, H=H, d=d, e=e, deg=deg, gated=gated)
+    if method == "auto" and T <= min(CHUNK_SIZES):  # one chunk: nothing to choose between
+        return Choice("attention", T, "one chunk")
     if measuring_enabled() if measure is None else measure:
         try:
             seconds = _measure({**shape, "with_state": with_state}, mode, dtype)
