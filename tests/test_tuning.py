@@ -149,3 +149,12 @@ def test_measuring_leaves_the_global_random_state_alone(cache):
     mx.random.seed(7)
     assert tuning.choose(**SHAPE, measure=True).source == "measured"
     assert mx.array_equal(mx.random.normal((4,)), expected).item()
+
+
+def test_a_shape_first_seen_inside_compile_is_measured_there(cache):
+    q, k, v = (mx.random.normal((1, 200, 2, 8)) for _ in range(3))
+    compiled = mx.compile(lambda q, k, v: power_retention(q, k, v, check_gates=False))
+    y = compiled(q, k, v)
+    choice = tuning.choose(**{**SHAPE, "T": 200, "gated": False})
+    assert choice.source == "cached"  # the candidates ran on inputs of their own
+    assert mx.array_equal(y, power_retention(q, k, v)).item()
