@@ -528,6 +528,7 @@ class Trainer:
         self.state = TrainerState()
         self.started = time.perf_counter()
         self.peak_memory_gb = 0.0
+        self.matmul_peak = None  # FLOP/s, measured at the first report (llm.flops)
         self.window_start, self.window_tokens = time.perf_counter(), 0
         self._loss_and_grad = nn.value_and_grad(model, lambda m, x, y, w: loss_terms(m, x, y, w)[0])
         self.use_plan(config.plan)
@@ -677,22 +678,24 @@ class Trainer:
         tokens_per_step = self.config.batch_size * self.config.grad_accum * self.data.sampler.seq_len
         eta = (self.config.steps - step) * tokens_per_step / max(tps, 1e-9)
         record["tokens_per_s"], record["peak_memory_gb"] = tps, self.peak_memory_gb
+        record["mfu"] = self.utilisation(tps)["mfu"]
         ranks = f" ({self.world.size} ranks)" if self.world.size > 1 else ""
         print(f"step {step:>6}/{self.config.steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-              f"|g| {record['grad_norm']:.2f}  {tps:,.0f} tok/s{ranks}  peak {self.peak_memory_gb:.2f} GB  "
-              f"ETA {eta / 60:.1f} min", flush=True)
+              f"|g| {record['grad_norm']:.2f}  {tps:,.0f} tok/s{ranks}  MFU {100 * record['mfu']:.1f}%  "
+              f"peak {self.peak_memory_gb:.2f} GB  ETA {eta / 60:.1f} min", flush=True)
         self.window_start, self.window_tokens = time.perf_counter(), 0
 
     def utilisation(self, tokens_per_s: float) -> dict:
-        """Model FLOPs utilisation over the whole run (evaluations and checkpoints included),
-        against a matmul peak in the training dtype measured now (llm.flops)."""
+        """Model FLOPs utilisation at ``tokens_per_s`` (llm.flops), against a matmul peak in
+        the training dtype measured once, at the first report, in this process."""
         plan = self.config.plan or {}
         per_token = training_flops_per_token(
             self.model.config, self.data.sampler.seq_len, plan.get("method", "auto"),
             plan.get("chunk_size"), frozen=self.data.adapter_config is not None)
-        peak = matmul_peak(DTYPES[self.config.dtype])
-        return {"model_flops_per_token": per_token, "matmul_peak_gflops": peak / 1e9,
-                "mfu": tokens_per_s / self.world.size * per_token / peak}
+        if self.matmul_peak is None:
+            self.matmul_peak = matmul_peak(DTYPES[self.config.dtype])
+        return {"model_flops_per_token": per_token, "matmul_peak_gflops": self.matmul_peak / 1e9,
+                "mfu": tokens_per_s / self.world.size * per_token / self.matmul_peak}
 
     def finish(self, stop_reason: str) -> dict:
         """The run's summary, written to summary.json and printed."""
