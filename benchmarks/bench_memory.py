@@ -21,6 +21,7 @@ from common import machine_description, machine_line, now, write_report
 from llm import RetentionLLM, create_model_config
 from llm.adapters import add_adapters, quantize_base
 from llm.memory import Adapters, estimate, format_bytes
+from power_retention import tuning
 from power_retention.cpu_tuning import release_freed_memory, tune_process
 
 # A ~50M model: the small preset at half width and two thirds of the depth.
@@ -102,6 +103,9 @@ def main(cases, out):
             continue
         adapters = adapters[0] if adapters else None
         config = create_model_config(preset, **overrides)
+        # One chunk size for the estimate and the step (left unset, the op measures its own).
+        if config.chunk_size is None:
+            config = dataclasses.replace(config, chunk_size=tuning.DEFAULT_CHUNK)
         predicted = estimate(config, batch, seq_len, checkpointing=checkpointing,
                              method=method or "auto", adapters=adapters)
         measured = measure(config, batch, seq_len, method, checkpointing, adapters)
