@@ -20,6 +20,8 @@ or ``PowerRetention(chunk_size=...)``, ``train.py --set chunk_size=N``). The cac
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import platform
@@ -71,9 +73,24 @@ def measuring_enabled() -> bool:
 def device_name() -> str:
     """The device the op runs on here, as precisely as the choice depends on it."""
     if mx.default_device() == mx.gpu:
-        info = mx.device_info() if hasattr(mx, "device_info") else {}
-        return f"gpu {info.get('device_name', 'unknown')}"
-    from .cpu_tuning import blas_threads, loaded_blas  # Linux only matters there
+        return _gpu_name()
+    from .cpu_tuning import blas_threads  # Linux only matters there
+
+    return f"{_cpu_name()}, {blas_threads() or 'default'} BLAS threads"
+
+
+@functools.lru_cache(maxsize=1)
+def _gpu_name() -> str:
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    return f"gpu {info.get('device_name', 'unknown')}"
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_name() -> str:
+    """The CPU model, its cores and the BLAS loaded: none changes while a process runs (only
+    the BLAS's threads can, which ``device_name`` asks each time)."""
+    from .cpu_tuning import loaded_blas
+
     model = platform.processor() or platform.machine()
     if sys.platform.startswith("linux"):
         try:
@@ -82,8 +99,7 @@ def device_name() -> str:
                               if line.startswith("model name")), model)
         except OSError:
             pass
-    blas = loaded_blas().split(" (")[0]
-    return f"cpu {model} x{os.cpu_count()}, {blas}, {blas_threads() or 'default'} BLAS threads"
+    return f"cpu {model} x{os.cpu_count()}, {loaded_blas().split(' (')[0]}"
 
 
 def shape_key(*, B, T, Hq, H, d, e, deg, gated, dtype, with_state, mode) -> str:
@@ -102,16 +118,25 @@ def _read_cache() -> dict:
     return data if isinstance(data, dict) and data.get("format") == FORMAT else {}
 
 
+def _kept() -> dict:
+    """The cache file's contents, read once per process and path (the op asks on every call)."""
+    path = cache_path()
+    if path not in _files:
+        _files[path] = _read_cache()
+    return _files[path]
+
+
 def _entries(data: dict) -> dict:
     return data.get("devices", {}).get(f"mlx {mx.__version__}", {}).get(device_name(), {})
 
 
 def _remember(key: str, choice: Choice) -> None:
-    data = _read_cache() or {"format": FORMAT}
+    data = _read_cache() or {"format": FORMAT}  # what other processes kept meanwhile, too
     devices = data.setdefault("devices", {}).setdefault(f"mlx {mx.__version__}", {})
     devices.setdefault(device_name(), {})[key] = {**asdict(choice), "source": "cached",
                                                  "date": time.strftime("%Y-%m-%d")}
     path = cache_path()
+    _files[path] = data
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         temporary = f"{path}.{os.getpid()}.tmp"
@@ -123,7 +148,8 @@ def _remember(key: str, choice: Choice) -> None:
               f"it will be measured again", file=sys.stderr)
 
 
-_chosen: dict = {}  # this process's choices: the file is read once per shape
+_files: dict = {}  # cache path -> its contents, as this process last read or wrote them
+_chosen: dict = {}  # (cache path, device, shape key) -> this process's Choice
 
 
 def candidates(T: int) -> list:
@@ -185,14 +211,16 @@ def choose(*, B, T, Hq, H, d, e, deg, gated, dtype=mx.float32, with_state=False,
     dtype_name = str(dtype).split(".")[-1]
     key = shape_key(B=B, T=T, Hq=Hq, H=H, d=d, e=e, deg=deg, gated=gated, dtype=dtype_name,
                     with_state=with_state, mode=mode) + ("" if method == "auto" else f" {method}")
-    known = _chosen.get(key) or _entries(_read_cache()).get(key)
-    if known:
-        choice = Choice(known["method"], known["chunk_size"], "cached", known.get("seconds"))
-        _chosen[key] = asdict(choice)
-        return choice
-    shape = dict(B=B, T=T, Hq=Hq, H=H, d=d, e=e, deg=deg, gated=gated)
     if method == "auto" and T <= min(CHUNK_SIZES):  # one chunk: nothing to choose between
         return Choice("attention", T, "one chunk")
+    memo = (cache_path(), device_name(), key)
+    if memo not in _chosen:
+        entry = _entries(_kept()).get(key)
+        if entry:
+            _chosen[memo] = Choice(entry["method"], entry["chunk_size"], "cached", entry.get("seconds"))
+    if memo in _chosen:
+        return _chosen[memo]
+    shape = dict(B=B, T=T, Hq=Hq, H=H, d=d, e=e, deg=deg, gated=gated)
     if measuring_enabled() if measure is None else measure:
         try:
             seconds = _measure({**shape, "with_state": with_state}, mode, dtype)
@@ -206,8 +234,8 @@ def choose(*, B, T, Hq, H, d, e, deg, gated, dtype=mx.float32, with_state=False,
             fastest = min(seconds, key=seconds.get)
             form, _, chunk = fastest.partition(" ")
             choice = Choice(form, int(chunk) if chunk else T, "measured", seconds)
-            _chosen[key] = asdict(choice)
             _remember(key, choice)
+            _chosen[memo] = dataclasses.replace(choice, source="cached")
             return choice
     if method == "auto":
         method = choose_method(with_state=with_state, chunk_size=DEFAULT_CHUNK, **shape)
