@@ -43,7 +43,7 @@ from mlx.utils import tree_flatten
 from llm import RetentionLLM, create_model_config, load, load_tokenizer, train_tokenizer
 from llm.adapters import add_adapters, files_fingerprint, fuse_adapters, load_adapters, quantize_base
 from llm.atomic import replace_directory
-from llm.config import RENAMED_FIELDS, describe, fields_added_later, saved_config
+from llm.config import RENAMED_FIELDS, describe, fields_added_later, retention_shape, saved_config
 from llm.data import (BatchSampler, cache_key, documents_fingerprint, read_documents,
                       tokenize_corpus, unigram_entropy, validation_batches)
 from llm.distributed import World, is_lost_peer
@@ -284,9 +284,8 @@ def tuned_form(requested: RunShape) -> RunShape:
     config = requested.config
     if config.mixer != "power" or config.chunk_size is not None:
         return requested
-    choice = tuning.choose(B=requested.batch_size, T=requested.seq_len, Hq=config.num_attention_heads,
-                           H=config.num_key_value_heads, d=config.head_dim, e=config.head_dim,
-                           deg=config.deg, gated=config.gating, mode="training")
+    choice = tuning.choose(**retention_shape(config, requested.batch_size, requested.seq_len),
+                           mode="training")
     print(f"retention form for this step on this device: {choice.describe()}")
     return requested.replace(method=choice.method, chunk_size=choice.chunk_size)
 

@@ -208,6 +208,13 @@ def mixer_param_count(config: ModelConfig) -> int:
     return projections + conv + gate + norm
 
 
+def retention_shape(config: ModelConfig, batch_size: int, seq_len: int) -> dict:
+    """The power mixer's shape at ``batch_size`` x ``seq_len``, as the keyword arguments of
+    ``power_retention.tuning.choose`` and ``resolve``."""
+    return dict(B=batch_size, T=seq_len, Hq=config.num_attention_heads, H=config.num_key_value_heads,
+                d=config.head_dim, e=config.head_dim, deg=config.deg, gated=config.gating)
+
+
 def param_count(config: ModelConfig) -> int:
     """Number of parameters, computed from the config alone (nothing is allocated)."""
     dim = config.hidden_size

@@ -17,7 +17,7 @@ import mlx.core as mx
 
 from power_retention import expanded_dim, tuning
 
-from .config import ModelConfig, param_count
+from .config import ModelConfig, param_count, retention_shape
 
 
 def mixer_forward_flops_per_token(config: ModelConfig, seq_len: int, method: str = "auto",
@@ -28,8 +28,7 @@ def mixer_forward_flops_per_token(config: ModelConfig, seq_len: int, method: str
     if config.mixer == "softmax":
         return 2 * Hq * (T / 2) * (d + e)
     method, chunk = tuning.resolve(method, chunk_size or config.chunk_size, mode="training",
-                                   measure=False, B=1, T=T, Hq=Hq, H=H, d=d, e=e, deg=config.deg,
-                                   gated=config.gating)
+                                   measure=False, **retention_shape(config, 1, T))
     if method == "attention":
         return 2 * Hq * (T / 2) * (d + e + 1)
     D = expanded_dim(d, config.deg)

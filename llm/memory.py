@@ -19,7 +19,8 @@ from mlx.utils import tree_flatten
 from power_retention import tuning
 from power_retention.sympow import expanded_dim
 
-from .config import PRESETS, ModelConfig, create_model_config, param_count, state_floats_per_layer
+from .config import (PRESETS, ModelConfig, create_model_config, param_count, retention_shape,
+                     state_floats_per_layer)
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Optimizer state per parameter, in parameters' worth: AdamW keeps two moments, Lion and Muon
@@ -153,11 +154,10 @@ def estimate(config: ModelConfig, batch_size: int, seq_len: int, dtype: str = "f
         raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_SLOTS)}, got {optimizer!r}")
     B, T, dim = batch_size, seq_len, config.hidden_size
     chunk_size = config.chunk_size if chunk_size is None else chunk_size
-    shape = dict(B=B, T=T, Hq=config.num_attention_heads, H=config.num_key_value_heads,
-                 d=config.head_dim, e=config.head_dim, deg=config.deg, gated=config.gating)
     if config.mixer == "power":
         # What the run will use: a measured choice where one is kept (nothing is measured here).
-        method, chunk_size = tuning.resolve(method, chunk_size, mode="training", measure=False, **shape)
+        method, chunk_size = tuning.resolve(method, chunk_size, mode="training", measure=False,
+                                            **retention_shape(config, B, T))
     nbytes = DTYPE_BYTES[dtype]
     P = param_count(config)
 
