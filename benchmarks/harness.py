@@ -104,7 +104,7 @@ def as_today(cell: dict) -> dict:
 
 
 # ModelConfig fields only the power mixer reads: attention is the same model whatever they hold.
-POWER_ONLY_FIELDS = ("deg", "gating", "gate_init", "output_norm", "chunk_size")
+POWER_ONLY_FIELDS = ("deg", "gating", "gate_init", "output_norm")
 # Fields that say how a model is computed, not what it computes (the chunk size changes the
 # speed and the rounding only): a cell trained with another value is the same cell.
 COMPUTATION_FIELDS = ("chunk_size",)
@@ -145,12 +145,14 @@ class Results:
             self.data = saved
         else:
             self.data = {"settings": settings, "machine": machine_description(), "cells": []}
+        # What each record trained, in today's terms (``unlabelled``), worked out once.
+        self.trained = [unlabelled(as_today(record["cell"])) for record in self.data["cells"]]
 
     def find(self, cell: dict):
         """The first record that trained ``cell`` (whatever its mixer was called), or None."""
         wanted = unlabelled(cell)
-        return next((record for record in self.data["cells"]
-                     if unlabelled(as_today(record["cell"])) == wanted), None)
+        return next((record for record, trained in zip(self.data["cells"], self.trained)
+                     if trained == wanted), None)
 
     def done(self, cell: dict) -> bool:
         return self.find(cell) is not None
@@ -164,6 +166,7 @@ class Results:
 
     def add(self, record: dict):
         self.data["cells"].append(record)
+        self.trained.append(unlabelled(as_today(record["cell"])))
         self.write()
 
     def write(self):
@@ -173,10 +176,11 @@ class Results:
 def run_cells(script: str, cells: list, results: Results, jobs: int, describe) -> None:
     """Run each cell not yet in ``results`` as ``python script --cell JSON`` (its last stdout
     line is its record), ``jobs`` at a time; add each record as it arrives."""
-    todo = []
+    todo, queued = [], []
     for cell in cells:  # two names for one model train once
-        if not results.done(cell) and all(unlabelled(cell) != unlabelled(other) for other in todo):
+        if not results.done(cell) and unlabelled(cell) not in queued:
             todo.append(cell)
+            queued.append(unlabelled(cell))
     print(f"{len(cells) - len(todo)} of {len(cells)} cells already in {results.path}; "
           f"running {len(todo)}, {jobs} at a time", flush=True)
     env = dict(os.environ)
