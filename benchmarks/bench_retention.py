@@ -20,7 +20,7 @@ import click
 import mlx.core as mx
 from common import machine_description, machine_line, median_seconds, now, write_report
 
-from power_retention import choose_method, expanded_dim, power_retention, tuning
+from power_retention import expanded_dim, power_retention, tuning
 from power_retention.cpu_tuning import (blas_threads, loaded_blas, parallel_cpu_streams,
                                         release_freed_memory, set_blas_threads,
                                         split_across_cpu_streams, stream_parts, tune_process)
@@ -98,15 +98,12 @@ def in_configuration(mode, fn):
 
 
 def matmul_flops(method, B, T, H, d, deg, chunk_size) -> dict:
-    """Matmul flops of one pass, for GFLOP/s and the fraction of peak. Power retention: the
-    products its form computes (chunked: intra-chunk scores and values, state update and read;
-    attention: the T x T weights, half of them causal), the backward doing two for each forward
-    one. Softmax: the causal half of QK^T and PV, the backward 2.5x the forward (FlashAttention's
-    count)."""
+    """Matmul flops of one pass of a form (not "auto"), for GFLOP/s and the fraction of peak.
+    Power retention: the products its form computes (chunked: intra-chunk scores and values,
+    state update and read; attention: the T x T weights, half of them causal), the backward
+    doing two for each forward one. Softmax: the causal half of QK^T and PV, the backward 2.5x
+    the forward (FlashAttention's count)."""
     D, e = expanded_dim(d, deg), d
-    if method == "auto":
-        method = choose_method(B=B, T=T, Hq=H, H=H, d=d, e=e, deg=deg,
-                               chunk_size=chunk_size or tuning.DEFAULT_CHUNK)
     if method in ("softmax", "torch"):
         forward = 2 * B * H * T * T * (d + e) / 2
         return {"forward": forward, "forward_backward": 3.5 * forward}
@@ -179,9 +176,8 @@ def torch_case(B, T, H, d):
 
 
 def predicted_bytes(method, B, T, H, d, deg, chunk_size) -> float:
-    """Rough peak memory of the forward+backward pass, to skip what cannot fit."""
-    if method == "auto":
-        method = choose_method(B=B, T=T, Hq=H, H=H, d=d, e=d, deg=deg, chunk_size=chunk_size)
+    """Rough peak memory of the forward+backward pass of a form (not "auto"), to skip what
+    cannot fit."""
     D = expanded_dim(d, deg)
     if method == "recurrent":  # autodiff keeps every step's D x e state (measured: 8.9 GB at T=1024)
         return 4 * 4 * B * H * T * D * d
@@ -278,13 +274,6 @@ def main(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, memory_lim
                       methods, cpu_parallel, out)
 
 
-def chosen_chunk(method, B, T, H, d, deg, chunk_size):
-    """The form and chunk size a row runs with: the op's own choice when none is given."""
-    if method not in ("auto", "chunked"):
-        return method, chunk_size or tuning.DEFAULT_CHUNK
-    return tuning.resolve(method, chunk_size, B=B, T=T, Hq=H, H=H, d=d, e=d, deg=deg, gated=True)
-
-
 def run_benchmark(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, memory_limit, methods,
                   cpu_parallel, out):
     machine = machine_description()
@@ -315,12 +304,14 @@ def run_benchmark(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, m
     for T in Ts:
         for method in methods:
             row = {"T": T, "method": method}
-            form, chunk = chosen_chunk(method, B, T, H, d, deg, chunk_size)
+            # The form and chunk size the row runs with (the op's own choice when none is given).
+            form, chunk = tuning.resolve(method, chunk_size, B=B, T=T, Hq=H, H=H, d=d, e=d, deg=deg,
+                                         gated=True)
             if method in ("auto", "chunked"):
                 row.update(form=form, chunk_size=chunk)
             growth = 4 if method in ("attention", "softmax", "torch") else 2
             predicted_time = last_time.get(method, 0) * growth
-            if predicted_bytes(method, B, T, H, d, deg, chunk) > memory_limit * 1e9:
+            if predicted_bytes(form, B, T, H, d, deg, chunk) > memory_limit * 1e9:
                 row["skipped"] = f"needs > {memory_limit:g} GB"
             elif predicted_time > time_limit:
                 row["skipped"] = f"predicted > {time_limit:g} s"
