@@ -160,8 +160,9 @@ def candidates(T: int) -> list:
 
 
 def _measure(shape: dict, mode: str, dtype, repeats: int = 3) -> dict:
-    """Median seconds of each candidate that fits in memory, on random inputs of ``shape``;
-    a candidate whose first run is over 3x the best median so far is not run again."""
+    """Median seconds of each candidate that fits in memory, on random inputs of ``shape``
+    (after a warm-up run); a candidate whose first timed run is over 3x the best median so far
+    is not run again."""
     from .ops import power_retention  # the op imports this module
 
     B, T, Hq, H, d, e = (shape[name] for name in ("B", "T", "Hq", "H", "d", "e"))
@@ -194,7 +195,7 @@ def _measure(shape: dict, mode: str, dtype, repeats: int = 3) -> dict:
             started = time.perf_counter()
             mx.eval(step())
             times.append(time.perf_counter() - started)
-            if times[0] > 3 * best:
+            if len(times) > 1 and times[1] > 3 * best:  # times[0] may include one-off compiling
                 break
         label = "attention" if method == "attention" else f"chunked {chunk}"
         seconds[label] = statistics.median(times[1:] or times)

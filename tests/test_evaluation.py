@@ -36,6 +36,8 @@ def test_mqar_grid_writes_table_plot_and_resumes(tmp_path):
         assert sorted((r["cell"]["seed"], r["cell"]["lr"]) for r in mine)[:2] == [(0, 1e-3), (0, 3e-3)]
         assert [r["cell"]["seed"] for r in mine].count(1) == 1
         assert all(0 <= r["accuracy"] <= 1 and len(r["curve"]) == 2 for r in mine)
+        # The power mixer trains in the form train.py would take (16 tokens: one chunk).
+        assert {r["form"] for r in mine} == ({None} if mixer == "softmax" else {"attention (one chunk)"})
     assert "| p2:gate_init=0.9 | 64 |" in first
     assert out.with_suffix(".md").read_text().startswith("MQAR, 2 layers")
     assert out.with_suffix(".png").stat().st_size > 1000
