@@ -528,7 +528,8 @@ class Trainer:
         self.state = TrainerState()
         self.started = time.perf_counter()
         self.peak_memory_gb = 0.0
-        self.matmul_peak = None  # FLOP/s, measured at the first report (llm.flops)
+        self.matmul_peak = None  # FLOP/s, measured at the first report and at the end (llm.flops)
+        self.report_rates = []  # tokens/s of each progress report in this process
         self.window_start, self.window_tokens = time.perf_counter(), 0
         self._loss_and_grad = nn.value_and_grad(model, lambda m, x, y, w: loss_terms(m, x, y, w)[0])
         self.use_plan(config.plan)
@@ -679,21 +680,24 @@ class Trainer:
         eta = (self.config.steps - step) * tokens_per_step / max(tps, 1e-9)
         record["tokens_per_s"], record["peak_memory_gb"] = tps, self.peak_memory_gb
         record["mfu"] = self.utilisation(tps)["mfu"]
+        self.report_rates.append(tps)
         ranks = f" ({self.world.size} ranks)" if self.world.size > 1 else ""
         print(f"step {step:>6}/{self.config.steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
               f"|g| {record['grad_norm']:.2f}  {tps:,.0f} tok/s{ranks}  MFU {100 * record['mfu']:.1f}%  "
               f"peak {self.peak_memory_gb:.2f} GB  ETA {eta / 60:.1f} min", flush=True)
         self.window_start, self.window_tokens = time.perf_counter(), 0
 
-    def utilisation(self, tokens_per_s: float) -> dict:
+    def utilisation(self, tokens_per_s: float, measure_peak: bool = False) -> dict:
         """Model FLOPs utilisation at ``tokens_per_s`` (llm.flops), against a matmul peak in
-        the training dtype measured once, at the first report, in this process."""
+        the training dtype measured in this process at the first report (and again with
+        ``measure_peak``: the faster measurement counts, since anything else running on the
+        machine can only slow one down)."""
         plan = self.config.plan or {}
         per_token = training_flops_per_token(
             self.model.config, self.data.sampler.seq_len, plan.get("method", "auto"),
             plan.get("chunk_size"), frozen=self.data.adapter_config is not None)
-        if self.matmul_peak is None:
-            self.matmul_peak = matmul_peak(DTYPES[self.config.dtype])
+        if self.matmul_peak is None or measure_peak:
+            self.matmul_peak = max(self.matmul_peak or 0.0, matmul_peak(DTYPES[self.config.dtype]))
         return {"model_flops_per_token": per_token, "matmul_peak_gflops": self.matmul_peak / 1e9,
                 "mfu": tokens_per_s / self.world.size * per_token / self.matmul_peak}
 
@@ -714,7 +718,10 @@ class Trainer:
                    "unigram_entropy": self.data.unigram_entropy, "elapsed_s": elapsed,
                    "tokens_per_s": state.tokens / max(elapsed, 1e-9),
                    "peak_memory_gb": self.peak_memory_gb, "ranks": self.world.size,
-                   **self.utilisation(state.tokens / max(elapsed, 1e-9)),
+                   **self.utilisation(state.tokens / max(elapsed, 1e-9), measure_peak=True),
+                   # The steady step: the median report after the first (which compiles).
+                   "step_mfu": (self.utilisation(float(np.median(self.report_rates[1:])))["mfu"]
+                                if len(self.report_rates) > 1 else None),
                    "skipped_steps": state.skipped_steps, "rollbacks": state.rollbacks,
                    "parameters": param_count(self.model.config),
                    "trainable_parameters": sum(v.size for _, v in
@@ -725,10 +732,12 @@ class Trainer:
         if self.world.is_main:
             write_atomic(run.dir / "summary.json", json.dumps(summary, indent=1) + "\n")
         ranks = f" over {self.world.size} ranks" if self.world.size > 1 else ""
+        step_mfu = (f", {100 * summary['step_mfu']:.1f}% per step after the first,"
+                    if summary["step_mfu"] is not None else "")
         print(f"done ({stop_reason}): {state.step} steps, {state.tokens:,} tokens in "
               f"{elapsed / 60:.1f} min ({summary['tokens_per_s']:,.0f} tok/s{ranks}, MFU "
-              f"{100 * summary['mfu']:.1f}% of a {summary['matmul_peak_gflops']:,.0f} GFLOP/s "
-              f"matmul peak{' per rank' if ranks else ''}), peak "
+              f"{100 * summary['mfu']:.1f}%{step_mfu} of a {summary['matmul_peak_gflops']:,.0f} "
+              f"GFLOP/s matmul peak{' per rank' if ranks else ''}), peak "
               f"{self.peak_memory_gb:.2f} GB; best validation loss "
               f"{state.best_val_loss or float('nan'):.4f} at step {state.best_step} (unigram "
               f"entropy {self.data.unigram_entropy:.3f}); checkpoints in {run.dir / 'checkpoints'}")
