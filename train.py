@@ -43,7 +43,7 @@ from mlx.utils import tree_flatten
 from llm import RetentionLLM, create_model_config, load, load_tokenizer, train_tokenizer
 from llm.adapters import add_adapters, files_fingerprint, fuse_adapters, load_adapters, quantize_base
 from llm.atomic import replace_directory
-from llm.config import RENAMED_FIELDS, describe, fields_added_later, retention_shape, saved_config
+from llm.config import RENAMED_FIELDS, describe, fields_added_later, saved_config, training_form
 from llm.data import (BatchSampler, cache_key, documents_fingerprint, read_documents,
                       tokenize_corpus, unigram_entropy, validation_batches)
 from llm.distributed import World, is_lost_peer
@@ -55,7 +55,6 @@ from llm.trainer import (DTYPES, CollapseMonitor, MemoryGuard, NonFiniteGuard, O
                          OverfitMonitor, SampleMonitor, SpikeMonitor, TrainConfig, TrainingCallback,
                          TrainingData, make_optimizer, read_jsonl, train)
 from llm.weights import quantization_of, read_config_file
-from power_retention import tuning
 from power_retention.cpu_tuning import tune_process
 
 # Options that may differ when resuming (to extend or re-schedule a run); any other option
@@ -281,11 +280,9 @@ def tuned_form(requested: RunShape) -> RunShape:
     """``requested`` with the retention form and chunk size measured fastest for its training
     step on this device (measured once per machine, then kept: power_retention.tuning), unless
     the model names a chunk size."""
-    config = requested.config
-    if config.mixer != "power" or config.chunk_size is not None:
+    choice = training_form(requested.config, requested.batch_size, requested.seq_len)
+    if choice is None:
         return requested
-    choice = tuning.choose(**retention_shape(config, requested.batch_size, requested.seq_len),
-                           mode="training")
     print(f"retention form for this step on this device: {choice.describe()}")
     return requested.replace(method=choice.method, chunk_size=choice.chunk_size)
 

@@ -32,8 +32,7 @@ from common import machine_description, machine_line, now, write_report  # noqa:
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
 from llm import RetentionLLM, create_model_config  # noqa: E402
-from llm.config import retention_shape  # noqa: E402
-from power_retention import tuning  # noqa: E402
+from llm.config import training_form  # noqa: E402
 from power_retention.cpu_tuning import blas_threads, loaded_blas, set_blas_threads, tune_process  # noqa: E402
 
 
@@ -53,8 +52,8 @@ def main(preset, batch_size, seq_len, pairs, out):
     started, machine = now(), machine_description()
     config = create_model_config(preset)
     model = RetentionLLM(config)
-    if config.mixer == "power" and config.chunk_size is None:
-        choice = tuning.choose(**retention_shape(config, batch_size // cores, seq_len), mode="training")
+    choice = training_form(config, batch_size // cores, seq_len)
+    if choice is not None:
         model.set_retention_form(choice.method, choice.chunk_size)
     parameters = model.trainable_parameters()
     mx.eval(parameters)

@@ -13,13 +13,11 @@ that costs in memory, which is why the project does not use it (README, "Linux: 
 
 from __future__ import annotations
 
-import time
-
 import click
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from common import machine_description, machine_line, now, write_report
+from common import machine_description, machine_line, median_seconds, now, write_report
 
 from power_retention.cpu_tuning import tune_process
 
@@ -68,16 +66,6 @@ def _(primals, cotangent, output):
     return _backward(logits, targets, output, cotangent), mx.zeros_like(targets)
 
 
-def median_seconds(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - begin)
-    return float(np.median(times))
-
-
 @click.command()
 @click.option("--floats", default=786_432, show_default=True)
 @click.option("--positions", default=1024, show_default=True)
@@ -92,9 +80,9 @@ def main(floats, positions, vocab, out):
     exact = np.exp(host.astype(np.float64))
     normal = exact > np.finfo(np.float32).tiny
     rows = {}
-    for name, fn in [("mx.exp", lambda: mx.eval(mx.exp(x))), ("numpy", lambda: np.exp(host)),
-                     ("polynomial", lambda: mx.eval(polynomial_exp(x)))]:
-        seconds = median_seconds(fn)
+    for name, fn in [("mx.exp", lambda: mx.exp(x)), ("numpy", lambda: np.exp(host)),
+                     ("polynomial", lambda: polynomial_exp(x))]:
+        seconds = median_seconds(fn, repeats=5)
         error = None
         if name != "numpy":
             values = np.array(mx.exp(x) if name == "mx.exp" else polynomial_exp(x), dtype=np.float64)
@@ -112,7 +100,7 @@ def main(floats, positions, vocab, out):
           f"({logits.nbytes / 1e9:.2f} GB); peak memory is MLX's over one call")
     for name, loss in losses.items():
         step = mx.compile(mx.value_and_grad(loss))
-        seconds = median_seconds(lambda: mx.eval(step(logits)), repeats=3)
+        seconds = median_seconds(lambda: step(logits), repeats=3)
         mx.reset_peak_memory()
         mx.eval(step(logits))
         peak = mx.get_peak_memory() / 1e9

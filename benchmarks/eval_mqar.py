@@ -30,9 +30,8 @@ from harness import (Results, cell_model, format_spread, grid_options, publish, 
                      spread, state_floats)
 
 from llm import ModelConfig, RetentionLLM, param_count
-from llm.config import retention_shape
+from llm.config import training_form
 from llm.mqar import MQAR
-from power_retention import tuning
 from power_retention.cpu_tuning import tune_process
 
 EVAL_BATCH = 250  # held-out sequences per forward pass
@@ -86,13 +85,9 @@ def train_cell(cell: dict) -> dict:
     task = MQAR(cell["vocab"], cell["seq_len"], cell["pairs"], seed=cell["seed"])
     config = ModelConfig.from_dict(cell["model"])
     model = RetentionLLM(config)
-    form = None
-    if config.mixer == "power" and config.chunk_size is None:
-        # The form train.py takes for a step of this shape: measured once per device, then kept.
-        choice = tuning.choose(**retention_shape(config, cell["batch_size"], cell["seq_len"]),
-                               mode="training")
+    choice = training_form(config, cell["batch_size"], cell["seq_len"])  # as train.py takes it
+    if choice is not None:
         model.set_retention_form(choice.method, choice.chunk_size)
-        form = choice.describe()
     steps = cell["steps"]
     optimizer = make_optimizer(cell["lr"], steps, max(1, steps // 10), cell["weight_decay"])
     test = task.test_set(cell["test_size"])
@@ -125,7 +120,7 @@ def train_cell(cell: dict) -> dict:
     return {"cell": cell, "accuracy": curve[-1]["accuracy"], "train_loss": curve[-1]["train_loss"],
             "diverged": not math.isfinite(curve[-1]["train_loss"]), "curve": curve,
             "state_floats": state_floats(config, cell["seq_len"]), "parameters": param_count(config),
-            "form": form, "seconds": time.perf_counter() - started}
+            "form": choice and choice.describe(), "seconds": time.perf_counter() - started}
 
 
 def group_by_lr(records: list) -> dict:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from power_retention import tuning
 from power_retention.convolution import ShortConvolution
 from power_retention.layer import CONV_SIZE, INITIAL_GATE, ROPE, check_gate_init, state_floats
 from power_retention.validation import check_integer, is_integer
@@ -213,6 +214,15 @@ def retention_shape(config: ModelConfig, batch_size: int, seq_len: int) -> dict:
     ``power_retention.tuning.choose`` and ``resolve``."""
     return dict(B=batch_size, T=seq_len, Hq=config.num_attention_heads, H=config.num_key_value_heads,
                 d=config.head_dim, e=config.head_dim, deg=config.deg, gated=config.gating)
+
+
+def training_form(config: ModelConfig, batch_size: int, seq_len: int):
+    """The retention form and chunk size measured fastest for a training step of this shape on
+    this device (measured once, then kept: ``power_retention.tuning``), as a ``tuning.Choice``;
+    None when the model names its chunk size or has no power mixer."""
+    if config.mixer != "power" or config.chunk_size is not None:
+        return None
+    return tuning.choose(**retention_shape(config, batch_size, seq_len), mode="training")
 
 
 def param_count(config: ModelConfig) -> int:
