@@ -40,7 +40,7 @@ import click
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from llm import RetentionLLM, create_model_config, load, load_tokenizer, train_tokenizer
+from llm import RetentionLLM, cpu_streams, create_model_config, load, load_tokenizer, train_tokenizer
 from llm.adapters import add_adapters, files_fingerprint, fuse_adapters, load_adapters, quantize_base
 from llm.atomic import replace_directory
 from llm.config import RENAMED_FIELDS, describe, fields_added_later, saved_config, training_form
@@ -230,11 +230,14 @@ def run_training(cfg: TrainConfig, resume: bool, world: World) -> dict:
     if not cfg.plan:  # a fresh run plans; a resumed one keeps the plan it started with
         # Rank 0 measures; the other ranks of a data-parallel run then read its choice.
         requested = main_first(world, lambda: tuned_form(requested))
+        requested = requested.replace(cpu_streams=step_streams(cfg, requested, world))
         plan, limits = make_plan(cfg, requested)
         cfg.plan = rung_to_plan(plan.chosen, requested)
     else:
         limits = run_limits(cfg)
     shape = apply_plan(requested, cfg.plan)
+    # Again: measuring a step above initialised models, and the weights must not depend on it.
+    mx.random.seed(cfg.seed)
     if base is not None:
         model, adapter_config = finetuned_model(base, base_dir, cfg)
     else:
@@ -263,8 +266,10 @@ def run_training(cfg: TrainConfig, resume: bool, world: World) -> dict:
           f"documents, {len(corpus.train_tokens):,} / {len(corpus.val_tokens):,} tokens; tokenizer "
           f"vocab {tokenizer.vocab_size}; unigram entropy {data.unigram_entropy:.3f} nats")
     effective = shape.batch_size * shape.grad_accum
+    split = f", each split across {shape.cpu_streams} CPU streams" if shape.cpu_streams > 1 else ""
     print(f"training: {cfg.steps} steps of {effective} x {seq_len} tokens ({shape.batch_size} x "
-          f"{shape.grad_accum} micro-batches{', checkpointing' if shape.checkpointing else ''}), "
+          f"{shape.grad_accum} micro-batches{', checkpointing' if shape.checkpointing else ''}"
+          f"{split}), "
           f"{cfg.optimizer}, lr {cfg.lr} -> {cfg.min_lr}, {cfg.dtype}; plan: {cfg.plan['rung']}; "
           f"run directory {cfg.out}")
 
@@ -285,6 +290,19 @@ def tuned_form(requested: RunShape) -> RunShape:
         return requested
     print(f"retention form for this step on this device: {choice.describe()}")
     return requested.replace(method=choice.method, chunk_size=choice.chunk_size)
+
+
+def step_streams(cfg: TrainConfig, requested: RunShape, world: World) -> int:
+    """CPU streams each micro-batch is split across: --cpu-streams, else measured (or kept from
+    an earlier measurement: llm.cpu_streams), else 1 for the ranks of a data-parallel run (they
+    share the cores already)."""
+    if cfg.cpu_streams:
+        return cfg.cpu_streams
+    if world.size > 1:
+        return 1
+    choice = cpu_streams.choose(requested, cfg.dtype)
+    print(f"CPU streams for this step on this device: {choice.describe()}")
+    return choice.count
 
 
 def main_first(world: World, make):
@@ -605,10 +623,14 @@ def plan_command(**options):
     else:
         config = model_config(cfg, create_model_config(cfg.model).vocab_size)
         name = cfg.model
+    # A run measures whether to split its steps across CPU streams (--cpu-streams 0); the plan
+    # assumes one unless told, a split adding only a copy of the gradients.
     requested = RunShape(config, cfg.batch_size, cfg.grad_accum,
-                         cfg.seq_len or config.max_position_embeddings, adapters=cfg.adapters())
+                         cfg.seq_len or config.max_position_embeddings, adapters=cfg.adapters(),
+                         cpu_streams=cfg.cpu_streams or 1)
     estimate_ = estimate(config, requested.batch_size, requested.seq_len, dtype=cfg.dtype,
-                         optimizer=cfg.optimizer, adapters=requested.adapters)
+                         optimizer=cfg.optimizer, adapters=requested.adapters,
+                         cpu_streams=requested.cpu_streams)
     print(f"{name}: {describe(config)}; batch {requested.batch_size} x {requested.grad_accum} "
           f"micro-batches, {requested.seq_len} tokens, {cfg.dtype}, {cfg.optimizer}"
           + (f"; fine-tuning: {cfg.adapter}" if cfg.adapter else "")

@@ -145,9 +145,11 @@ def _live_buffers(config: ModelConfig, T: int, method: str, chunk_size: int, che
 
 def estimate(config: ModelConfig, batch_size: int, seq_len: int, dtype: str = "float32",
              optimizer: str = "adamw", checkpointing: bool = False, method: str = "auto",
-             chunk_size: int | None = None, adapters: Adapters | None = None) -> MemoryEstimate:
+             chunk_size: int | None = None, adapters: Adapters | None = None,
+             cpu_streams: int = 1) -> MemoryEstimate:
     """Predicted peak memory of one training step (forward, backward, optimizer update);
-    with ``adapters``, of a fine-tuning step that trains only them."""
+    with ``adapters``, of a fine-tuning step that trains only them; with ``cpu_streams``, of
+    the micro-batch split across that many CPU streams (llm.cpu_streams)."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     if optimizer not in OPTIMIZER_SLOTS:
@@ -186,7 +188,9 @@ def estimate(config: ModelConfig, batch_size: int, seq_len: int, dtype: str = "f
     largest_name = max(candidates, key=candidates.get)
     return MemoryEstimate(
         live_buffers=_live_buffers(config, T, method, chunk_size, checkpointing, optimizer),
-        parameters=stored, gradients=trained * trained_bytes,
+        # The parts of a split micro-batch hold their activations at once (together, one
+        # micro-batch's) and each its own gradients until they are summed.
+        parameters=stored, gradients=min(max(1, cpu_streams), B) * trained * trained_bytes,
         # MLX keeps the slots in the parameters' dtype.
         optimizer_state=OPTIMIZER_SLOTS[optimizer] * trained * trained_bytes,
         activations=activations, activations_per_layer=per_layer,

@@ -101,6 +101,7 @@ class RunShape:
     method: str = "auto"
     chunk_size: int | None = None
     adapters: Adapters | None = None  # fine-tuning: what is trained of a base that cannot change
+    cpu_streams: int = 1  # each micro-batch split across this many CPU streams (llm.cpu_streams)
 
     def replace(self, **changes) -> "RunShape":
         return dataclasses.replace(self, **changes)
@@ -160,7 +161,8 @@ class Plan:
 def _estimate(shape: RunShape, dtype: str, optimizer: str):
     return estimate(shape.config, shape.batch_size, shape.seq_len, dtype=dtype, optimizer=optimizer,
                     checkpointing=shape.checkpointing, method=shape.method,
-                    chunk_size=shape.chunk_size, adapters=shape.adapters)
+                    chunk_size=shape.chunk_size, adapters=shape.adapters,
+                    cpu_streams=shape.cpu_streams)
 
 
 def _ladder(shape: RunShape):
@@ -270,11 +272,13 @@ def rung_to_plan(rung: Rung, requested: RunShape) -> dict:
     return {"rung": rung.name, "batch_size": rung.shape.batch_size,
             "grad_accum": rung.shape.grad_accum, "checkpointing": rung.shape.checkpointing,
             "method": rung.shape.method, "chunk_size": rung.shape.chunk_size,
-            "model": model_changes, "estimate_bytes": rung.total}
+            "cpu_streams": rung.shape.cpu_streams, "model": model_changes,
+            "estimate_bytes": rung.total}
 
 
 def apply_plan(requested: RunShape, plan: dict) -> RunShape:
     """The run shape a stored plan (``rung_to_plan``) makes of ``requested``."""
     return requested.with_model(**plan["model"]).replace(
         batch_size=plan["batch_size"], grad_accum=plan["grad_accum"],
-        checkpointing=plan["checkpointing"], method=plan["method"], chunk_size=plan["chunk_size"])
+        checkpointing=plan["checkpointing"], method=plan["method"], chunk_size=plan["chunk_size"],
+        cpu_streams=plan.get("cpu_streams", 1))  # runs from before the split: one stream

@@ -37,6 +37,7 @@ from .adapters import load_adapter_weights, save_adapters
 from .atomic import (DamagedFileError, recover_directory, replace_directory, verify_directory,
                      write_atomic, write_failure)
 from .config import PRESETS, ModelConfig, param_count
+from .cpu_streams import make_streams, single_threaded_blas, split_step
 from .data import DEFAULT_DATA, BatchSampler
 from .distributed import World
 from .generate import generate_tokens
@@ -129,6 +130,10 @@ class TrainConfig:
     cache_dir: str = option("", "tokenizer and token cache (default $POWER_RETENTION_CACHE or "
                             "~/.cache/power-retention-mlx)")
     compile: bool = option(True, "compile the gradient computation (mx.compile)")
+    cpu_streams: int = option(0, "CPU backend: split each micro-batch across this many CPU "
+                              "streams, side by side, each with one BLAS thread (0: measured "
+                              "at the run's start, one per core where that is faster; 1: one "
+                              "stream)", memory=True)
     memory_budget: float = option(0.0, "GB the run may use (0: what the machine or "
                                   "--device-profile allows)", memory=True)
     device_profile: str = option("", f"plan for an Apple Silicon machine: {', '.join(DEVICE_PROFILES)}",
@@ -220,6 +225,11 @@ class TrainConfig:
             fail("val-fraction", f"must be in (0, 0.5), got {self.val_fraction}")
         if self.memory_budget < 0:
             fail("memory-budget", f"must be >= 0 GB, got {self.memory_budget}")
+        if self.cpu_streams < 0:
+            fail("cpu-streams", f"must be >= 0 (0: measured), got {self.cpu_streams}")
+        if self.cpu_streams > 1 and mx.default_device() != mx.cpu:
+            fail("cpu-streams", f"splits a step across CPU streams; this run's device is "
+                                f"{mx.default_device()}")
         if self.device_profile and self.device_profile not in DEVICE_PROFILES:
             fail("device-profile", f"unknown profile {self.device_profile!r}; known: "
                                    f"{', '.join(DEVICE_PROFILES)}")
@@ -544,6 +554,7 @@ class Trainer:
         self.micro_batch_size = plan["batch_size"]
         self.data.sampler.batch_size = plan["batch_size"] * self.world.size
         self.grad_accum = plan["grad_accum"]
+        self.streams = make_streams(plan.get("cpu_streams", 1))  # none: the default stream
         model_state = [self.model.state]  # the micro-step never touches the optimizer
 
         def micro_step(inputs, targets, mask):
@@ -594,16 +605,19 @@ class Trainer:
         """This process's share of the next batch: (loss sum, counted tokens, gradients of the
         loss sum), accumulated over the plan's micro-batches."""
         loss_sum, count, grads = 0.0, 0.0, None
-        for _ in range(self.grad_accum):
-            batch = self.world.shard(self.data.sampler.next_batch())
-            count += float(batch[2].sum())  # counted tokens, from the host-side mask
-            part_loss, part_grads = self.micro_step(*(mx.array(a) for a in batch))
-            grads = part_grads if grads is None else tree_map(mx.add, grads, part_grads)
-            loss_sum = loss_sum + part_loss
-            # Evaluated here, micro-batch by micro-batch: MLX is lazy, so this is where a step
-            # runs out of memory (inside the loop's guard), and accumulating unevaluated
-            # gradients would keep every micro-batch's activations alive at once.
-            mx.eval(loss_sum, grads)
+        with single_threaded_blas(bool(self.streams)):  # each stream is one core's
+            for _ in range(self.grad_accum):
+                batch = self.world.shard(self.data.sampler.next_batch())
+                count += float(batch[2].sum())  # counted tokens, from the host-side mask
+                arrays = [mx.array(a) for a in batch]
+                part_loss, part_grads = (split_step(self.micro_step, arrays, self.streams)
+                                         if self.streams else self.micro_step(*arrays))
+                grads = part_grads if grads is None else tree_map(mx.add, grads, part_grads)
+                loss_sum = loss_sum + part_loss
+                # Evaluated here, micro-batch by micro-batch: MLX is lazy, so this is where a
+                # step runs out of memory (inside the loop's guard), and accumulating unevaluated
+                # gradients would keep every micro-batch's activations alive at once.
+                mx.eval(loss_sum, grads)
         return loss_sum, count, grads
 
     def step_result(self, local: tuple) -> StepResult:

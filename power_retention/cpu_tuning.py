@@ -1,8 +1,8 @@
 """Making MLX's CPU backend fast on Linux: a real BLAS, a malloc that keeps its memory, and the
 op's heads split across CPU streams. Nothing here runs unless an entry point asks:
 ``tune_process()`` (train.py, demo.py and the benchmarks call it first thing in ``main``)
-does the first two; ``split_across_cpu_streams`` wraps the op for the third. Importing
-``power_retention`` or ``llm`` changes nothing in the process.
+does the first two and lets streams overlap; ``split_across_cpu_streams`` wraps the op for
+the third. Importing ``power_retention`` or ``llm`` changes nothing in the process.
 
 BLAS.
 The Linux wheel of MLX (``mlx[cpu]``) links a reference BLAS: about 3 GFLOP/s for an fp32
@@ -41,9 +41,10 @@ slower than one stream.
 MLX builds its evaluation order breadth-first up to ``MLX_BFS_MAX_WIDTH`` arrays (default 20)
 and keeps at most 10 ops in flight: with the default width one stream's part of a large graph
 is queued before the other's and the streams take turns. The width a graph needs grows with
-its number of chunks (the scan is a loop over them): set ``MLX_BFS_MAX_WIDTH=16384`` before MLX
-evaluates anything to let the streams overlap (the benchmark does; MLX's peak memory at
-T=32768, chunk 64, fwd+bwd: 9.3 GB instead of 8.9 GB with a width of 1024).
+its number of chunks (the scan is a loop over them): ``MLX_BFS_MAX_WIDTH=16384`` before MLX
+evaluates anything lets the streams overlap, and ``tune_process`` sets it unless it is set
+(MLX's peak memory at T=32768, chunk 64, fwd+bwd: 9.3 GB instead of 8.9 GB with a width of
+1024). The trainer splits whole training steps the same way (``llm.cpu_streams``).
 
 The hand-written backward passes run on the stream of their forward (``autodiff``).
 """
@@ -331,9 +332,19 @@ def split_across_cpu_streams(op):
     return split_op
 
 
+# MLX's evaluation order is breadth-first up to this many arrays: wide enough for the parts
+# of a step split across CPU streams to run side by side (see "Streams" above). A tiny
+# training step at 8 x 512 on one stream peaked at 5.03 GB with this width and with MLX's 20.
+BFS_MAX_WIDTH = "16384"
+
+
 def tune_process() -> None:
     """What an entry point calls first thing: restart with OpenBLAS preloaded where that helps
-    (``reexec_with_fast_blas``), then keep freed memory for reuse (``keep_freed_memory``).
-    Does nothing on macOS."""
+    (``reexec_with_fast_blas``), keep freed memory for reuse (``keep_freed_memory``), and let
+    CPU streams overlap (``MLX_BFS_MAX_WIDTH``, unless set: MLX reads it at its first
+    evaluation, and the restarted process inherits it). Does nothing on macOS."""
+    if not sys.platform.startswith("linux"):
+        return
+    os.environ.setdefault("MLX_BFS_MAX_WIDTH", BFS_MAX_WIDTH)
     reexec_with_fast_blas()
     keep_freed_memory()

@@ -130,11 +130,17 @@ def _entries(data: dict) -> dict:
     return data.get("devices", {}).get(f"mlx {mx.__version__}", {}).get(device_name(), {})
 
 
-def _remember(key: str, choice: Choice) -> None:
+def kept(key: str) -> dict | None:
+    """What was kept for ``key`` on this device under this MLX version (any process's)."""
+    return _entries(_kept()).get(key)
+
+
+def remember(key: str, record: dict) -> None:
+    """Keep ``record`` (JSON) for ``key`` on this device under this MLX version, for every later
+    process: the form choices here, and others measured the same way (llm.cpu_streams)."""
     data = _read_cache() or {"format": FORMAT}  # what other processes kept meanwhile, too
     devices = data.setdefault("devices", {}).setdefault(f"mlx {mx.__version__}", {})
-    devices.setdefault(device_name(), {})[key] = {**asdict(choice), "source": "cached",
-                                                 "date": time.strftime("%Y-%m-%d")}
+    devices.setdefault(device_name(), {})[key] = {**record, "date": time.strftime("%Y-%m-%d")}
     path = cache_path()
     _files[path] = data
     try:
@@ -216,7 +222,7 @@ def choose(*, B, T, Hq, H, d, e, deg, gated, dtype=mx.float32, with_state=False,
         return Choice("attention", T, "one chunk")
     memo = (cache_path(), device_name(), key)
     if memo not in _chosen:
-        entry = _entries(_kept()).get(key)
+        entry = kept(key)
         if entry:
             _chosen[memo] = Choice(entry["method"], entry["chunk_size"], "cached", entry.get("seconds"))
     if memo in _chosen:
@@ -235,7 +241,7 @@ def choose(*, B, T, Hq, H, d, e, deg, gated, dtype=mx.float32, with_state=False,
             fastest = min(seconds, key=seconds.get)
             form, _, chunk = fastest.partition(" ")
             choice = Choice(form, int(chunk) if chunk else T, "measured", seconds)
-            _remember(key, choice)
+            remember(key, {**asdict(choice), "source": "cached"})
             _chosen[memo] = dataclasses.replace(choice, source="cached")
             return choice
     if method == "auto":
@@ -271,10 +277,14 @@ def report() -> str:
     for device in sorted(devices, key=lambda name: name != here):
         lines.append(f"{device}{' (this process)' if device == here else ''}:")
         for key, entry in sorted(devices[device].items()):
-            choice = Choice(entry["method"], entry["chunk_size"], "measured " + entry.get("date", ""))
+            measured = "measured " + entry.get("date", "")
+            if "cpu_streams" in entry:  # a whole training step's split (llm.cpu_streams)
+                decision = f"{entry['cpu_streams']} CPU stream(s) ({measured})"
+            else:
+                decision = Choice(entry["method"], entry["chunk_size"], measured).describe()
             times = ", ".join(f"{label} {s * 1e3:.1f} ms"
                               for label, s in (entry.get("seconds") or {}).items())
-            lines.append(f"  {key}: {choice.describe()}" + (f"; {times}" if times else ""))
+            lines.append(f"  {key}: {decision}" + (f"; {times}" if times else ""))
     return "\n".join(lines)
 
 

@@ -98,8 +98,12 @@ def test_train_py_measures_the_training_step_and_keeps_the_choice_in_its_plan(tm
     assert "retention form for this step on this device:" in result.stdout
     plan = json.loads((out / "train_config.json").read_text())["plan"]
     kept = next(iter(json.loads(cache.read_text())["devices"].values()))
-    (entry,) = next(iter(kept.values())).values()
-    assert (plan["method"], plan["chunk_size"]) == (entry["method"], entry["chunk_size"])
+    entries = next(iter(kept.values()))
+    (form,) = [entry for key, entry in entries.items() if "method" in entry]
+    assert (plan["method"], plan["chunk_size"]) == (form["method"], form["chunk_size"])
+    # And, on more than one core, whether to split its steps across CPU streams (llm.cpu_streams).
+    streams = [entry for key, entry in entries.items() if key.startswith("training step")]
+    assert [entry["cpu_streams"] for entry in streams] == ([plan["cpu_streams"]] if os.cpu_count() > 1 else [])
     # The summary's model FLOPs utilisation counts the products of the form it ran.
     summary = json.loads((out / "summary.json").read_text())
     config = load(out / "checkpoints" / "last" / "model")[0].config
