@@ -152,6 +152,8 @@ def choose(shape, dtype: str = "float32", measure_now: bool | None = None) -> St
         return StreamChoice(entry["cpu_streams"], "cached", entry.get("seconds"))
     if not (tuning.measuring_enabled() if measure_now is None else measure_now):
         return StreamChoice(1, f"not measured ({tuning.TUNE_VARIABLE}=0)")
+    print(f"timing a training step on one CPU stream and split across {count} (once per device "
+          f"and shape; {tuning.TUNE_VARIABLE}=0 skips it)", flush=True)
     try:
         seconds = measure(shape, dtype, count)
     except Exception as error:  # noqa: BLE001 (a failed measurement must not stop the run)
