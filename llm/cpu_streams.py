@@ -101,27 +101,34 @@ def step_key(shape, dtype: str, count: int) -> str:
             f"D={config.hidden_size} heads={config.num_attention_heads}/{config.num_key_value_heads}"
             f"x{config.head_dim} mlp={config.intermediate_size} conv={config.conv_size} "
             f"vocab={config.vocab_size} B={shape.batch_size} T={shape.seq_len} {form}"
-            f"{' checkpointing' if shape.checkpointing else ''} {dtype}, {count} streams")
+            f"{' checkpointing' if shape.checkpointing else ''} {dtype}"
+            f"{f' {shape.adapters}' if shape.adapters is not None else ''}, {count} streams")
 
 
 def measure(shape, dtype: str, count: int, repeats: int = 2) -> dict:
     """Median seconds of a training micro-step of ``shape`` (llm.plan.RunShape, with
-    ``MEASURED_LAYERS`` of its blocks) on one stream with the threaded BLAS and split across
+    ``MEASURED_LAYERS`` of its blocks, and its adapters over a frozen base when it fine-tunes)
+    on one stream with the threaded BLAS and split across
     ``count`` streams with one BLAS thread each, alternating, after a warm-up of each (which
     compiles). Draws from the global random state (the model's initialisation)."""
+    from .adapters import add_adapters, quantize_base
     from .model import RetentionLLM
     from .trainer import DTYPES, loss_terms
 
-    config = dataclasses.replace(shape.config, num_hidden_layers=min(MEASURED_LAYERS,
-                                                                     shape.config.num_hidden_layers))
-    model = RetentionLLM(config)
+    layers = min(MEASURED_LAYERS, shape.config.num_hidden_layers)
+    model = RetentionLLM(dataclasses.replace(shape.config, num_hidden_layers=layers))
     model.set_dtype(DTYPES[dtype])
+    adapters = shape.adapters
+    if adapters is not None and adapters.kind != "full":  # fine-tuning: a frozen base
+        if adapters.bits:
+            quantize_base(model, adapters.bits)
+        add_adapters(model, adapters.kind, adapters.rank, min(adapters.layers or layers, layers))
     model.checkpointing = shape.checkpointing
     model.set_retention_form(shape.method, shape.chunk_size)
     keys = mx.random.split(mx.random.key(0), 2)
     size = (shape.batch_size, shape.seq_len)
-    arrays = [mx.random.randint(0, config.vocab_size, size, key=keys[0]),
-              mx.random.randint(0, config.vocab_size, size, key=keys[1]), mx.ones(size)]
+    arrays = [mx.random.randint(0, shape.config.vocab_size, size, key=keys[0]),
+              mx.random.randint(0, shape.config.vocab_size, size, key=keys[1]), mx.ones(size)]
     mx.eval(model.parameters(), arrays)
     step = mx.compile(nn.value_and_grad(model, lambda x, y, w: loss_terms(model, x, y, w)[0]),
                       inputs=[model.state], outputs=[model.state])
@@ -141,11 +148,10 @@ def choose(shape, dtype: str = "float32", measure_now: bool | None = None) -> St
     """How many CPU streams a training step of ``shape`` (llm.plan.RunShape) runs on: kept from
     an earlier measurement on this device, else measured now (``measure_now``: default
     ``POWER_RETENTION_TUNE``, on) and kept; 1 where there is one core, a GPU, one sequence per
-    micro-batch or a fine-tuning run (whose step the measurement does not model)."""
+    micro-batch."""
     count = min(available(), shape.batch_size)
-    if count < 2 or shape.adapters is not None:
-        return StreamChoice(1, "one stream: " + ("fine-tuning" if shape.adapters is not None
-                                                 else "nothing to split across"))
+    if count < 2:
+        return StreamChoice(1, "one stream: nothing to split across")
     key = step_key(shape, dtype, count)
     entry = tuning.kept(key)
     if entry:

@@ -10,7 +10,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from llm import RetentionLLM, create_model_config, cpu_streams
-from llm.memory import estimate
+from llm.memory import Adapters, estimate
 from llm.plan import RunShape
 from llm.trainer import loss_terms
 from power_retention import tuning
@@ -67,10 +67,13 @@ def test_single_threaded_blas_restores_the_threads():
     assert blas_threads() == before
 
 
-def test_choice_is_measured_once_then_kept(tmp_path, monkeypatch):
+@pytest.mark.parametrize("adapters", [None, Adapters("lora", rank=4), Adapters("dora", 4, 1, bits=4)],
+                         ids=["pretraining", "lora", "qdora-last-block"])
+def test_choice_is_measured_once_then_kept(tmp_path, monkeypatch, adapters):
     monkeypatch.setenv(tuning.CACHE_VARIABLE, str(tmp_path))
-    config = create_model_config("ultra-tiny", num_hidden_layers=1)
-    shape = RunShape(config, batch_size=4, grad_accum=1, seq_len=32, method="attention", chunk_size=32)
+    config = create_model_config("ultra-tiny", num_hidden_layers=2)
+    shape = RunShape(config, batch_size=4, grad_accum=1, seq_len=32, method="attention", chunk_size=32,
+                     adapters=adapters)
     if cpu_streams.available() < 2:
         assert cpu_streams.choose(shape).count == 1
         return
