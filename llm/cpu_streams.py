@@ -31,7 +31,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 
 from power_retention import tuning
-from power_retention.cpu_tuning import blas_threads, loaded_blas, set_blas_threads, stream_parts
+from power_retention.cpu_tuning import blas_threads, set_blas_threads, stream_parts
 
 # A split is kept only when it measured at least this much faster than one stream: the two
 # timings come from a few steps each, and a tie is not worth the extra gradient copy.
@@ -54,9 +54,9 @@ def make_streams(count: int) -> list:
 @contextlib.contextmanager
 def single_threaded_blas(active: bool = True):
     """OpenBLAS at one thread inside the block (each stream is one core's), as before after it;
-    nothing to do with MLX's own BLAS, which is single-threaded."""
-    threads = blas_threads() if active and loaded_blas().startswith("OpenBLAS") else None
-    if threads is None or threads == 1:
+    nothing to do with MLX's own BLAS, which is single-threaded, nor with Accelerate."""
+    threads = blas_threads() if active else None  # more than 1 only with OpenBLAS
+    if threads is None or threads <= 1:
         yield
         return
     set_blas_threads(1)
@@ -85,7 +85,7 @@ def split_step(step, arrays: list, streams: list) -> tuple:
 @dataclasses.dataclass(frozen=True)
 class StreamChoice:
     count: int
-    source: str  # "measured", "cached", "one core", "asked"...
+    source: str  # "measured", "cached", or why nothing was measured
     seconds: dict | None = None  # "1 stream" / "N streams" -> median seconds, when measured
 
     def describe(self) -> str:
@@ -108,9 +108,9 @@ def step_key(shape, dtype: str, count: int) -> str:
 def measure(shape, dtype: str, count: int, repeats: int = 2) -> dict:
     """Median seconds of a training micro-step of ``shape`` (llm.plan.RunShape, with
     ``MEASURED_LAYERS`` of its blocks, and its adapters over a frozen base when it fine-tunes)
-    on one stream with the threaded BLAS and split across
-    ``count`` streams with one BLAS thread each, alternating, after a warm-up of each (which
-    compiles). Draws from the global random state (the model's initialisation)."""
+    on one stream with the threaded BLAS and split across ``count`` streams with one BLAS
+    thread each, alternating, after a warm-up of each (which compiles). Draws from the global
+    random state (the model's initialisation)."""
     from .adapters import add_adapters, quantize_base
     from .model import RetentionLLM
     from .trainer import DTYPES, loss_terms
