@@ -537,6 +537,7 @@ def upgrade_saved_options(saved: dict) -> dict:
     if saved.get("plan"):
         saved["plan"]["model"] = {RENAMED_FIELDS.get(name, name): value
                                   for name, value in saved["plan"]["model"].items()}
+        saved["plan"].setdefault("cpu_streams", 1)  # planned before steps were split: one stream
     return saved
 
 

@@ -22,14 +22,13 @@ import time
 
 import click
 import mlx.core as mx
-import mlx.nn as nn
 from common import machine_description, machine_line, now, write_report
 from mlx.utils import tree_flatten
 
 from llm import RetentionLLM, create_model_config
 from llm.config import training_form
 from llm.cpu_streams import make_streams, single_threaded_blas, split_step
-from llm.trainer import loss_terms
+from llm.trainer import micro_step_function
 from power_retention.cpu_tuning import blas_threads, loaded_blas, tune_process
 
 
@@ -53,8 +52,7 @@ def main(preset, batch_size, seq_len, pairs, out):
     if choice is not None:
         model.set_retention_form(choice.method, choice.chunk_size)
     mx.eval(model.parameters())
-    step = mx.compile(nn.value_and_grad(model, lambda x, y, w: loss_terms(model, x, y, w)[0]),
-                      inputs=[model.state], outputs=[model.state])
+    step = micro_step_function(model)
     keys = mx.random.split(mx.random.key(1), 2)
     arrays = [mx.random.randint(0, config.vocab_size, (batch_size, seq_len), key=keys[0]),
               mx.random.randint(0, config.vocab_size, (batch_size, seq_len), key=keys[1]),

@@ -27,7 +27,6 @@ import sys
 import time
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_map
 
 from power_retention import tuning
@@ -113,7 +112,7 @@ def measure(shape, dtype: str, count: int, repeats: int = 2) -> dict:
     random state (the model's initialisation)."""
     from .adapters import add_adapters, quantize_base
     from .model import RetentionLLM
-    from .trainer import DTYPES, loss_terms
+    from .trainer import DTYPES, micro_step_function
 
     layers = min(MEASURED_LAYERS, shape.config.num_hidden_layers)
     model = RetentionLLM(dataclasses.replace(shape.config, num_hidden_layers=layers))
@@ -130,8 +129,7 @@ def measure(shape, dtype: str, count: int, repeats: int = 2) -> dict:
     arrays = [mx.random.randint(0, shape.config.vocab_size, size, key=keys[0]),
               mx.random.randint(0, shape.config.vocab_size, size, key=keys[1]), mx.ones(size)]
     mx.eval(model.parameters(), arrays)
-    step = mx.compile(nn.value_and_grad(model, lambda x, y, w: loss_terms(model, x, y, w)[0]),
-                      inputs=[model.state], outputs=[model.state])
+    step = micro_step_function(model)
     streams = make_streams(count)
     label = f"{count} streams"
     times = {"1 stream": [], label: []}

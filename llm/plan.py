@@ -281,4 +281,4 @@ def apply_plan(requested: RunShape, plan: dict) -> RunShape:
     return requested.with_model(**plan["model"]).replace(
         batch_size=plan["batch_size"], grad_accum=plan["grad_accum"],
         checkpointing=plan["checkpointing"], method=plan["method"], chunk_size=plan["chunk_size"],
-        cpu_streams=plan.get("cpu_streams", 1))  # runs from before the split: one stream
+        cpu_streams=plan["cpu_streams"])

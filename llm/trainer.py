@@ -284,6 +284,15 @@ def loss_terms(model, inputs, targets, mask):
     return (losses * mask).sum(), mask.sum()
 
 
+def micro_step_function(model, compiled: bool = True):
+    """(inputs, targets, mask) -> (sum of masked token losses, its gradients in ``model``'s
+    trainable parameters); compiled over the model's state (the optimizer is not touched).
+    Traced afresh per form and per default stream (mx.compile keys its cache by stream)."""
+    step = nn.value_and_grad(model, lambda inputs, targets, mask:
+                             loss_terms(model, inputs, targets, mask)[0])
+    return mx.compile(step, inputs=[model.state], outputs=[model.state]) if compiled else step
+
+
 def make_optimizer(cfg: TrainConfig):
     is_matrix = lambda path, p: p.ndim == 2  # noqa: E731 (norm gains and biases get no decay)
     if cfg.optimizer == "muon":
@@ -541,7 +550,6 @@ class Trainer:
         self.matmul_peak = None  # FLOP/s, measured at the first report and at the end (llm.flops)
         self.report_rates = []  # tokens/s of each progress report in this process
         self.window_start, self.window_tokens = time.perf_counter(), 0
-        self._loss_and_grad = nn.value_and_grad(model, lambda m, x, y, w: loss_terms(m, x, y, w)[0])
         self.use_plan(config.plan)
 
     def use_plan(self, plan: dict):
@@ -554,14 +562,8 @@ class Trainer:
         self.micro_batch_size = plan["batch_size"]
         self.data.sampler.batch_size = plan["batch_size"] * self.world.size
         self.grad_accum = plan["grad_accum"]
-        self.streams = make_streams(plan.get("cpu_streams", 1))  # none: the default stream
-        model_state = [self.model.state]  # the micro-step never touches the optimizer
-
-        def micro_step(inputs, targets, mask):
-            return self._loss_and_grad(self.model, inputs, targets, mask)
-
-        self.micro_step = (mx.compile(micro_step, inputs=model_state, outputs=model_state)
-                           if self.config.compile else micro_step)
+        self.streams = make_streams(plan["cpu_streams"])  # none: the default stream
+        self.micro_step = micro_step_function(self.model, self.config.compile)
 
     def start(self, resume: bool):
         """Continue from the last checkpoint (``resume``, when there is one) or begin the run

@@ -5,14 +5,13 @@ and gradients as one stream, the choice measured once and kept, and whole runs t
 import json
 
 import mlx.core as mx
-import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
 from llm import RetentionLLM, create_model_config, cpu_streams
 from llm.memory import Adapters, estimate
 from llm.plan import RunShape
-from llm.trainer import loss_terms
+from llm.trainer import micro_step_function
 from power_retention import tuning
 
 from tests.test_train import RESUME_TOLERANCE, TRAIN, kill_after, losses, run, small_run
@@ -36,9 +35,7 @@ def _model_and_batch(batch_size=4, seq_len=48):
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_split_step_equals_one_stream(streams, compiled):
     model, arrays = _model_and_batch()
-    step = nn.value_and_grad(model, lambda x, y, w: loss_terms(model, x, y, w)[0])
-    if compiled:
-        step = mx.compile(step, inputs=[model.state], outputs=[model.state])
+    step = micro_step_function(model, compiled)
     loss, grads = step(*arrays)
     with cpu_streams.single_threaded_blas():
         split_loss, split_grads = cpu_streams.split_step(step, arrays, cpu_streams.make_streams(streams))
@@ -51,7 +48,7 @@ def test_split_step_equals_one_stream(streams, compiled):
 
 def test_more_streams_than_rows_uses_one_per_row():
     model, arrays = _model_and_batch(batch_size=2)
-    step = nn.value_and_grad(model, lambda x, y, w: loss_terms(model, x, y, w)[0])
+    step = micro_step_function(model, compiled=False)
     loss, _ = step(*arrays)
     split_loss, _ = cpu_streams.split_step(step, arrays, cpu_streams.make_streams(4))
     assert abs(split_loss.item() - loss.item()) <= SPLIT_TOLERANCE * abs(loss.item())
