@@ -14,6 +14,10 @@ def main(argv: list[str]) -> int:
     library = openblas_library()
     print(f"BLAS in use:        {loaded_blas()}")
     print(f"system OpenBLAS:    {library or 'not found (apt-get install libopenblas0-pthread)'}")
+    if library:
+        core = fast_blas_environment().get("OPENBLAS_CORETYPE")
+        print(f"its kernels here:   {core or 'as OpenBLAS picks them'}"
+              f"{' (OPENBLAS_CORETYPE)' if core else ''}")
     return 0
 
 

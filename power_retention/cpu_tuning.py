@@ -10,6 +10,13 @@ matmul on a small x86 server. Debian's OpenBLAS exports the same symbols, so loa
 with ``LD_PRELOAD`` makes MLX's matmuls run through it (about 50x faster). On macOS MLX uses
 Accelerate and Metal, and nothing here applies.
 
+OpenBLAS picks its kernels by the CPU's family and model, and a release older than the CPU
+does not know the model: Debian 12's 0.3.21 falls back to Prescott's SSE3 kernels on a
+5th-generation Xeon (family 6, model 207), 31 GFLOP/s for a 2048^3 fp32 product where its
+SkylakeX kernels run 250. So when the kernels OpenBLAS would pick predate AVX2 but the CPU
+has AVX2 (or AVX-512), ``fast_blas_environment`` also sets ``OPENBLAS_CORETYPE`` to the best
+kernels the CPU's flags allow (unless it is set).
+
 Get it with ``apt-get install libopenblas0-pthread`` (Debian/Ubuntu). Then:
 
     python -m power_retention                 # which BLAS this process would use
@@ -56,6 +63,7 @@ import ctypes.util
 import functools
 import glob
 import os
+import subprocess
 import sys
 
 import mlx.core as mx
@@ -156,7 +164,8 @@ def loaded_blas() -> str:
     # MLX, so only a library named libopenblas* counts.
     openblas = sorted(p for p in paths if os.path.basename(p).startswith("libopenblas"))
     if openblas:
-        return f"OpenBLAS ({openblas[0]})"
+        core = openblas_core()
+        return f"OpenBLAS ({openblas[0]}{f', {core} kernels' if core else ''})"
     reference = sorted(p for p in paths if os.path.basename(p).startswith("libblas"))
     if reference:
         return f"reference BLAS bundled with MLX ({os.path.basename(reference[0])})"
@@ -210,7 +219,69 @@ def fast_blas_environment(env: dict | None = None) -> dict:
     # 2^4, the chunked form's forward at T=8192 ran about 20% faster here, fwd+bwd 5%, and
     # a lone 2048^3 product no slower.
     env.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+    if "OPENBLAS_CORETYPE" not in env:
+        core = kernels_for_this_cpu(_default_core(library), _cpu_flags())
+        if core:
+            env["OPENBLAS_CORETYPE"] = core
     return env
+
+
+# OpenBLAS's names (openblas_get_corename, lower case) of the x86 kernels without AVX2 and
+# FMA: where it picks one of these on a CPU that has both, it did not recognise the CPU.
+_KERNELS_BEFORE_AVX2 = frozenset((
+    "katmai", "coppermine", "northwood", "prescott", "banias", "core2", "penryn", "dunnington",
+    "nehalem", "atom", "sandybridge", "athlon", "opteron", "barcelona", "bobcat", "bulldozer",
+    "piledriver", "steamroller", "excavator"))
+# What OpenBLAS's SkylakeX kernels use (its own AVX-512 check asks for these).
+_AVX512_FLAGS = frozenset(("avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"))
+
+
+def kernels_for_this_cpu(default_core: str | None, flags: frozenset) -> str | None:
+    """The OPENBLAS_CORETYPE to set: None where OpenBLAS's own pick (``default_core``) is
+    AVX2-or-later or unknown, else SkylakeX on a CPU with AVX-512, Haswell on one with AVX2
+    and FMA (``flags``: the CPU's, as /proc/cpuinfo lists them)."""
+    if default_core is None or default_core.lower() not in _KERNELS_BEFORE_AVX2:
+        return None
+    if _AVX512_FLAGS <= flags:
+        return "SkylakeX"
+    if {"avx2", "fma"} <= flags:
+        return "Haswell"
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _default_core(library: str) -> str | None:
+    """The kernels ``library`` picks by itself on this CPU, asked in a short child process
+    (loading it here would start its threads in a process that may never use it)."""
+    code = ("import ctypes, sys; name = ctypes.CDLL(sys.argv[1]).openblas_get_corename; "
+            "name.restype = ctypes.c_char_p; print(name().decode())")
+    env = {"OPENBLAS_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "")}
+    try:
+        done = subprocess.run([sys.executable, "-I", "-S", "-c", code, library], env=env,
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (done.stdout.strip() or None) if done.returncode == 0 else None
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            line = next((line for line in cpuinfo if line.startswith("flags")), "")
+    except OSError:
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
+
+
+def openblas_core() -> str | None:
+    """The kernels the OpenBLAS loaded in this process runs (e.g. "SkylakeX"), or None."""
+    openblas = _openblas_symbols()
+    if openblas is None or not hasattr(openblas, "openblas_get_corename"):
+        return None
+    name = openblas.openblas_get_corename
+    name.restype = ctypes.c_char_p
+    return name().decode()
 
 
 def reexec_with_fast_blas() -> None:

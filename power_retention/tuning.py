@@ -87,9 +87,9 @@ def _gpu_name() -> str:
 
 @functools.lru_cache(maxsize=1)
 def _cpu_name() -> str:
-    """The CPU model, its cores and the BLAS loaded: none changes while a process runs (only
-    the BLAS's threads can, which ``device_name`` asks each time)."""
-    from .cpu_tuning import loaded_blas
+    """The CPU model, its cores, the BLAS loaded and its kernels: none changes while a process
+    runs (only the BLAS's threads can, which ``device_name`` asks each time)."""
+    from .cpu_tuning import loaded_blas, openblas_core
 
     model = platform.processor() or platform.machine()
     if sys.platform.startswith("linux"):
@@ -99,7 +99,8 @@ def _cpu_name() -> str:
                               if line.startswith("model name")), model)
         except OSError:
             pass
-    return f"cpu {model} x{os.cpu_count()}, {loaded_blas().split(' (')[0]}"
+    core = openblas_core()
+    return f"cpu {model} x{os.cpu_count()}, {loaded_blas().split(' (')[0]}{f' {core}' if core else ''}"
 
 
 def shape_key(*, B, T, Hq, H, d, e, deg, gated, dtype, with_state, mode) -> str:

@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from power_retention.cpu_tuning import fast_blas_environment, openblas_library
+from power_retention.cpu_tuning import (_cpu_flags, _KERNELS_BEFORE_AVX2, fast_blas_environment,
+                                        kernels_for_this_cpu, openblas_library)
 from tests.helpers import run_python
 
 needs_openblas = pytest.mark.skipif(openblas_library() is None,
@@ -34,6 +35,40 @@ def test_a_command_run_through_the_module_gets_openblas():
             "print(loaded_blas()); print(os.environ['OPENBLAS_THREAD_TIMEOUT'])")
     blas, timeout = run_python(code, launcher=(sys.executable, "-m", "power_retention", "--")).splitlines()
     assert blas.startswith("OpenBLAS (") and timeout == "4"
+
+
+AVX512 = frozenset("fma avx avx2 avx512f avx512cd avx512bw avx512dq avx512vl".split())
+AVX2 = frozenset("fma avx avx2".split())
+
+
+@pytest.mark.parametrize("picked, flags, expected", [
+    ("Prescott", AVX512, "SkylakeX"),      # a Xeon newer than the OpenBLAS release
+    ("Sandybridge", AVX2, "Haswell"),
+    ("Prescott", frozenset({"avx2"}), None),  # no FMA: nothing better to pick
+    ("Prescott", frozenset({"sse3"}), None),  # an old CPU: its own pick is right
+    ("SkylakeX", AVX512, None),            # recognised: left alone
+    ("Zen", AVX512, None),                 # AVX2 kernels: left alone
+    (None, AVX512, None),                  # could not ask OpenBLAS
+], ids=lambda value: {AVX512: "avx512", AVX2: "avx2-fma"}.get(value, "-".join(sorted(value)))
+     if isinstance(value, frozenset) else str(value))
+def test_kernels_are_overridden_only_where_openblas_fell_back(picked, flags, expected):
+    assert kernels_for_this_cpu(picked, flags) == expected
+
+
+@needs_openblas
+def test_the_users_kernel_choice_is_kept():
+    assert fast_blas_environment({"OPENBLAS_CORETYPE": "Haswell"})["OPENBLAS_CORETYPE"] == "Haswell"
+
+
+@needs_openblas
+@pytest.mark.skipif(not {"avx2", "fma"} <= _cpu_flags(), reason="a CPU without AVX2 and FMA")
+def test_a_command_run_through_the_module_gets_kernels_for_this_cpu():
+    """On an x86 CPU with AVX2 and FMA the preloaded OpenBLAS runs AVX2-or-later kernels,
+    whether or not its release recognises the CPU."""
+    code = ("import mlx.core; from power_retention.cpu_tuning import openblas_core; "
+            "print(openblas_core())")
+    core = run_python(code, launcher=(sys.executable, "-m", "power_retention", "--")).strip()
+    assert core and core.lower() not in _KERNELS_BEFORE_AVX2
 
 
 def _kept_after_freeing_256_mb(setup: str) -> int:
