@@ -13,7 +13,11 @@ is skipped, and the table says so.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import os
+import subprocess
+import sys
 import time
 
 import click
@@ -21,24 +25,63 @@ import mlx.core as mx
 from common import machine_description, machine_line, median_seconds, now, write_report
 
 from power_retention import expanded_dim, power_retention, tuning
-from power_retention.cpu_tuning import (blas_threads, loaded_blas, parallel_cpu_streams,
-                                        release_freed_memory, set_blas_threads,
+from power_retention.cpu_tuning import (blas_threads, loaded_blas, openblas_library,
+                                        parallel_cpu_streams, release_freed_memory, set_blas_threads,
                                         split_across_cpu_streams, stream_parts, tune_process)
 
 METHODS = ("attention", "chunked", "recurrent", "auto", "softmax", "torch")
 
 
-def torch_device():
-    """PyTorch's device for its SDPA rows (the MPS GPU on a Mac, else the CPU), or None when
-    PyTorch is not installed (the rows are then left out)."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    torch.set_num_threads(os.cpu_count() or 1)
-    return torch.device("cpu")
+def torch_installed() -> bool:
+    """Whether PyTorch is installed (the `torch` rows are left out otherwise). Not imported
+    here: its rows run in a process of their own (``TorchSDPA``)."""
+    return importlib.util.find_spec("torch") is not None
+
+
+class TorchSDPA:
+    """PyTorch's causal SDPA (the MPS GPU on a Mac, else the CPU) in a child process with the
+    environment a PyTorch user has: this process's OpenBLAS preload left out (torch_sdpa.py
+    says why). Started once, at the first torch row."""
+
+    def __init__(self):
+        env = dict(os.environ)
+        library = openblas_library()
+        preload = [path for path in env.pop("LD_PRELOAD", "").split(":") if path and path != library]
+        if preload:
+            env["LD_PRELOAD"] = ":".join(preload)
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_sdpa.py")
+        self.process = subprocess.Popen([sys.executable, script], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, env=env)
+        self.shape = None
+        self.device = None
+
+    def ask(self, line: str) -> str:
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+        answer = self.process.stdout.readline().strip()
+        if not answer:
+            raise RuntimeError(f"the PyTorch process (torch_sdpa.py) stopped at {line!r}")
+        return answer
+
+    def case(self, B, T, H, d):
+        """Forward, and forward+backward, on (B, H, T, d), each returning nothing for mx.eval
+        once PyTorch has finished (the first call makes the inputs, outside any timing: every
+        measurement here runs a warm-up first)."""
+        def command(name):
+            def run():
+                if self.shape != (B, T, H, d):
+                    self.device = self.ask(f"case {B} {T} {H} {d}")
+                    self.shape = (B, T, H, d)
+                self.ask(name)
+                return []
+            return run
+
+        return command("forward"), command("forward_backward")
+
+
+@functools.lru_cache(maxsize=1)
+def torch_sdpa() -> TorchSDPA:
+    return TorchSDPA()
 
 
 def _best_gflops(products, flops, repeats) -> float:
@@ -122,7 +165,7 @@ def make_case(method, B, T, H, d, deg, chunk_size):
     log_g = -0.05 * mx.random.uniform(shape=(B, T, H))
     mx.eval(q, k, v, log_g)
     if method == "torch":
-        return torch_case(B, T, H, d)
+        return torch_sdpa().case(B, T, H, d)
     if method == "softmax":
         def attend(q, k, v):
             out = mx.fast.scaled_dot_product_attention(
@@ -149,30 +192,6 @@ def make_case(method, B, T, H, d, deg, chunk_size):
     gradient = mx.grad(lambda *args: forward(*args).sum(), argnums=(0, 1, 2, 3))
     inputs = (q, k, v, log_g)
     return (lambda: forward(*inputs)), (lambda: gradient(*inputs))
-
-
-def torch_case(B, T, H, d):
-    """PyTorch's causal SDPA on (B, H, T, d): forward, and forward+backward, each returning
-    nothing for mx.eval once PyTorch has finished."""
-    import torch
-
-    device = torch_device()
-    finish = torch.mps.synchronize if device.type == "mps" else (lambda: None)
-    q, k, v = (torch.randn(B, H, T, d, device=device, requires_grad=True) for _ in range(3))
-    attend = torch.nn.functional.scaled_dot_product_attention
-
-    def forward():
-        with torch.no_grad():
-            attend(q, k, v, is_causal=True)
-        finish()
-        return []
-
-    def forward_backward():
-        attend(q, k, v, is_causal=True).sum().backward()
-        finish()
-        return []
-
-    return forward, forward_backward
 
 
 def predicted_bytes(method, B, T, H, d, deg, chunk_size) -> float:
@@ -266,7 +285,7 @@ def main(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, memory_lim
         # number of chunks: at T=8192, chunk 64, fwd+bwd took 1.79 s with 256, 1.45 s with 4096.
         os.environ.setdefault("MLX_BFS_MAX_WIDTH", "16384")
     methods = [m.strip() for m in methods.split(",")]
-    if "torch" in methods and torch_device() is None:
+    if "torch" in methods and not torch_installed():
         print("# PyTorch is not installed: no torch rows (pip install torch to add them)")
         methods.remove("torch")
     with blas_configuration(cpu_parallel):
@@ -319,6 +338,7 @@ def run_benchmark(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, m
                 row.update(measure(method, B, T, H, d, deg, chunk_size, repeats))
                 if method == "torch":
                     row["forward_peak_gb"] = row["forward_backward_peak_gb"] = None
+                    row["torch"] = torch_sdpa().device
                 flops = matmul_flops(form, B, T, H, d, deg, chunk)
                 for name in ("forward", "forward_backward"):
                     row[f"{name}_gflops"] = flops[name] / row[f"{name}_s"] / 1e9
@@ -339,7 +359,7 @@ def run_benchmark(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, m
                         for name, index in (("forward", 0), ("forward_backward", 1)):
                             row[f"{name}_over_torch"] = interleaved_ratio(
                                 make_case(method, B, T, H, d, deg, chunk)[index],
-                                torch_case(B, T, H, d)[index], repeats)
+                                torch_sdpa().case(B, T, H, d)[index], repeats)
                     if streams:
                         row["forward_backward_streams_over_threaded_blas"] = interleaved_ratio(
                             in_configuration("streams", forward_backward),
@@ -364,6 +384,8 @@ def print_row(row):
               f"skipped: {row['skipped']}")
         return
     notes = []
+    if "torch" in row:
+        notes.append(f"{row['torch']} in a process of its own")
     if method in ("auto", "chunked"):
         notes.append(row["form"] + (f" {row['chunk_size']}" if row["form"] == "chunked" else ""))
     if "auto_over_choice" in row:
