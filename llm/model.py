@@ -21,7 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from power_retention import ArraysCache, CacheList, KVCache, PowerRetention
+from power_retention import ArraysCache, CacheList, KVCache, PowerRetention, native
 from power_retention.convolution import ShortConvolution
 from power_retention.validation import check_reset
 
@@ -130,7 +130,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def __call__(self, x):
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(native.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):

@@ -33,6 +33,8 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from power_retention import native
+
 from .adapters import load_adapter_weights, save_adapters
 from .atomic import (DamagedFileError, recover_directory, replace_directory, verify_directory,
                      write_atomic, write_failure)
@@ -280,7 +282,7 @@ class TrainConfig:
 def loss_terms(model, inputs, targets, mask):
     """(sum of masked token losses, number of counted tokens)."""
     logits = model(inputs).astype(mx.float32)
-    losses = nn.losses.cross_entropy(logits, targets, reduction="none")
+    losses = native.cross_entropy(logits, targets)
     return (losses * mask).sum(), mask.sum()
 
 
@@ -288,6 +290,7 @@ def micro_step_function(model, compiled: bool = True):
     """(inputs, targets, mask) -> (sum of masked token losses, its gradients in ``model``'s
     trainable parameters); compiled over the model's state (the optimizer is not touched).
     Traced afresh per form and per default stream (mx.compile keys its cache by stream)."""
+    native.available()  # built, if it is to be, before tracing: the build checks itself by evaluating
     step = nn.value_and_grad(model, lambda inputs, targets, mask:
                              loss_terms(model, inputs, targets, mask)[0])
     return mx.compile(step, inputs=[model.state], outputs=[model.state]) if compiled else step
