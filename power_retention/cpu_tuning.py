@@ -289,10 +289,13 @@ def reexec_with_fast_blas() -> None:
 
     Call it first thing in a script's ``main`` (before heavy work: the process is replaced).
     It does nothing on macOS, when OpenBLAS is absent or already loaded, when the user opted
-    out, or when this process is itself the restarted one.
+    out, or when this process is itself the restarted one. A process started with OpenBLAS
+    preloaded but on kernels older than its CPU is restarted with better ones.
     """
+    if os.environ.get(_REEXEC_MARKER):
+        return
     env = fast_blas_environment()
-    if env.get("LD_PRELOAD") == os.environ.get("LD_PRELOAD") or os.environ.get(_REEXEC_MARKER):
+    if all(env.get(name) == os.environ.get(name) for name in ("LD_PRELOAD", "OPENBLAS_CORETYPE")):
         return
     env[_REEXEC_MARKER] = "1"
     sys.stdout.flush()

@@ -70,6 +70,8 @@ def test_logsumexp_of_infinite_and_nan_rows():
     out = np.asarray(native.logsumexp(rows))
     assert out[0] == -np.inf and out[1] == np.inf and np.isnan(out[2]) and np.isnan(out[3])
     assert out[4] == 0.0
+    # An empty row: log of an empty sum (MLX's own refuses an empty array).
+    assert np.asarray(native.logsumexp(mx.zeros((3, 0)))).tolist() == [-np.inf] * 3
 
 
 def test_cross_entropy_and_its_gradient_match_mlx():

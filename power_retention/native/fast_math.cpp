@@ -1,7 +1,7 @@
 // exp, sigmoid and logsumexp over float32 as MLX primitives for the CPU, in loops the compiler
 // vectorises. MLX's CPU build for x86 evaluates exp one float at a time (about 25 ns a float on
 // a Xeon), and a language model's cross-entropy and SwiGLU spend most of a training step there.
-// Built and loaded by power_retention/native/__init__.py; the math is in power_retention/README.md.
+// Built and loaded by power_retention/native/__init__.py.
 
 #include <cmath>
 #include <cstdint>
@@ -175,10 +175,12 @@ class LogSumExpLast : public mx::UnaryPrimitive {
     encoder.set_output_array(out);
     encoder.dispatch([x = mx::array::unsafe_weak_copy(x), out = mx::array::unsafe_weak_copy(out)]() mutable {
       size_t width = x.shape().back();
-      size_t rows = width ? x.size() / width : 0;
       const float* in = x.data<float>();
       float* result = out.data<float>();
-      for (size_t row = 0; row < rows; ++row) result[row] = logsumexp_row(in + row * width, width);
+      // An empty row sums to 0, whose log is -inf.
+      for (size_t row = 0; row < out.size(); ++row) {
+        result[row] = width ? logsumexp_row(in + row * width, width) : -std::numeric_limits<float>::infinity();
+      }
     });
   }
 
