@@ -120,8 +120,11 @@ def test_other_dtypes_take_mlx_functions():
     assert mx.array_equal(native.logsumexp(x), mx.logsumexp(x, axis=-1))
 
 
-def test_switched_off_everything_is_mlx_own():
-    code = ("import os; os.environ['POWER_RETENTION_NATIVE'] = '0'\n"
+@pytest.mark.parametrize("variable, value", [("POWER_RETENTION_NATIVE", "0"),
+                                             ("POWER_RETENTION_CACHE", "/proc/no-such-directory")],
+                         ids=["switched-off", "unwritable-cache"])
+def test_without_the_build_everything_is_mlx_own(variable, value):
+    code = (f"import os; os.environ[{variable!r}] = {value!r}\n"
             "import mlx.core as mx; from power_retention import native\n"
             "x = mx.random.normal((3, 9)); t = mx.array([0, 1, 2])\n"
             "import mlx.nn as nn\n"

@@ -97,7 +97,6 @@ def _module():
         return None
     path = _library_path()
     if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         temporary = f"{path}.{os.getpid()}.tmp"
         command = _build_command(temporary)
         if command is None:
@@ -105,12 +104,13 @@ def _module():
         print("power_retention.native: compiling the vectorised exp (once per machine, about "
               "20 s)", file=sys.stderr, flush=True)
         try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+            if done.returncode != 0:
+                return _unavailable("g++ failed:\n" + "\n".join(done.stderr.splitlines()[-20:]))
+            os.replace(temporary, path)  # another process building the same file meanwhile is fine
         except (OSError, subprocess.SubprocessError) as error:
-            return _unavailable(f"g++ could not run ({error})")
-        if done.returncode != 0:
-            return _unavailable("g++ failed:\n" + "\n".join(done.stderr.splitlines()[-20:]))
-        os.replace(temporary, path)  # another process building the same file meanwhile is fine
+            return _unavailable(f"could not build in {os.path.dirname(path)} ({error})")
     spec = importlib.util.spec_from_file_location("_fast_math", path)
     module = importlib.util.module_from_spec(spec)
     try:
