@@ -148,8 +148,10 @@ def test_a_tiny_training_set_is_reported_as_overfitting(task, tmp_path):
     run says so loudly, and the best checkpoint is an earlier step than the last."""
     small = reverse_task(tmp_path / "small.jsonl", ["abc", "bcd", "cde", "def", "efg", "fgh", "gha", "hab"])
     out = tmp_path / "overfit"
-    args = finetune(task, out, "--rank", "16", steps=120)
+    # Validation stops following from about step 24 (flagged at 24, 32, 40 and 48 in 120 steps).
+    args = finetune(task, out, "--rank", "16", steps=48)
     args[args.index("--data") + 1] = str(small)
+    args[args.index("--save-every") + 1] = "48"  # the best checkpoint is kept at evaluations
     result = run(args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "WARNING: OVERFITTING" in result.stdout

@@ -40,26 +40,55 @@ def enabled() -> bool:
     return value == "1"
 
 
-def _build_command(output: str) -> list | None:
-    """g++ command line building the module at ``output``, or None (with the reason printed)
-    when a part is missing."""
+def _build_commands(output: str) -> tuple | str:
+    """The g++ command lines building the module at ``output``: two compilations that can run
+    side by side (ours, and nanobind's library at -Os as nanobind's own build makes it), and
+    the link; or why it cannot be built here."""
     try:
         import nanobind
     except ImportError:
-        return _unavailable("nanobind is not installed (pip install nanobind)")
+        return "nanobind is not installed (pip install nanobind)"
     python_headers = sysconfig.get_paths()["include"]
     if not os.path.exists(os.path.join(python_headers, "Python.h")):
-        return _unavailable(f"no Python headers in {python_headers} (apt-get install python3-dev)")
+        return f"no Python headers in {python_headers} (apt-get install python3-dev)"
     mlx_root = os.path.dirname(mx.__file__)  # the wheel's headers and libmlx sit beside core
     nb_root = os.path.dirname(nanobind.include_dir())
-    return ["g++", "-O3", "-std=c++20", "-shared", "-fPIC", "-fvisibility=hidden",
-            # MLX's Python module registers its array type in nanobind's "mlx" domain.
-            "-DNB_DOMAIN=mlx",
-            f"-I{os.path.join(mlx_root, 'include')}", f"-I{nanobind.include_dir()}",
-            f"-I{os.path.join(nb_root, 'ext', 'robin_map', 'include')}", f"-I{python_headers}",
-            SOURCE, os.path.join(nanobind.source_dir(), "nb_combined.cpp"),
-            f"-L{os.path.join(mlx_root, 'lib')}", "-lmlx",
+    flags = ["-std=c++20", "-fPIC", "-fvisibility=hidden",
+             # MLX's Python module registers its array type in nanobind's "mlx" domain.
+             "-DNB_DOMAIN=mlx",
+             f"-I{os.path.join(mlx_root, 'include')}", f"-I{nanobind.include_dir()}",
+             f"-I{os.path.join(nb_root, 'ext', 'robin_map', 'include')}", f"-I{python_headers}"]
+    ours, theirs = f"{output}.fast_math.o", f"{output}.nanobind.o"
+    compilations = (["g++", "-O3", *flags, "-c", SOURCE, "-o", ours],
+                    ["g++", "-Os", *flags, "-c", os.path.join(nanobind.source_dir(), "nb_combined.cpp"),
+                     "-o", theirs])
+    link = ["g++", "-shared", ours, theirs, f"-L{os.path.join(mlx_root, 'lib')}", "-lmlx",
             f"-Wl,-rpath,{os.path.join(mlx_root, 'lib')}", "-o", output]
+    return compilations, link
+
+
+def _build(output: str) -> str | None:
+    """Build the module at ``output``: None, or why it failed."""
+    commands = _build_commands(output)
+    if isinstance(commands, str):
+        return commands
+    compilations, link = commands
+    print("power_retention.native: compiling the vectorised exp (once per machine, about 10 s)",
+          file=sys.stderr, flush=True)
+    objects = [command[-1] for command in compilations]
+    try:
+        running = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    text=True) for command in compilations]
+        errors = [process.communicate(timeout=600)[1] for process in running]
+        errors = [error for process, error in zip(running, errors) if process.returncode]
+        if not errors:
+            done = subprocess.run(link, capture_output=True, text=True, timeout=600)
+            errors = [done.stderr] if done.returncode else []
+    finally:
+        for path in objects:
+            if os.path.exists(path):
+                os.remove(path)
+    return "g++ failed:\n" + "\n".join(errors[0].splitlines()[-20:]) if errors else None
 
 
 def _unavailable(reason: str) -> None:
@@ -98,16 +127,11 @@ def _module():
     path = _library_path()
     if not os.path.exists(path):
         temporary = f"{path}.{os.getpid()}.tmp"
-        command = _build_command(temporary)
-        if command is None:
-            return None
-        print("power_retention.native: compiling the vectorised exp (once per machine, about "
-              "20 s)", file=sys.stderr, flush=True)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-            if done.returncode != 0:
-                return _unavailable("g++ failed:\n" + "\n".join(done.stderr.splitlines()[-20:]))
+            failure = _build(temporary)
+            if failure:
+                return _unavailable(failure)
             os.replace(temporary, path)  # another process building the same file meanwhile is fine
         except (OSError, subprocess.SubprocessError) as error:
             return _unavailable(f"could not build in {os.path.dirname(path)} ({error})")
