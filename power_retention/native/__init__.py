@@ -150,7 +150,7 @@ def _module():
 
 def _native(x):
     """The compiled module when it applies to ``x``, else None."""
-    if not isinstance(x, mx.array) or x.dtype != mx.float32 or mx.default_device() != mx.cpu:
+    if not isinstance(x, mx.array) or x.dtype != mx.float32 or not available():
         return None
     return _module()
 

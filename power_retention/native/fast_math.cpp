@@ -111,19 +111,25 @@ void check_input(const mx::array& x, const char* name) {
   }
 }
 
+// Allocates `out` and queues `loop(x, out)` on the stream's CPU worker, as MLX's own CPU ops do.
+template <typename Loop>
+void run_on_cpu(mx::Stream stream, const mx::array& x, mx::array& out, Loop loop) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream);
+  encoder.set_input_array(x);
+  encoder.set_output_array(out);
+  encoder.dispatch([x = mx::array::unsafe_weak_copy(x), out = mx::array::unsafe_weak_copy(out),
+                    loop]() mutable { loop(x, out); });
+}
+
 class Elementwise : public mx::UnaryPrimitive {
  public:
   Elementwise(mx::Stream stream, Kind kind) : mx::UnaryPrimitive(stream), kind_(kind) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    auto& x = inputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(x);
-    encoder.set_output_array(out);
-    encoder.dispatch([x = mx::array::unsafe_weak_copy(x), out = mx::array::unsafe_weak_copy(out),
-                      kind = kind_]() mutable {
-      (kind == Kind::exp ? exp_loop : sigmoid_loop)(x.data<float>(), out.data<float>(), x.size());
+    auto loop = kind_ == Kind::exp ? exp_loop : sigmoid_loop;
+    run_on_cpu(stream(), inputs[0], out, [loop](const mx::array& x, mx::array& out) {
+      loop(x.data<float>(), out.data<float>(), x.size());
     });
   }
 
@@ -133,19 +139,12 @@ class Elementwise : public mx::UnaryPrimitive {
 
   std::vector<mx::array> vjp(const std::vector<mx::array>&, const std::vector<mx::array>& cotangents,
                              const std::vector<int>&, const std::vector<mx::array>& outputs) override {
-    auto& y = outputs[0];
-    if (kind_ == Kind::exp) return {mx::multiply(cotangents[0], y, stream())};
-    // sigmoid' = y (1 - y)
-    return {mx::multiply(cotangents[0], mx::multiply(y, mx::subtract(mx::array(1.0f), y, stream()),
-                                                     stream()), stream())};
+    return {mx::multiply(cotangents[0], derivative(outputs[0]), stream())};
   }
 
   std::vector<mx::array> jvp(const std::vector<mx::array>& primals, const std::vector<mx::array>& tangents,
                              const std::vector<int>&) override {
-    auto y = elementwise(primals[0], kind_, stream());
-    if (kind_ == Kind::exp) return {mx::multiply(tangents[0], y, stream())};
-    return {mx::multiply(tangents[0], mx::multiply(y, mx::subtract(mx::array(1.0f), y, stream()),
-                                                   stream()), stream())};
+    return {mx::multiply(tangents[0], derivative(elementwise(primals[0], kind_, stream())), stream())};
   }
 
   std::pair<std::vector<mx::array>, std::vector<int>> vmap(const std::vector<mx::array>& inputs,
@@ -161,6 +160,12 @@ class Elementwise : public mx::UnaryPrimitive {
 
  private:
   Kind kind_;
+
+  // From the output y: exp' = y, sigmoid' = y (1 - y).
+  mx::array derivative(const mx::array& y) {
+    if (kind_ == Kind::exp) return y;
+    return mx::multiply(y, mx::subtract(mx::array(1.0f), y, stream()), stream());
+  }
 };
 
 class LogSumExpLast : public mx::UnaryPrimitive {
@@ -168,12 +173,7 @@ class LogSumExpLast : public mx::UnaryPrimitive {
   explicit LogSumExpLast(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    auto& x = inputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(x);
-    encoder.set_output_array(out);
-    encoder.dispatch([x = mx::array::unsafe_weak_copy(x), out = mx::array::unsafe_weak_copy(out)]() mutable {
+    run_on_cpu(stream(), inputs[0], out, [](const mx::array& x, mx::array& out) {
       size_t width = x.shape().back();
       const float* in = x.data<float>();
       float* result = out.data<float>();
