@@ -22,6 +22,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 
+from . import native
 from .normalize import divide_by_weight_sum
 from .state import RetentionState
 from .autodiff import custom_function
@@ -197,11 +198,18 @@ def chunk_power_retention(q, k, v, log_g, *, deg, normalize, initial_state=None,
             mx.concatenate([initial_state.S, initial_state.z[..., None]], axis=-1)
         if state_kernels is None:
             layout = StateLayout.for_degree(deg, d, q.dtype)
-            chunk_S1t = layout.weigh((v1.swapaxes(-1, -2) @ layout.features(k))[:, :, :, 0])
+            # On the CPU the compiled products compute the features in cache instead.
+            compiled = deg == 2 and native.applies_to(q)
+            chunk_S1t = native.rolled_chunk_states(k[:, :, :, 0], v1[:, :, :, 0]) if compiled \
+                else layout.weigh((v1.swapaxes(-1, -2) @ layout.features(k))[:, :, :, 0])
             S1t = mx.zeros(chunk_S1t.shape[1:], chunk_S1t.dtype) if initial is None \
                 else layout.from_sympow(initial.swapaxes(-1, -2))
             entering, S1t = _stacked_states_entering_chunks(chunk_S1t, chunk_decay, S1t)
-            reads = _read_states(layout.features(q), entering)
+            if compiled:
+                reads = native.rolled_read_states(q.reshape(n, B, H, G * c, d), entering)
+                reads = reads.reshape(n, B, H, G, c, e + 1)
+            else:
+                reads = _read_states(layout.features(q), entering)
             S1 = layout.to_sympow(S1t).swapaxes(-1, -2)
         else:
             # The kernels keep [S | z] as (D, e + 1), whose writes coalesce on a GPU.

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from power_retention import native
-from tests.helpers import run_python
+from tests.helpers import FP32_TOLERANCE, assert_close, make_inputs, run_python
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("g++") is None,
                                 reason="the compiled functions are built with g++ on Linux")
@@ -131,3 +131,66 @@ def test_without_the_build_everything_is_mlx_own(variable, value):
             "print(native.available(), mx.array_equal(native.cross_entropy(x, t), "
             "nn.losses.cross_entropy(x, t, reduction='none')).item())")
     assert run_python(code).split() == ["False", "True"]
+
+
+# The chunked form's state products at degree 2, against the MLX ops path in float64: sums of
+# up to D' = 2112 products per entry, so fp32 rounding relative to the result's norm.
+def _chunk_states(k, v1, layout):
+    return layout.weigh(v1.swapaxes(-1, -2) @ layout.features(k))
+
+
+def _read_states(q, entering, layout):
+    return layout.features(q) @ entering.swapaxes(-1, -2)
+
+
+@pytest.mark.parametrize("items,m,d,E", [(5, 256, 64, 65), (3, 33, 7, 4), (2, 1, 2, 3)],
+                         ids=["items5-M256-d64-E65", "items3-M33-d7-E4", "items2-M1-d2-E3"])
+def test_state_products_and_their_vjps_match_float64(items, m, d, E):
+    """Five items of 256 rows at d = 64 span several blocks of shifts (the last one partial) and
+    both threads; odd d has no doubled shift; d = 2 and one row are the smallest case."""
+    from power_retention.sympow import StateLayout
+
+    layout = StateLayout.for_degree(2, d, mx.float64)
+    D = (d // 2 + 1) * d
+    x, v1 = _random((items, m, d), 1.0, seed=1), _random((items, m, E), 1.0, seed=2)
+    states, d_reads = _random((items, E, D), 1.0, seed=3), _random((items, m, E), 1.0, seed=4)
+    wide = [a.astype(mx.float64) for a in (x, v1, states, d_reads)]
+    with mx.stream(mx.cpu):
+        for compiled, reference, primals, wide_primals, cotangent in [
+                (native.rolled_chunk_states, _chunk_states, (x, v1), wide[:2], wide[2]),
+                (native.rolled_read_states, _read_states, (x, states), (wide[0], wide[2]), wide[3])]:
+            out, grads = mx.vjp(compiled, list(primals), [cotangent.astype(mx.float32)])
+            expected, expected_grads = mx.vjp(lambda *a: reference(*a, layout), list(wide_primals), [cotangent])
+            for name, a, b in zip(["output", "first input's vjp", "second input's vjp"],
+                                  [*out, *grads], [*expected, *expected_grads]):
+                assert a.dtype == mx.float32
+                assert_close(f"{compiled.__name__} {name}", a, b, FP32_TOLERANCE)
+
+
+def test_op_gradients_through_the_compiled_products_match_float64():
+    """The chunked op in float32 (compiled products) against float64 (MLX's ops), four query
+    heads on two key heads, gated, continuing a state, over three chunks and a partial one."""
+    from power_retention import power_retention
+
+    inputs = make_inputs(B=1, T=200, Hq=4, H=2, d=64, e=16, seed=1)
+    wide = [x.astype(mx.float64) for x in inputs]
+    _, state = power_retention(*[x[:, :30] for x in wide], method="chunked", chunk_size=64, return_state=True)
+    cotangent = _random((1, 200, 4, 16), 1.0, seed=5)
+
+    def loss(q, k, v, log_g, state):
+        y = power_retention(q, k, v, log_g, method="chunked", chunk_size=64, initial_state=state)
+        return (y * cotangent.astype(y.dtype)).sum()
+
+    narrow_state = type(state)(*(x.astype(mx.float32) for x in state))
+    grads = mx.grad(loss, argnums=(0, 1, 2, 3))(*inputs, narrow_state)
+    expected = mx.grad(loss, argnums=(0, 1, 2, 3))(*wide, state)
+    for name, a, b in zip("q k v log_g".split(), grads, expected):
+        assert_close(f"d loss / d {name}", a, b, FP32_TOLERANCE)
+
+
+def test_state_products_leave_the_blas_thread_count_as_it_was():
+    from power_retention.cpu_tuning import blas_threads
+
+    before = blas_threads()
+    mx.eval(native.rolled_read_states(_random((4, 64, 16)), _random((4, 3, 9 * 16))))
+    assert blas_threads() == before

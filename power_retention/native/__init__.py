@@ -29,7 +29,10 @@ import sysconfig
 import mlx.core as mx
 import mlx.nn as nn
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fast_math.cpp")
+from ..autodiff import custom_function
+
+SOURCES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+                for name in ("fast_math.cpp", "state_products.cpp"))
 SWITCH = "POWER_RETENTION_NATIVE"
 
 
@@ -41,8 +44,8 @@ def enabled() -> bool:
 
 
 def _build_commands(output: str) -> tuple | str:
-    """The g++ command lines building the module at ``output``: two compilations that can run
-    side by side (ours, and nanobind's library at -Os as nanobind's own build makes it), and
+    """The g++ command lines building the module at ``output``: compilations that can run side
+    by side (our sources, and nanobind's library at -Os as nanobind's own build makes it), and
     the link; or why it cannot be built here."""
     try:
         import nanobind
@@ -58,11 +61,14 @@ def _build_commands(output: str) -> tuple | str:
              "-DNB_DOMAIN=mlx",
              f"-I{os.path.join(mlx_root, 'include')}", f"-I{nanobind.include_dir()}",
              f"-I{os.path.join(nb_root, 'ext', 'robin_map', 'include')}", f"-I{python_headers}"]
-    ours, theirs = f"{output}.fast_math.o", f"{output}.nanobind.o"
-    compilations = (["g++", "-O3", *flags, "-c", SOURCE, "-o", ours],
+    ours = [(source, f"{output}.{os.path.basename(source)}.o") for source in SOURCES]
+    theirs = f"{output}.nanobind.o"
+    compilations = (*(["g++", "-O3", *flags, "-c", source, "-o", obj] for source, obj in ours),
                     ["g++", "-Os", *flags, "-c", os.path.join(nanobind.source_dir(), "nb_combined.cpp"),
                      "-o", theirs])
-    link = ["g++", "-shared", ours, theirs, f"-L{os.path.join(mlx_root, 'lib')}", "-lmlx",
+    # cblas_sgemm stays undefined here and resolves when loaded as libmlx's does: to an OpenBLAS
+    # loaded first, else to the BLAS libmlx links.
+    link = ["g++", "-shared", *(obj for _, obj in ours), theirs, f"-L{os.path.join(mlx_root, 'lib')}", "-lmlx",
             f"-Wl,-rpath,{os.path.join(mlx_root, 'lib')}", "-o", output]
     return compilations, link
 
@@ -111,8 +117,10 @@ def _library_path() -> str:
                                   timeout=30).stdout.splitlines()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         compiler = "none"
-    with open(SOURCE, "rb") as source:
-        digest = hashlib.sha256(source.read())
+    digest = hashlib.sha256()
+    for path in SOURCES:
+        with open(path, "rb") as source:
+            digest.update(source.read())
     digest.update(f"{mx.__version__} {nanobind_version} {sys.version} {compiler}".encode())
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     return os.path.join(os.path.dirname(cache_path()), "native",
@@ -150,9 +158,14 @@ def _module():
 
 def _native(x):
     """The compiled module when it applies to ``x``, else None."""
-    if not isinstance(x, mx.array) or x.dtype != mx.float32 or not available():
+    if not applies_to(x):
         return None
     return _module()
+
+
+def applies_to(x) -> bool:
+    """Whether ``x`` takes the compiled functions: a float32 array, with them available."""
+    return isinstance(x, mx.array) and x.dtype == mx.float32 and available()
 
 
 def available() -> bool:
@@ -190,3 +203,32 @@ def cross_entropy(logits, targets):
         return nn.losses.cross_entropy(logits, targets, reduction="none")
     chosen = mx.take_along_axis(logits, mx.expand_dims(targets, -1), axis=-1).squeeze(-1)
     return native.logsumexp(logits) - chosen
+
+
+# The chunked form's state products at degree 2 (state_products.cpp), on its rolled features
+# (sympow.rolled_products). Leading axes are items: (chunk, batch, head).
+
+def _rolled_chunk_states_forward(k, v1):
+    return _module().rolled_chunk_states(k, v1)
+
+
+def _rolled_chunk_states_vjp(primals, cotangent, output):
+    return tuple(_module().rolled_chunk_states_vjp(*primals, cotangent))
+
+
+rolled_chunk_states = custom_function(_rolled_chunk_states_forward, _rolled_chunk_states_vjp)
+rolled_chunk_states.__doc__ = """Each chunk's weighted state contribution [S | z]^T (..., E, D') from its keys
+k (..., c, d) and values with the ones column v1 (..., c, E): w * (v1^T rolled_products(k))."""
+
+
+def _rolled_read_states_forward(q, entering):
+    return _module().rolled_read_states(q, entering)
+
+
+def _rolled_read_states_vjp(primals, cotangent, output):
+    return tuple(_module().rolled_read_states_vjp(*primals, cotangent))
+
+
+rolled_read_states = custom_function(_rolled_read_states_forward, _rolled_read_states_vjp)
+rolled_read_states.__doc__ = """What the queries q (..., M, d) read from the states entering their chunk,
+[S | z]^T (..., E, D'): rolled_products(q) @ entering^T, (..., M, E)."""

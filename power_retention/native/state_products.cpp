@@ -1,0 +1,312 @@
+// The chunked form's two state products at degree 2 and their vjps, with the features computed
+// inside the products: for each (chunk, head) the rolled degree-2 features of a block of shifts
+// are written to a buffer that stays in cache, multiplied at once (one sgemm per block), and
+// their cotangent is folded back onto the inputs in the same pass. The MLX ops path writes the
+// T x D' features to memory and reads them back in every product and vjp.
+//
+// Features follow sympow.rolled_products: for shift r = 0 .. d / 2 and position i, feature
+// r * d + i is x_i x_((i + r) mod d), and D' = (d / 2 + 1) d. The chunks' state contributions
+// carry the weights of sympow._rolled_weights (1 for r = 0 and, for even d, r = d / 2; 2 else).
+//
+// Items (chunk, head) are spread over as many threads as the BLAS would use, each calling a
+// single-threaded sgemm; the BLAS is the one MLX calls (cblas_sgemm resolves as in libmlx: an
+// OpenBLAS loaded first, else the library MLX links).
+
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/vector.h>
+
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+#include "mlx/utils.h"
+
+namespace nb = nanobind;
+namespace mx = mlx::core;
+
+extern "C" void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
+                            const float* a, int lda, const float* b, int ldb, float beta, float* c,
+                            int ldc);
+
+namespace {
+
+constexpr int row_major = 101, no_trans = 111, trans = 112;
+
+// out (m x n, leading dimension ldc) = alpha op(a) op(b) + beta out, all row-major.
+void gemm(bool transpose_a, bool transpose_b, int m, int n, int k, const float* a, int lda,
+          const float* b, int ldb, float beta, float* out, int ldc) {
+  cblas_sgemm(row_major, transpose_a ? trans : no_trans, transpose_b ? trans : no_trans, m, n, k,
+              1.0f, a, lda, b, ldb, beta, out, ldc);
+}
+
+// OpenBLAS's thread count, where the process has OpenBLAS: its threads would run one product at a
+// time, ours run one item each, so it is set to 1 while ours run and restored after.
+struct BlasThreads {
+  int (*get)() = nullptr;
+  void (*set)(int) = nullptr;
+
+  BlasThreads() {
+    get = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
+    set = reinterpret_cast<void (*)(int)>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
+    if (!get || !set) get = nullptr, set = nullptr;
+  }
+};
+
+const BlasThreads& blas_threads() {
+  static BlasThreads threads;
+  return threads;
+}
+
+std::mutex blas_threads_mutex;  // two streams entering at once restore the count once
+
+// Runs work(item, scratch) for item in [0, items) on as many threads as OpenBLAS would use (one
+// without OpenBLAS: the reference CBLAS keeps global state); each thread has its own scratch
+// buffer of `scratch_floats`.
+template <typename Work>
+void for_each_item(size_t items, size_t scratch_floats, Work work) {
+  const auto& blas = blas_threads();
+  int threads = std::max(1, std::min<int>(blas.get ? blas.get() : 1, static_cast<int>(items)));
+  auto run = [&](std::atomic<size_t>& next) {
+    std::vector<float> scratch(scratch_floats);
+    for (size_t item = next++; item < items; item = next++) work(item, scratch.data());
+  };
+  std::atomic<size_t> next{0};
+  if (threads == 1) {
+    run(next);
+    return;
+  }
+  std::unique_lock<std::mutex> lock(blas_threads_mutex);
+  int before = blas.get();
+  blas.set(1);
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(run, std::ref(next));
+  run(next);
+  for (auto& thread : pool) thread.join();
+  blas.set(before);
+}
+
+struct Rolled {
+  int d, rows, width;  // width: the most shifts per block, so that a block fits in cache
+
+  Rolled(int d, int m) : d(d), rows(d / 2 + 1) {
+    constexpr size_t block_bytes = 512 * 1024;
+    width = static_cast<int>(std::clamp<size_t>(block_bytes / (sizeof(float) * m * d), 1, rows));
+  }
+
+  int features() const { return rows * d; }
+
+  float weight(int r) const { return r == 0 || 2 * r == d ? 1.0f : 2.0f; }
+
+  // F (m x (r1 - r0) d): the features of shifts r0 .. r1 - 1 of the m rows of x (m x d).
+  void expand(const float* x, int m, int r0, int r1, bool weighted, float* F) const {
+    int cols = (r1 - r0) * d;
+    for (int t = 0; t < m; ++t) {
+      const float* row = x + static_cast<size_t>(t) * d;
+      float* out = F + static_cast<size_t>(t) * cols;
+      for (int r = r0; r < r1; ++r, out += d) {
+        float w = weighted ? weight(r) : 1.0f;
+        for (int i = 0; i < d - r; ++i) out[i] = w * row[i] * row[i + r];
+        for (int i = d - r; i < d; ++i) out[i] = w * row[i] * row[i + r - d];
+      }
+    }
+  }
+
+  // dx (m x d) += the vjp of ``expand`` for the cotangent dF of its output.
+  void fold(const float* x, const float* dF, int m, int r0, int r1, bool weighted, float* dx) const {
+    int cols = (r1 - r0) * d;
+    for (int t = 0; t < m; ++t) {
+      const float* row = x + static_cast<size_t>(t) * d;
+      const float* g = dF + static_cast<size_t>(t) * cols;
+      float* out = dx + static_cast<size_t>(t) * d;
+      for (int r = r0; r < r1; ++r, g += d) {
+        float w = weighted ? weight(r) : 1.0f;
+        // x_i as the left factor, then x_(i + r) as the right one.
+        for (int i = 0; i < d - r; ++i) out[i] += w * g[i] * row[i + r];
+        for (int i = d - r; i < d; ++i) out[i] += w * g[i] * row[i + r - d];
+        for (int i = 0; i < d - r; ++i) out[i + r] += w * g[i] * row[i];
+        for (int i = d - r; i < d; ++i) out[i + r - d] += w * g[i] * row[i];
+      }
+    }
+  }
+};
+
+enum class Product { chunk_states, chunk_states_vjp, read_states, read_states_vjp };
+
+const char* product_name(Product p) {
+  switch (p) {
+    case Product::chunk_states: return "RolledChunkStates";
+    case Product::chunk_states_vjp: return "RolledChunkStatesVJP";
+    case Product::read_states: return "RolledReadStates";
+    default: return "RolledReadStatesVJP";
+  }
+}
+
+// Shapes, leading axes flattened to N items:
+//   chunk_states      k (N, c, d), v1 (N, c, E)              -> S (N, E, D')   weighted
+//   chunk_states_vjp  k, v1, dS (N, E, D')                   -> dk, dv1
+//   read_states       q (N, M, d), entering (N, E, D')       -> reads (N, M, E)
+//   read_states_vjp   q, entering, d_reads (N, M, E)         -> dq, d_entering
+void evaluate(Product product, const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  const auto& x_shape = in[0].shape();
+  int d = x_shape.back(), m = x_shape[x_shape.size() - 2];
+  size_t items = in[0].size() / (static_cast<size_t>(m) * d);
+  Rolled rolled(d, m);
+  int D = rolled.features();
+  bool chunk = product == Product::chunk_states || product == Product::chunk_states_vjp;
+  int E = chunk ? in[1].shape().back() : in[1].shape()[in[1].ndim() - 2];
+  bool weighted = chunk;
+  const float* x = in[0].data<float>();
+  const float* other = in[1].data<float>();  // v1, or the entering states
+  const float* cotangent = in.size() > 2 ? in[2].data<float>() : nullptr;
+  float* result = out[0].data<float>();
+  float* second = out.size() > 1 ? out[1].data<float>() : nullptr;
+  size_t block_floats = static_cast<size_t>(m) * rolled.width * d;
+  bool vjp = cotangent != nullptr;
+  if (vjp) std::memset(result, 0, out[0].nbytes());  // dx accumulates over blocks
+
+  for_each_item(items, vjp ? 2 * block_floats : block_floats, [&](size_t item, float* scratch) {
+    const float* xi = x + item * m * d;
+    size_t state_offset = item * static_cast<size_t>(E) * D;
+    float* F = scratch;
+    float* dF = scratch + block_floats;
+    for (int r0 = 0; r0 < rolled.rows; r0 += rolled.width) {
+      int r1 = std::min(r0 + rolled.width, rolled.rows), cols = (r1 - r0) * d, col = r0 * d;
+      float beta = r0 == 0 ? 0.0f : 1.0f;
+      rolled.expand(xi, m, r0, r1, weighted, F);
+      switch (product) {
+        case Product::chunk_states:  // S[:, block] = v1^T F
+          gemm(true, false, E, cols, m, other + item * m * E, E, F, cols, 0.0f,
+               result + state_offset + col, D);
+          break;
+        case Product::chunk_states_vjp: {
+          const float* v1 = other + item * m * E;
+          const float* dS = cotangent + state_offset + col;
+          gemm(false, true, m, E, cols, F, cols, dS, D, beta, second + item * m * E, E);  // dv1 += F dS^T
+          gemm(false, false, m, cols, E, v1, E, dS, D, 0.0f, dF, cols);                     // dF = v1 dS
+          rolled.fold(xi, dF, m, r0, r1, weighted, result + item * m * d);
+          break;
+        }
+        case Product::read_states:  // reads += F entering[:, block]^T
+          gemm(false, true, m, E, cols, F, cols, other + state_offset + col, D, beta,
+               result + item * m * E, E);
+          break;
+        case Product::read_states_vjp: {
+          const float* d_reads = cotangent + item * m * E;
+          gemm(true, false, E, cols, m, d_reads, E, F, cols, 0.0f, second + state_offset + col, D);
+          gemm(false, false, m, cols, E, d_reads, E, other + state_offset + col, D, 0.0f, dF, cols);
+          rolled.fold(xi, dF, m, r0, r1, weighted, result + item * m * d);
+          break;
+        }
+      }
+    }
+  });
+}
+
+class RolledStateProduct : public mx::Primitive {
+ public:
+  RolledStateProduct(mx::Stream stream, Product product) : mx::Primitive(stream), product_(product) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    for (auto& out : outputs) out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    std::vector<mx::array> in, out;
+    for (const auto& x : inputs) {
+      encoder.set_input_array(x);
+      in.push_back(mx::array::unsafe_weak_copy(x));
+    }
+    for (auto& y : outputs) {
+      encoder.set_output_array(y);
+      out.push_back(mx::array::unsafe_weak_copy(y));
+    }
+    encoder.dispatch([product = product_, in = std::move(in), out = std::move(out)]() mutable {
+      evaluate(product, in, out);
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("power_retention.native runs on the CPU only");
+  }
+
+  const char* name() const override { return product_name(product_); }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return product_ == static_cast<const RolledStateProduct&>(other).product_;
+  }
+
+ private:
+  Product product_;
+};
+
+void check(const mx::array& x, int ndim, const char* name) {
+  if (x.dtype() != mx::float32) throw std::invalid_argument(std::string(name) + ": expected float32");
+  if (x.ndim() < ndim) {
+    throw std::invalid_argument(std::string(name) + ": expected at least " + std::to_string(ndim) + " axes");
+  }
+}
+
+void check_same_items(const mx::array& a, const mx::array& b, const char* name) {
+  if (!std::equal(a.shape().begin(), a.shape().end() - 2, b.shape().begin(), b.shape().end() - 2) ||
+      a.ndim() != b.ndim()) {
+    throw std::invalid_argument(std::string(name) + ": leading axes differ");
+  }
+}
+
+std::vector<mx::array> product(Product kind, std::vector<mx::array> inputs, std::vector<mx::Shape> shapes) {
+  auto stream = mx::to_stream({});
+  for (auto& x : inputs) x = mx::contiguous(x, false, stream);
+  std::vector<mx::Dtype> dtypes(shapes.size(), mx::float32);
+  return mx::array::make_arrays(std::move(shapes), dtypes, std::make_shared<RolledStateProduct>(stream, kind),
+                                inputs);
+}
+
+mx::Shape with_last_two(mx::Shape shape, int rows, int cols) {
+  shape[shape.size() - 2] = rows;
+  shape.back() = cols;
+  return shape;
+}
+
+int rolled_features(const mx::array& x) {
+  int d = x.shape().back();
+  return (d / 2 + 1) * d;
+}
+
+void check_state(const mx::array& x, const mx::array& state, const char* name) {
+  check(state, 2, name);
+  check_same_items(x, state, name);
+  if (state.shape().back() != rolled_features(x)) {
+    throw std::invalid_argument(std::string(name) + ": expected " + std::to_string(rolled_features(x)) +
+                                " rolled features on the last axis");
+  }
+}
+
+}  // namespace
+
+void register_state_products(nb::module_& m) {
+  m.def("rolled_chunk_states", [](const mx::array& k, const mx::array& v1) {
+    check(k, 2, "k"), check(v1, 2, "v1"), check_same_items(k, v1, "v1");
+    return product(Product::chunk_states, {k, v1},
+                   {with_last_two(k.shape(), v1.shape().back(), rolled_features(k))})[0];
+  }, nb::arg("k"), nb::arg("v1"));
+  m.def("rolled_chunk_states_vjp", [](const mx::array& k, const mx::array& v1, const mx::array& d_states) {
+    check(k, 2, "k"), check(v1, 2, "v1"), check_same_items(k, v1, "v1"), check_state(k, d_states, "d_states");
+    return product(Product::chunk_states_vjp, {k, v1, d_states}, {k.shape(), v1.shape()});
+  }, nb::arg("k"), nb::arg("v1"), nb::arg("d_states"));
+  m.def("rolled_read_states", [](const mx::array& q, const mx::array& entering) {
+    check(q, 2, "q"), check_state(q, entering, "entering");
+    return product(Product::read_states, {q, entering},
+                   {with_last_two(q.shape(), q.shape()[q.ndim() - 2], entering.shape()[entering.ndim() - 2])})[0];
+  }, nb::arg("q"), nb::arg("entering"));
+  m.def("rolled_read_states_vjp", [](const mx::array& q, const mx::array& entering, const mx::array& d_reads) {
+    check(q, 2, "q"), check_state(q, entering, "entering"), check(d_reads, 2, "d_reads");
+    check_same_items(q, d_reads, "d_reads");
+    return product(Product::read_states_vjp, {q, entering, d_reads}, {q.shape(), entering.shape()});
+  }, nb::arg("q"), nb::arg("entering"), nb::arg("d_reads"));
+}
