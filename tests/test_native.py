@@ -194,3 +194,38 @@ def test_state_products_leave_the_blas_thread_count_as_it_was():
     before = blas_threads()
     mx.eval(native.rolled_read_states(_random((4, 64, 16)), _random((4, 3, 9 * 16))))
     assert blas_threads() == before
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+@pytest.mark.parametrize("deg,G", [(1, 1), (2, 2), (3, 1)], ids=["deg1-G1", "deg2-G2", "deg3-G1"])
+def test_intra_chunk_and_its_vjp_match_float64(deg, G, gated):
+    """Three items of a 40-position chunk, a reset gate (log_g = -inf) in the second item."""
+    from power_retention import chunk
+
+    items, c, d, E = 3, 40, 8, 6
+    q, k = _random((items, 1, 1, G, c, d), 0.5, seed=1), _random((items, 1, 1, 1, c, d), 0.5, seed=2)
+    v1 = _random((items, 1, 1, 1, c, E), 1.0, seed=3)
+    log_g = -mx.random.uniform(shape=(items, 1, 1, 1, c), key=mx.random.key(4)) if gated else None
+    if gated:
+        log_g[1, ..., 17] = -mx.inf
+    primals = [x for x in (q, k, v1, log_g) if x is not None]
+    cotangent = _random((items, 1, 1, G, c, E), 1.0, seed=5)
+
+    def compiled(q, k, v1, *log_g):
+        return native.intra_chunk(q, k[:, :, :, 0], v1[:, :, :, 0], log_g[0][:, :, :, 0] if log_g else None, deg)
+
+    def reference(q, k, v1, *log_g):
+        return chunk._intra_chunk_function(deg, gated)(q, k, v1, *log_g)[0]
+
+    out, grads = mx.vjp(compiled, primals, [cotangent])
+    expected, expected_grads = mx.vjp(reference, [x.astype(mx.float64) for x in primals],
+                                      [cotangent.astype(mx.float64)])
+    for name, a, b in zip(["output", "dq", "dk", "dv1", "d_log_g"], [*out, *grads], [*expected, *expected_grads]):
+        assert_close(f"intra_chunk {name}", a, b, FP32_TOLERANCE)
+
+
+def test_intra_chunk_keeps_a_non_finite_value_from_earlier_rows():
+    q, k, v1 = _random((2, 1, 5, 4), seed=1), _random((2, 5, 4), seed=2), _random((2, 5, 3), seed=3)
+    v1[0, 2, 1] = mx.inf
+    out = np.asarray(native.intra_chunk(q, k, v1, None, 2))
+    assert np.isfinite(out[0, 0, :2]).all() and np.isnan(out[0, 0, 2:]).all() and np.isfinite(out[1]).all()

@@ -32,7 +32,7 @@ import mlx.nn as nn
 from ..autodiff import custom_function
 
 SOURCES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-                for name in ("fast_math.cpp", "state_products.cpp"))
+                for name in ("fast_math.cpp", "chunked.cpp"))
 SWITCH = "POWER_RETENTION_NATIVE"
 
 
@@ -205,8 +205,27 @@ def cross_entropy(logits, targets):
     return native.logsumexp(logits) - chosen
 
 
-# The chunked form's state products at degree 2 (state_products.cpp), on its rolled features
-# (sympow.rolled_products). Leading axes are items: (chunk, batch, head).
+# The chunked form's products (chunked.cpp). Leading axes are items: (chunk, batch, head).
+
+@functools.lru_cache(maxsize=16)
+def _intra_chunk_function(deg: int, gated: bool):
+    def forward(q, k, v1, *log_g):
+        return _module().intra_chunk(q, k, v1, log_g[0] if gated else None, deg)
+
+    def vjp(primals, cotangent, output):
+        q, k, v1, *log_g = primals
+        return tuple(_module().intra_chunk_vjp(q, k, v1, log_g[0] if gated else None, deg, cotangent))
+
+    return custom_function(forward, vjp)
+
+
+def intra_chunk(q, k, v1, log_g, deg):
+    """[numerator | denominator] (..., G, c, E) of the attention form within each chunk, from q
+    (..., G, c, d), k (..., c, d), values with the ones column v1 (..., c, E) and the log gates
+    log_g (..., c) or None: chunk.py's ``_intra_chunk`` for float32 on the CPU."""
+    function = _intra_chunk_function(deg, log_g is not None)
+    return function(q, k, v1) if log_g is None else function(q, k, v1, log_g)
+
 
 def _rolled_chunk_states_forward(k, v1):
     return _module().rolled_chunk_states(k, v1)

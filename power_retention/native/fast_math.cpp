@@ -239,12 +239,12 @@ mx::array logsumexp_last(const mx::array& x, mx::StreamOrDevice s) {
 
 }  // namespace
 
-void register_state_products(nb::module_& m);  // state_products.cpp
+void register_chunked(nb::module_& m);  // chunked.cpp
 
 NB_MODULE(_fast_math, m) {
   m.doc() = "Vectorised exp, sigmoid and last-axis logsumexp for float32 on MLX's CPU.";
   m.def("exp", [](const mx::array& x) { return elementwise(x, Kind::exp, {}); }, nb::arg("x"));
   m.def("sigmoid", [](const mx::array& x) { return elementwise(x, Kind::sigmoid, {}); }, nb::arg("x"));
   m.def("logsumexp", [](const mx::array& x) { return logsumexp_last(x, {}); }, nb::arg("x"));
-  register_state_products(m);
+  register_chunked(m);
 }

@@ -1,14 +1,14 @@
-// The chunked form's two state products at degree 2 and their vjps, with the features computed
-// inside the products: for each (chunk, head) the rolled degree-2 features of a block of shifts
-// are written to a buffer that stays in cache, multiplied at once (one sgemm per block), and
-// their cotangent is folded back onto the inputs in the same pass. The MLX ops path writes the
-// T x D' features to memory and reads them back in every product and vjp.
+// The chunked form's products on the CPU, each with its vjp: the attention form inside each
+// chunk, and the two state products at degree 2. For each (chunk, head) the intermediate arrays
+// (the c x c weights, a block of the state's features) are built in a buffer that stays in
+// cache, multiplied at once by sgemm, and their cotangents folded back onto the inputs in the
+// same pass; the MLX ops path writes each of them to memory and reads it back in every pass.
 //
 // Features follow sympow.rolled_products: for shift r = 0 .. d / 2 and position i, feature
 // r * d + i is x_i x_((i + r) mod d), and D' = (d / 2 + 1) d. The chunks' state contributions
 // carry the weights of sympow._rolled_weights (1 for r = 0 and, for even d, r = d / 2; 2 else).
 //
-// Items (chunk, head) are spread over as many threads as the BLAS would use, each calling a
+// Items (chunk, head) are spread over as many threads as OpenBLAS would use, each calling a
 // single-threaded sgemm; the BLAS is the one MLX calls (cblas_sgemm resolves as in libmlx: an
 // OpenBLAS loaded first, else the library MLX links).
 
@@ -16,12 +16,16 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <vector>
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/vector.h>
 
 #include "mlx/backend/cpu/encoder.h"
@@ -42,9 +46,9 @@ constexpr int row_major = 101, no_trans = 111, trans = 112;
 
 // out (m x n, leading dimension ldc) = alpha op(a) op(b) + beta out, all row-major.
 void gemm(bool transpose_a, bool transpose_b, int m, int n, int k, const float* a, int lda,
-          const float* b, int ldb, float beta, float* out, int ldc) {
+          const float* b, int ldb, float beta, float* out, int ldc, float alpha = 1.0f) {
   cblas_sgemm(row_major, transpose_a ? trans : no_trans, transpose_b ? trans : no_trans, m, n, k,
-              1.0f, a, lda, b, ldb, beta, out, ldc);
+              alpha, a, lda, b, ldb, beta, out, ldc);
 }
 
 // OpenBLAS's thread count, where the process has OpenBLAS: its threads would run one product at a
@@ -138,10 +142,12 @@ struct Rolled {
   }
 };
 
-enum class Product { chunk_states, chunk_states_vjp, read_states, read_states_vjp };
+enum class Product { intra_chunk, intra_chunk_vjp, chunk_states, chunk_states_vjp, read_states, read_states_vjp };
 
 const char* product_name(Product p) {
   switch (p) {
+    case Product::intra_chunk: return "IntraChunk";
+    case Product::intra_chunk_vjp: return "IntraChunkVJP";
     case Product::chunk_states: return "RolledChunkStates";
     case Product::chunk_states_vjp: return "RolledChunkStatesVJP";
     case Product::read_states: return "RolledReadStates";
@@ -149,12 +155,149 @@ const char* product_name(Product p) {
   }
 }
 
+// The attention form inside each chunk (chunk.py's _intra_chunk_function): for each of the G
+// query heads reading a key/value head, w_ij = s_ij^deg P_ij for j <= i and 0 above, with the
+// scores s = q . k and P_ij = g_(j+1) ... g_i the gates after j (1 when not gated).
+struct IntraChunk {
+  int G, c, d, E, deg;
+  bool gated;
+
+  // W (G c x c) = the weights and, where `slope` is given, slope = s^(deg - 1) P (dw / ds = deg
+  // slope). The decays come as running products down the rows (row i is row i - 1 times g_i):
+  // after a reset gate (0) a difference of running log sums would be -inf - -inf.
+  void weights(const float* q, const float* k, const float* log_g, float* W, float* slope, float* decay) const {
+    gemm(false, true, G * c, c, d, q, d, k, d, 0.0f, W, c);
+    for (int i = 0; i < c; ++i) {
+      if (gated) {
+        float gate = std::exp(log_g[i]);
+        for (int j = 0; j < i; ++j) decay[j] *= gate;
+      }
+      decay[i] = 1.0f;
+      for (int h = 0; h < G; ++h) {
+        size_t row = (static_cast<size_t>(h) * c + i) * c;
+        float* w = W + row;
+        float* dw = slope ? slope + row : nullptr;
+        for (int j = 0; j <= i; ++j) {
+          float power = gated ? decay[j] : 1.0f;
+          for (int t = 1; t < deg; ++t) power *= w[j];
+          if (dw) dw[j] = power;
+          w[j] *= power;
+        }
+        // Written, not multiplied by a mask: a NaN or inf in a later key must not reach row i.
+        std::fill(w + i + 1, w + c, 0.0f);
+        if (dw) std::fill(dw + i + 1, dw + c, 0.0f);
+      }
+    }
+  }
+
+  // out (G c x E) = W v1. A key whose value row is not finite is taken as zero in the product
+  // (a zero weight times inf is NaN, which must not reach earlier rows), and the rows from the
+  // first such key on are NaN, as the recurrent form gives them.
+  void forward(const float* q, const float* k, const float* v1, const float* log_g, float* out, float* scratch) const {
+    float* W = scratch;
+    float* decay = W + static_cast<size_t>(G) * c * c;
+    float* finite_values = decay + c;
+    weights(q, k, log_g, W, nullptr, decay);
+    int first_bad = c;
+    for (int t = c - 1; t >= 0; --t) {
+      for (int x = 0; x < E; ++x) {
+        if (!std::isfinite(v1[static_cast<size_t>(t) * E + x])) {
+          first_bad = t;
+          break;
+        }
+      }
+    }
+    const float* values = v1;
+    if (first_bad < c) {
+      std::copy(v1, v1 + static_cast<size_t>(c) * E, finite_values);
+      for (int t = first_bad; t < c; ++t) {
+        float* row = finite_values + static_cast<size_t>(t) * E;
+        if (!std::all_of(row, row + E, [](float x) { return std::isfinite(x); })) std::fill(row, row + E, 0.0f);
+      }
+      values = finite_values;
+    }
+    gemm(false, false, G * c, E, c, W, c, values, E, 0.0f, out, E);
+    for (int h = 0; h < G; ++h) {
+      for (int i = first_bad; i < c; ++i) {
+        float* row = out + (static_cast<size_t>(h) * c + i) * E;
+        std::fill(row, row + E, std::numeric_limits<float>::quiet_NaN());
+      }
+    }
+  }
+
+  size_t forward_scratch() const { return static_cast<size_t>(G) * c * c + c + static_cast<size_t>(c) * E; }
+
+  // The weights are recomputed (one c x c x d product) rather than kept from the forward.
+  void vjp(const float* q, const float* k, const float* v1, const float* log_g, const float* d_out, float* dq,
+           float* dk, float* dv1, float* d_log_g, float* scratch) const {
+    size_t square = static_cast<size_t>(G) * c * c;
+    float *W = scratch, *slope = W + square, *dW = slope + square, *decay = dW + square, *d_l = decay + c;
+    weights(q, k, log_g, W, slope, decay);
+    gemm(false, true, G * c, c, E, d_out, E, v1, E, 0.0f, dW, c);  // dW = d_out v1^T
+    gemm(true, false, c, E, G * c, W, c, d_out, E, 0.0f, dv1, E);  // dv1 = W^T d_out, summed over G
+    if (gated) {
+      // dw_ij / dl_i = w_ij and dw_ij / dl_j = -w_ij, for the running sums l of log_g.
+      std::fill(d_l, d_l + c, 0.0f);
+      for (int h = 0; h < G; ++h) {
+        for (int i = 0; i < c; ++i) {
+          size_t row = (static_cast<size_t>(h) * c + i) * c;
+          float across = 0.0f;
+          for (int j = 0; j <= i; ++j) {
+            float through = dW[row + j] * W[row + j];
+            across += through;
+            d_l[j] -= through;
+          }
+          d_l[i] += across;
+        }
+      }
+      float after = 0.0f;
+      for (int t = c - 1; t >= 0; --t) d_log_g[t] = after += d_l[t];
+    }
+    for (size_t x = 0; x < square; ++x) dW[x] *= slope[x];  // now the scores' cotangent / deg
+    gemm(false, false, G * c, d, c, dW, c, k, d, 0.0f, dq, d, static_cast<float>(deg));
+    gemm(true, false, c, d, G * c, dW, c, q, d, 0.0f, dk, d, static_cast<float>(deg));
+  }
+
+  size_t vjp_scratch() const { return 3 * static_cast<size_t>(G) * c * c + 2 * static_cast<size_t>(c); }
+};
+
+// Shapes, leading axes flattened to N items:
+//   intra_chunk       q (N, G, c, d), k (N, c, d), v1 (N, c, E)[, log_g (N, c)] -> out (N, G, c, E)
+//   intra_chunk_vjp   q, k, v1[, log_g], d_out                -> dq, dk, dv1[, d_log_g]
+void evaluate_intra_chunk(Product product, int deg, const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  const auto& k_shape = in[1].shape();
+  int c = k_shape[k_shape.size() - 2], d = k_shape.back();
+  IntraChunk intra{static_cast<int>(in[0].shape()[in[0].ndim() - 3]), c, d, static_cast<int>(in[2].shape().back()),
+                   deg, product == Product::intra_chunk ? in.size() == 4 : in.size() == 5};
+  size_t items = in[1].size() / (static_cast<size_t>(c) * d);
+  size_t q_size = static_cast<size_t>(intra.G) * c * d, k_size = static_cast<size_t>(c) * d;
+  size_t v_size = static_cast<size_t>(c) * intra.E, out_size = intra.G * v_size;
+  const float *q = in[0].data<float>(), *k = in[1].data<float>(), *v1 = in[2].data<float>();
+  const float* log_g = intra.gated ? in[3].data<float>() : nullptr;
+  if (product == Product::intra_chunk) {
+    float* y = out[0].data<float>();
+    for_each_item(items, intra.forward_scratch(), [&](size_t item, float* scratch) {
+      intra.forward(q + item * q_size, k + item * k_size, v1 + item * v_size, log_g ? log_g + item * c : nullptr,
+                    y + item * out_size, scratch);
+    });
+    return;
+  }
+  const float* d_out = in.back().data<float>();
+  float *dq = out[0].data<float>(), *dk = out[1].data<float>(), *dv1 = out[2].data<float>();
+  float* d_log_g = intra.gated ? out[3].data<float>() : nullptr;
+  for_each_item(items, intra.vjp_scratch(), [&](size_t item, float* scratch) {
+    intra.vjp(q + item * q_size, k + item * k_size, v1 + item * v_size, log_g ? log_g + item * c : nullptr,
+              d_out + item * out_size, dq + item * q_size, dk + item * k_size, dv1 + item * v_size,
+              d_log_g ? d_log_g + item * c : nullptr, scratch);
+  });
+}
+
 // Shapes, leading axes flattened to N items:
 //   chunk_states      k (N, c, d), v1 (N, c, E)              -> S (N, E, D')   weighted
 //   chunk_states_vjp  k, v1, dS (N, E, D')                   -> dk, dv1
 //   read_states       q (N, M, d), entering (N, E, D')       -> reads (N, M, E)
 //   read_states_vjp   q, entering, d_reads (N, M, E)         -> dq, d_entering
-void evaluate(Product product, const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+void evaluate_state_product(Product product, const std::vector<mx::array>& in, std::vector<mx::array>& out) {
   const auto& x_shape = in[0].shape();
   int d = x_shape.back(), m = x_shape[x_shape.size() - 2];
   size_t items = in[0].size() / (static_cast<size_t>(m) * d);
@@ -210,9 +353,10 @@ void evaluate(Product product, const std::vector<mx::array>& in, std::vector<mx:
   });
 }
 
-class RolledStateProduct : public mx::Primitive {
+class ChunkedProduct : public mx::Primitive {
  public:
-  RolledStateProduct(mx::Stream stream, Product product) : mx::Primitive(stream), product_(product) {}
+  ChunkedProduct(mx::Stream stream, Product product, int deg)
+      : mx::Primitive(stream), product_(product), deg_(deg) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     for (auto& out : outputs) out.set_data(mx::allocator::malloc(out.nbytes()));
@@ -226,8 +370,12 @@ class RolledStateProduct : public mx::Primitive {
       encoder.set_output_array(y);
       out.push_back(mx::array::unsafe_weak_copy(y));
     }
-    encoder.dispatch([product = product_, in = std::move(in), out = std::move(out)]() mutable {
-      evaluate(product, in, out);
+    encoder.dispatch([product = product_, deg = deg_, in = std::move(in), out = std::move(out)]() mutable {
+      if (product == Product::intra_chunk || product == Product::intra_chunk_vjp) {
+        evaluate_intra_chunk(product, deg, in, out);
+      } else {
+        evaluate_state_product(product, in, out);
+      }
     });
   }
 
@@ -238,11 +386,13 @@ class RolledStateProduct : public mx::Primitive {
   const char* name() const override { return product_name(product_); }
 
   bool is_equivalent(const mx::Primitive& other) const override {
-    return product_ == static_cast<const RolledStateProduct&>(other).product_;
+    const auto& that = static_cast<const ChunkedProduct&>(other);
+    return product_ == that.product_ && deg_ == that.deg_;
   }
 
  private:
   Product product_;
+  int deg_;  // the intra-chunk products' degree (the state products are degree 2)
 };
 
 void check(const mx::array& x, int ndim, const char* name) {
@@ -259,11 +409,12 @@ void check_same_items(const mx::array& a, const mx::array& b, const char* name) 
   }
 }
 
-std::vector<mx::array> product(Product kind, std::vector<mx::array> inputs, std::vector<mx::Shape> shapes) {
+std::vector<mx::array> product(Product kind, std::vector<mx::array> inputs, std::vector<mx::Shape> shapes,
+                               int deg = 2) {
   auto stream = mx::to_stream({});
   for (auto& x : inputs) x = mx::contiguous(x, false, stream);
   std::vector<mx::Dtype> dtypes(shapes.size(), mx::float32);
-  return mx::array::make_arrays(std::move(shapes), dtypes, std::make_shared<RolledStateProduct>(stream, kind),
+  return mx::array::make_arrays(std::move(shapes), dtypes, std::make_shared<ChunkedProduct>(stream, kind, deg),
                                 inputs);
 }
 
@@ -289,7 +440,46 @@ void check_state(const mx::array& x, const mx::array& state, const char* name) {
 
 }  // namespace
 
-void register_state_products(nb::module_& m) {
+// q (..., G, c, d), k (..., c, d), v1 (..., c, E), log_g (..., c) or None, deg >= 1.
+std::vector<mx::array> intra_chunk_inputs(const mx::array& q, const mx::array& k, const mx::array& v1,
+                                          const std::optional<mx::array>& log_g, int deg) {
+  check(q, 3, "q"), check(k, 2, "k"), check(v1, 2, "v1"), check_same_items(k, v1, "v1");
+  if (deg < 1) throw std::invalid_argument("deg: expected an integer >= 1");
+  bool same = q.ndim() == k.ndim() + 1 && q.shape()[q.ndim() - 2] == k.shape()[k.ndim() - 2] &&
+              q.shape().back() == k.shape().back() &&
+              std::equal(k.shape().begin(), k.shape().end() - 2, q.shape().begin());
+  if (!same) throw std::invalid_argument("q: expected (..., G, c, d) for k (..., c, d)");
+  std::vector<mx::array> inputs{q, k, v1};
+  if (log_g) {
+    check(*log_g, 1, "log_g");
+    if (!std::equal(k.shape().begin(), k.shape().end() - 1, log_g->shape().begin(), log_g->shape().end())) {
+      throw std::invalid_argument("log_g: expected k's shape without its last axis");
+    }
+    inputs.push_back(*log_g);
+  }
+  return inputs;
+}
+
+void register_chunked(nb::module_& m) {
+  m.def("intra_chunk", [](const mx::array& q, const mx::array& k, const mx::array& v1,
+                          const std::optional<mx::array>& log_g, int deg) {
+    auto inputs = intra_chunk_inputs(q, k, v1, log_g, deg);
+    auto shape = q.shape();
+    shape.back() = v1.shape().back();
+    return product(Product::intra_chunk, inputs, {shape}, deg)[0];
+  }, nb::arg("q"), nb::arg("k"), nb::arg("v1"), nb::arg("log_g").none(), nb::arg("deg"));
+  m.def("intra_chunk_vjp", [](const mx::array& q, const mx::array& k, const mx::array& v1,
+                              const std::optional<mx::array>& log_g, int deg, const mx::array& d_out) {
+    auto inputs = intra_chunk_inputs(q, k, v1, log_g, deg);
+    check(d_out, 3, "d_out");
+    auto shape = q.shape();
+    shape.back() = v1.shape().back();
+    if (d_out.shape() != shape) throw std::invalid_argument("d_out: expected the output's shape");
+    inputs.push_back(d_out);
+    std::vector<mx::Shape> shapes{q.shape(), k.shape(), v1.shape()};
+    if (log_g) shapes.push_back(log_g->shape());
+    return product(Product::intra_chunk_vjp, inputs, shapes, deg);
+  }, nb::arg("q"), nb::arg("k"), nb::arg("v1"), nb::arg("log_g").none(), nb::arg("deg"), nb::arg("d_out"));
   m.def("rolled_chunk_states", [](const mx::array& k, const mx::array& v1) {
     check(k, 2, "k"), check(v1, 2, "v1"), check_same_items(k, v1, "v1");
     return product(Product::chunk_states, {k, v1},
