@@ -29,7 +29,7 @@ import time
 import mlx.core as mx
 from mlx.utils import tree_map
 
-from power_retention import native, tuning
+from power_retention import tuning
 from power_retention.cpu_tuning import blas_threads, set_blas_threads, stream_parts
 
 # A split is kept only when it measured at least this much faster than one stream: the two
@@ -101,9 +101,7 @@ def step_key(shape, dtype: str, count: int) -> str:
             f"x{config.head_dim} mlp={config.intermediate_size} conv={config.conv_size} "
             f"vocab={config.vocab_size} B={shape.batch_size} T={shape.seq_len} {form}"
             f"{' checkpointing' if shape.checkpointing else ''} {dtype}"
-            f"{f' {shape.adapters}' if shape.adapters is not None else ''}"
-            # The vectorised exp changes what one stream spends outside the BLAS.
-            f"{' native exp' if native.available() else ''}, {count} streams")
+            f"{f' {shape.adapters}' if shape.adapters is not None else ''}, {count} streams")
 
 
 def measure(shape, dtype: str, count: int, repeats: int = 2) -> dict:

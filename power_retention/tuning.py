@@ -74,9 +74,11 @@ def device_name() -> str:
     """The device the op runs on here, as precisely as the choice depends on it."""
     if mx.default_device() == mx.gpu:
         return _gpu_name()
+    from . import native
     from .cpu_tuning import blas_threads  # Linux only matters there
 
-    return f"{_cpu_name()}, {blas_threads() or 'default'} BLAS threads"
+    compiled = native.build()
+    return f"{_cpu_name()}, {blas_threads() or 'default'} BLAS threads{f', {compiled}' if compiled else ''}"
 
 
 @functools.lru_cache(maxsize=1)

@@ -199,15 +199,16 @@ def test_state_products_leave_the_blas_thread_count_as_it_was():
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
 @pytest.mark.parametrize("deg,G", [(1, 1), (2, 2), (3, 1)], ids=["deg1-G1", "deg2-G2", "deg3-G1"])
 def test_intra_chunk_and_its_vjp_match_float64(deg, G, gated):
-    """Three items of a 40-position chunk, a reset gate (log_g = -inf) in the second item."""
+    """Three items of a 150-position chunk (rows in blocks of 64: two whole, one partial), a reset
+    gate (log_g = -inf) in the second item."""
     from power_retention import chunk
 
-    items, c, d, E = 3, 40, 8, 6
+    items, c, d, E = 3, 150, 8, 6
     q, k = _random((items, 1, 1, G, c, d), 0.5, seed=1), _random((items, 1, 1, 1, c, d), 0.5, seed=2)
     v1 = _random((items, 1, 1, 1, c, E), 1.0, seed=3)
     log_g = -mx.random.uniform(shape=(items, 1, 1, 1, c), key=mx.random.key(4)) if gated else None
     if gated:
-        log_g[1, ..., 17] = -mx.inf
+        log_g[1, ..., 97] = -mx.inf
     primals = [x for x in (q, k, v1, log_g) if x is not None]
     cotangent = _random((items, 1, 1, G, c, E), 1.0, seed=5)
 

@@ -103,6 +103,7 @@ def _unavailable(reason: str) -> None:
     return None
 
 
+@functools.lru_cache(maxsize=1)
 def _library_path() -> str:
     """Where the built module is kept: its name changes with everything the binary depends on."""
     from ..tuning import cache_path
@@ -171,6 +172,15 @@ def applies_to(x) -> bool:
 def available() -> bool:
     """Whether float32 arrays on the CPU take the compiled functions in this process."""
     return mx.default_device() == mx.cpu and _module() is not None
+
+
+def build() -> str | None:
+    """What names the compiled functions in use (it changes with their source and everything
+    they are built against), or None where MLX's own are used: measurements kept on disk
+    (``tuning``) are taken again when it changes."""
+    if not available():
+        return None
+    return os.path.basename(_library_path()).split(".")[0]
 
 
 def exp(x):

@@ -157,36 +157,43 @@ const char* product_name(Product p) {
 
 // The attention form inside each chunk (chunk.py's _intra_chunk_function): for each of the G
 // query heads reading a key/value head, w_ij = s_ij^deg P_ij for j <= i and 0 above, with the
-// scores s = q . k and P_ij = g_(j+1) ... g_i the gates after j (1 when not gated).
+// scores s = q . k and P_ij = g_(j+1) ... g_i the gates after j (1 when not gated). Rows go in
+// blocks of `block`; a block of rows [r0, r1) needs the keys before r1 only, so the products
+// skip the zeros above the diagonal (about half of them for long chunks).
 struct IntraChunk {
   int G, c, d, E, deg;
   bool gated;
+  static constexpr int block = 64;
 
-  // W (G c x c) = the weights and, where `slope` is given, slope = s^(deg - 1) P (dw / ds = deg
-  // slope). The decays come as running products down the rows (row i is row i - 1 times g_i):
-  // after a reset gate (0) a difference of running log sums would be -inf - -inf.
-  void weights(const float* q, const float* k, const float* log_g, float* W, float* slope, float* decay) const {
-    gemm(false, true, G * c, c, d, q, d, k, d, 0.0f, W, c);
-    for (int i = 0; i < c; ++i) {
+  // Rows [r0, r1) of one query head's weights: W (r1 - r0 x r1) and, where `slope` is given,
+  // slope = s^(deg - 1) P (dw / ds = deg slope). The decays come as running products down the
+  // rows (row i is row i - 1 times g_i; `decay`, 2 c floats, carries them from one block to the
+  // next): after a reset gate (0), a difference of running log sums would be -inf - -inf.
+  void weights(const float* q, const float* k, const float* log_g, int r0, int r1, float* W, float* slope,
+               float* decay) const {
+    gemm(false, true, r1 - r0, r1, d, q + static_cast<size_t>(r0) * d, d, k, d, 0.0f, W, r1);
+    for (int i = r0; i < r1; ++i) {
       if (gated) {
         float gate = std::exp(log_g[i]);
         for (int j = 0; j < i; ++j) decay[j] *= gate;
       }
       decay[i] = 1.0f;
-      for (int h = 0; h < G; ++h) {
-        size_t row = (static_cast<size_t>(h) * c + i) * c;
-        float* w = W + row;
-        float* dw = slope ? slope + row : nullptr;
-        for (int j = 0; j <= i; ++j) {
-          float power = gated ? decay[j] : 1.0f;
-          for (int t = 1; t < deg; ++t) power *= w[j];
-          if (dw) dw[j] = power;
-          w[j] *= power;
-        }
-        // Written, not multiplied by a mask: a NaN or inf in a later key must not reach row i.
-        std::fill(w + i + 1, w + c, 0.0f);
-        if (dw) std::fill(dw + i + 1, dw + c, 0.0f);
+      size_t row = static_cast<size_t>(i - r0) * r1;
+      float* w = W + row;
+      float* dw = slope ? slope + row : decay + c;  // the forward keeps one row after the decays
+      // Loops over j alone, so that they vectorise.
+      if (gated) {
+        std::copy(decay, decay + i + 1, dw);
+      } else {
+        std::fill(dw, dw + i + 1, 1.0f);
       }
+      for (int t = 1; t < deg; ++t) {
+        for (int j = 0; j <= i; ++j) dw[j] *= w[j];
+      }
+      for (int j = 0; j <= i; ++j) w[j] *= dw[j];
+      // Written, not multiplied by a mask: a NaN or inf in a later key must not reach row i.
+      std::fill(w + i + 1, w + r1, 0.0f);
+      if (slope) std::fill(dw + i + 1, dw + r1, 0.0f);
     }
   }
 
@@ -195,17 +202,12 @@ struct IntraChunk {
   // first such key on are NaN, as the recurrent form gives them.
   void forward(const float* q, const float* k, const float* v1, const float* log_g, float* out, float* scratch) const {
     float* W = scratch;
-    float* decay = W + static_cast<size_t>(G) * c * c;
-    float* finite_values = decay + c;
-    weights(q, k, log_g, W, nullptr, decay);
+    float* decay = W + static_cast<size_t>(block) * c;
+    float* finite_values = decay + 2 * c;
     int first_bad = c;
     for (int t = c - 1; t >= 0; --t) {
-      for (int x = 0; x < E; ++x) {
-        if (!std::isfinite(v1[static_cast<size_t>(t) * E + x])) {
-          first_bad = t;
-          break;
-        }
-      }
+      const float* row = v1 + static_cast<size_t>(t) * E;
+      if (!std::all_of(row, row + E, [](float x) { return std::isfinite(x); })) first_bad = t;
     }
     const float* values = v1;
     if (first_bad < c) {
@@ -216,49 +218,68 @@ struct IntraChunk {
       }
       values = finite_values;
     }
-    gemm(false, false, G * c, E, c, W, c, values, E, 0.0f, out, E);
     for (int h = 0; h < G; ++h) {
+      const float* qh = q + static_cast<size_t>(h) * c * d;
+      float* out_h = out + static_cast<size_t>(h) * c * E;
+      for (int r0 = 0; r0 < c; r0 += block) {
+        int r1 = std::min(r0 + block, c);
+        weights(qh, k, log_g, r0, r1, W, nullptr, decay);
+        gemm(false, false, r1 - r0, E, r1, W, r1, values, E, 0.0f, out_h + static_cast<size_t>(r0) * E, E);
+      }
       for (int i = first_bad; i < c; ++i) {
-        float* row = out + (static_cast<size_t>(h) * c + i) * E;
-        std::fill(row, row + E, std::numeric_limits<float>::quiet_NaN());
+        std::fill(out_h + static_cast<size_t>(i) * E, out_h + static_cast<size_t>(i + 1) * E,
+                  std::numeric_limits<float>::quiet_NaN());
       }
     }
   }
 
-  size_t forward_scratch() const { return static_cast<size_t>(G) * c * c + c + static_cast<size_t>(c) * E; }
+  size_t forward_scratch() const { return static_cast<size_t>(block) * c + 2 * c + static_cast<size_t>(c) * E; }
 
-  // The weights are recomputed (one c x c x d product) rather than kept from the forward.
+  // The weights are recomputed (one product of the block's queries with its keys) rather than
+  // kept from the forward.
   void vjp(const float* q, const float* k, const float* v1, const float* log_g, const float* d_out, float* dq,
            float* dk, float* dv1, float* d_log_g, float* scratch) const {
-    size_t square = static_cast<size_t>(G) * c * c;
-    float *W = scratch, *slope = W + square, *dW = slope + square, *decay = dW + square, *d_l = decay + c;
-    weights(q, k, log_g, W, slope, decay);
-    gemm(false, true, G * c, c, E, d_out, E, v1, E, 0.0f, dW, c);  // dW = d_out v1^T
-    gemm(true, false, c, E, G * c, W, c, d_out, E, 0.0f, dv1, E);  // dv1 = W^T d_out, summed over G
-    if (gated) {
-      // dw_ij / dl_i = w_ij and dw_ij / dl_j = -w_ij, for the running sums l of log_g.
-      std::fill(d_l, d_l + c, 0.0f);
-      for (int h = 0; h < G; ++h) {
-        for (int i = 0; i < c; ++i) {
-          size_t row = (static_cast<size_t>(h) * c + i) * c;
-          float across = 0.0f;
-          for (int j = 0; j <= i; ++j) {
-            float through = dW[row + j] * W[row + j];
-            across += through;
-            d_l[j] -= through;
+    size_t tile = static_cast<size_t>(block) * c;
+    float *W = scratch, *slope = W + tile, *dW = slope + tile, *decay = dW + tile, *d_l = decay + 2 * c;
+    std::fill(dk, dk + static_cast<size_t>(c) * d, 0.0f);
+    std::fill(dv1, dv1 + static_cast<size_t>(c) * E, 0.0f);
+    std::fill(d_l, d_l + c, 0.0f);
+    for (int h = 0; h < G; ++h) {
+      const float* qh = q + static_cast<size_t>(h) * c * d;
+      const float* d_out_h = d_out + static_cast<size_t>(h) * c * E;
+      for (int r0 = 0; r0 < c; r0 += block) {
+        int r1 = std::min(r0 + block, c), rows = r1 - r0;
+        const float* d_out_rows = d_out_h + static_cast<size_t>(r0) * E;
+        weights(qh, k, log_g, r0, r1, W, slope, decay);
+        gemm(false, true, rows, r1, E, d_out_rows, E, v1, E, 0.0f, dW, r1);   // dW = d_out v1^T
+        gemm(true, false, r1, E, rows, W, r1, d_out_rows, E, 1.0f, dv1, E);  // dv1 += W^T d_out
+        if (gated) {
+          // dw_ij / dl_i = w_ij and dw_ij / dl_j = -w_ij, for the running sums l of log_g.
+          for (int i = r0; i < r1; ++i) {
+            size_t row = static_cast<size_t>(i - r0) * r1;
+            float across = 0.0f;
+            for (int j = 0; j <= i; ++j) {
+              float through = dW[row + j] * W[row + j];
+              across += through;
+              d_l[j] -= through;
+            }
+            d_l[i] += across;
           }
-          d_l[i] += across;
         }
+        size_t size = static_cast<size_t>(rows) * r1;
+        for (size_t x = 0; x < size; ++x) dW[x] *= slope[x];  // now the scores' cotangent / deg
+        float scale = static_cast<float>(deg);
+        gemm(false, false, rows, d, r1, dW, r1, k, d, 0.0f, dq + (static_cast<size_t>(h) * c + r0) * d, d, scale);
+        gemm(true, false, r1, d, rows, dW, r1, qh + static_cast<size_t>(r0) * d, d, 1.0f, dk, d, scale);
       }
+    }
+    if (gated) {
       float after = 0.0f;
       for (int t = c - 1; t >= 0; --t) d_log_g[t] = after += d_l[t];
     }
-    for (size_t x = 0; x < square; ++x) dW[x] *= slope[x];  // now the scores' cotangent / deg
-    gemm(false, false, G * c, d, c, dW, c, k, d, 0.0f, dq, d, static_cast<float>(deg));
-    gemm(true, false, c, d, G * c, dW, c, q, d, 0.0f, dk, d, static_cast<float>(deg));
   }
 
-  size_t vjp_scratch() const { return 3 * static_cast<size_t>(G) * c * c + 2 * static_cast<size_t>(c); }
+  size_t vjp_scratch() const { return 3 * static_cast<size_t>(block) * c + 3 * static_cast<size_t>(c); }
 };
 
 // Shapes, leading axes flattened to N items:
