@@ -24,7 +24,7 @@ import click
 import mlx.core as mx
 from common import machine_description, machine_line, median_seconds, now, write_report
 
-from power_retention import expanded_dim, power_retention, tuning
+from power_retention import expanded_dim, native, power_retention, tuning
 from power_retention.cpu_tuning import (blas_threads, loaded_blas, openblas_library,
                                         parallel_cpu_streams, release_freed_memory, set_blas_threads,
                                         split_across_cpu_streams, stream_parts, tune_process)
@@ -244,6 +244,18 @@ def interleaved_ratio(first, second, repeats) -> float:
     return _median_of_rounds(lambda: _seconds(first) / _seconds(second), repeats)
 
 
+def with_mlx_ops(fn):
+    """``fn`` with the op built from MLX ops instead of the compiled products (``native``)."""
+    def run():
+        os.environ[native.SWITCH] = "0"
+        try:
+            return fn()  # the op chooses while it builds the graph; evaluating it needs no switch
+        finally:
+            os.environ[native.SWITCH] = "1"
+
+    return run
+
+
 def interleaved_fraction_of_peak(run, flops, repeats) -> float:
     """Median over rounds of the GFLOP/s of one ``run`` (``flops`` of work) over the fp32
     matmul peak measured just before it (best of 3): the peak and the run see the same state
@@ -360,6 +372,10 @@ def run_benchmark(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, m
                             row[f"{name}_over_torch"] = interleaved_ratio(
                                 make_case(method, B, T, H, d, deg, chunk)[index],
                                 torch_sdpa().case(B, T, H, d)[index], repeats)
+                    if native.available():
+                        for name, index in (("forward", 0), ("forward_backward", 1)):
+                            case = make_case(method, B, T, H, d, deg, chunk)[index]
+                            row[f"{name}_over_mlx_ops"] = interleaved_ratio(case, with_mlx_ops(case), repeats)
                     if streams:
                         row["forward_backward_streams_over_threaded_blas"] = interleaved_ratio(
                             in_configuration("streams", forward_backward),
@@ -395,6 +411,9 @@ def print_row(row):
     if "forward_over_torch" in row:
         notes.append(f"x{row['forward_over_torch']:.2f} / x{row['forward_backward_over_torch']:.2f} "
                      "of torch's time fwd / fwd+bwd, interleaved")
+    if "forward_over_mlx_ops" in row:
+        notes.append(f"x{row['forward_over_mlx_ops']:.2f} / x{row['forward_backward_over_mlx_ops']:.2f} "
+                     "of the MLX ops' time (no compiled products) fwd / fwd+bwd, interleaved")
     if "forward_backward_streams_over_threaded_blas" in row:
         notes.append(f"fwd+bwd x{row['forward_backward_streams_over_threaded_blas']:.2f} of one stream "
                      "with threaded BLAS, interleaved")

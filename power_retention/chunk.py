@@ -14,6 +14,12 @@ in-chunk log decay l (n, B, H, 1, c). The state is kept transposed, S1t = [S | z
 that strided pass costs more than the products). Its feature axis follows
 ``sympow.StateLayout`` (at degree 2 a rolled layout of d (d // 2 + 1) features, d / 2 more
 than D for even d, converted to sympow's at the boundaries: initial and final state).
+
+On Linux CPUs in float32 the attention within each chunk and, at degree 2, the two state
+products run compiled (``native.intra_chunk``, ``native.rolled_chunk_states`` and
+``native.rolled_read_states``: the same arrays in the same layouts, each (chunk, head) computed
+with its c x c weights and feature blocks in cache); the MLX ops here say what they compute and
+run everywhere else.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""exp, sigmoid, SiLU, logsumexp and cross-entropy that run vectorised on MLX's Linux CPU.
+"""Compiled CPU code for what MLX's Linux CPU backend runs slowly: exp, sigmoid, SiLU,
+logsumexp and cross-entropy, and the chunked form's products.
 
 MLX's CPU build for x86 evaluates exp one float at a time: about 25 ns a float on a Xeon,
 against about 1.2 ns for the loop in ``fast_math.cpp``, which the compiler vectorises. A
@@ -6,14 +7,22 @@ language model's training step spends most of its time there (the cross-entropy 
 50,257-token vocabulary and its gradient, and SwiGLU's sigmoid), so the model and the trainer
 call these functions instead of MLX's.
 
-The C++ primitives (with their vjp, jvp and vmap, so that ``mx.grad``, ``mx.compile`` and
-``mx.vmap`` work through them) are compiled with g++ at the first use on a machine, against
-the installed MLX and nanobind, and kept in the cache directory (``POWER_RETENTION_CACHE``, as
-for ``tuning``) under a name that changes with the source, MLX, nanobind, Python and the
-compiler. Where they do not apply, every function here is MLX's own: not on Linux (MLX's
-CPU code is vectorised on macOS, and the GPU runs Metal), the default device a GPU, an input
-that is not float32, no g++ or Python headers, or ``POWER_RETENTION_NATIVE=0``. A failed build
-says why once, on stderr, and the run goes on with MLX's functions.
+The chunked form (``chunk.py``) as MLX ops writes every intermediate array to memory and reads
+it back: the c x c weights of each chunk, the T x D' symmetric power features of every query
+and key, and their cotangents. ``chunked.cpp`` computes the attention inside each chunk and, at
+degree 2, the two state products with their vjps, one (chunk, head) at a time with those arrays
+kept in cache, around single-threaded sgemm calls spread over OpenBLAS's threads (T=8192, 4
+heads of 64: forward and backward 1.8x faster, benchmarks/README.md).
+
+The C++ primitives (with their vjp, and for the elementwise ones jvp and vmap, so that
+``mx.grad``, ``mx.compile`` and ``mx.vmap`` work through them) are compiled with g++ at the
+first use on a machine, against the installed MLX and nanobind, and kept in the cache directory
+(``POWER_RETENTION_CACHE``, as for ``tuning``) under a name that changes with the sources, MLX,
+nanobind, Python and the compiler. Where they do not apply, every function here is MLX's own
+(and ``chunk.py`` its MLX ops): not on Linux (MLX's CPU code is vectorised on macOS, and the GPU
+runs Metal), the default device a GPU, an input that is not float32, no g++ or Python headers,
+or ``POWER_RETENTION_NATIVE=0``. A failed build says why once, on stderr, and the run goes on
+with MLX's functions.
 """
 
 from __future__ import annotations
@@ -79,7 +88,7 @@ def _build(output: str) -> str | None:
     if isinstance(commands, str):
         return commands
     compilations, link = commands
-    print("power_retention.native: compiling the vectorised exp (once per machine, about 10 s)",
+    print("power_retention.native: compiling the CPU functions (once per machine, about 15 s)",
           file=sys.stderr, flush=True)
     objects = [command[-1] for command in compilations]
     try:
@@ -98,7 +107,7 @@ def _build(output: str) -> str | None:
 
 
 def _unavailable(reason: str) -> None:
-    print(f"power_retention.native: MLX's exp is used instead of the vectorised one: {reason}",
+    print(f"power_retention.native: MLX's functions are used instead of the compiled ones: {reason}",
           file=sys.stderr)
     return None
 
@@ -170,8 +179,9 @@ def applies_to(x) -> bool:
 
 
 def available() -> bool:
-    """Whether float32 arrays on the CPU take the compiled functions in this process."""
-    return mx.default_device() == mx.cpu and _module() is not None
+    """Whether float32 arrays on the CPU take the compiled functions in this process now
+    (``POWER_RETENTION_NATIVE`` is read at every call: a benchmark can set it to 0 and back)."""
+    return enabled() and mx.default_device() == mx.cpu and _module() is not None
 
 
 def build() -> str | None:
