@@ -212,7 +212,8 @@ def chunk_power_retention(q, k, v, log_g, *, deg, normalize, initial_state=None,
                 else layout.weigh((v1.swapaxes(-1, -2) @ layout.features(k))[:, :, :, 0])
             S1t = mx.zeros(chunk_S1t.shape[1:], chunk_S1t.dtype) if initial is None \
                 else layout.from_sympow(initial.swapaxes(-1, -2))
-            entering, S1t = _stacked_states_entering_chunks(chunk_S1t, chunk_decay, S1t)
+            scan = native.states_entering_chunks if compiled else _stacked_states_entering_chunks
+            entering, S1t = scan(chunk_S1t, chunk_decay, S1t)
             if compiled:
                 reads = native.rolled_read_states(q.reshape(n, B, H, G * c, d), entering)
                 reads = reads.reshape(n, B, H, G, c, e + 1)

@@ -230,3 +230,31 @@ def test_intra_chunk_keeps_a_non_finite_value_from_earlier_rows():
     v1[0, 2, 1] = mx.inf
     out = np.asarray(native.intra_chunk(q, k, v1, None, 2))
     assert np.isfinite(out[0, 0, :2]).all() and np.isnan(out[0, 0, 2:]).all() and np.isfinite(out[1]).all()
+
+
+@pytest.mark.parametrize("with_final_cotangent", [True, False], ids=["final-read", "final-unread"])
+def test_states_entering_chunks_and_its_vjp_match_float64(with_final_cotangent):
+    """Four chunks, two heads of 5 x 1000 state entries (slices of 4096 per thread: one whole,
+    one partial), decays in (0, 1) and one reset (0)."""
+    from power_retention import chunk
+
+    contributions, initial = _random((4, 1, 2, 5, 1000), 1.0, seed=1), _random((1, 2, 5, 1000), 1.0, seed=2)
+    decay = mx.random.uniform(shape=(4, 1, 2, 1, 1), key=mx.random.key(3))
+    decay[2, 0, 1] = 0.0
+    d_entering = _random((4, 1, 2, 5, 1000), 1.0, seed=4)
+    d_final = _random((1, 2, 5, 1000), 1.0, seed=5)
+
+    def loss(scan, *primals):
+        entering, final = scan(*primals)
+        return (entering * d_entering.astype(entering.dtype)).sum() + \
+            ((final * d_final.astype(final.dtype)).sum() if with_final_cotangent else 0.0)
+
+    primals = [contributions, decay, initial]
+    outputs = native.states_entering_chunks(*primals)
+    grads = mx.grad(lambda *p: loss(native.states_entering_chunks, *p), argnums=(0, 1, 2))(*primals)
+    wide = [x.astype(mx.float64) for x in primals]
+    expected = chunk._stacked_states_entering_chunks(*wide)
+    expected_grads = mx.grad(lambda *p: loss(chunk._stacked_states_entering_chunks, *p), argnums=(0, 1, 2))(*wide)
+    for name, a, b in zip(["entering", "final", "d_contributions", "d_decay", "d_initial"],
+                          [*outputs, *grads], [*expected, *expected_grads]):
+        assert_close(f"states_entering_chunks {name}", a, b, FP32_TOLERANCE)

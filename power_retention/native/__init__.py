@@ -271,3 +271,19 @@ def _rolled_read_states_vjp(primals, cotangent, output):
 rolled_read_states = custom_function(_rolled_read_states_forward, _rolled_read_states_vjp)
 rolled_read_states.__doc__ = """What the queries q (..., M, d) read from the states entering their chunk,
 [S | z]^T (..., E, D'): rolled_products(q) @ entering^T, (..., M, E)."""
+
+
+def _states_entering_chunks_forward(contributions, decay, initial):
+    return tuple(_module().states_entering_chunks(contributions, decay, initial))
+
+
+def _states_entering_chunks_vjp(primals, cotangents, outputs):
+    entering, final = outputs
+    d_entering, d_final = (mx.zeros_like(x) if d is None else d for d, x in zip(cotangents, outputs))
+    return tuple(_module().states_entering_chunks_vjp(entering, primals[1], d_entering, d_final))
+
+
+states_entering_chunks = custom_function(_states_entering_chunks_forward, _states_entering_chunks_vjp)
+states_entering_chunks.__doc__ = """The states entering each chunk, stacked (n, ...), and the one after the
+last: S_0 = initial (...), S_(i + 1) = decay_i S_i + contributions_i for contributions (n, ...)
+and decay (n, items, 1, 1) or any shape of n x items entries, items leading the state's axes."""

@@ -142,7 +142,9 @@ struct Rolled {
   }
 };
 
-enum class Product { intra_chunk, intra_chunk_vjp, chunk_states, chunk_states_vjp, read_states, read_states_vjp };
+enum class Product {
+  intra_chunk, intra_chunk_vjp, chunk_states, chunk_states_vjp, read_states, read_states_vjp, scan, scan_vjp
+};
 
 const char* product_name(Product p) {
   switch (p) {
@@ -151,7 +153,9 @@ const char* product_name(Product p) {
     case Product::chunk_states: return "RolledChunkStates";
     case Product::chunk_states_vjp: return "RolledChunkStatesVJP";
     case Product::read_states: return "RolledReadStates";
-    default: return "RolledReadStatesVJP";
+    case Product::read_states_vjp: return "RolledReadStatesVJP";
+    case Product::scan: return "StatesEnteringChunks";
+    default: return "StatesEnteringChunksVJP";
   }
 }
 
@@ -282,6 +286,80 @@ struct IntraChunk {
   size_t vjp_scratch() const { return 3 * static_cast<size_t>(block) * c + 3 * static_cast<size_t>(c); }
 };
 
+// sum(a * b) in double, over lanes that vectorise without reordering flags.
+double dot(const float* a, const float* b, size_t size) {
+  constexpr size_t lanes = 8;
+  double partial[lanes] = {};
+  size_t whole = size - size % lanes;
+  for (size_t i = 0; i < whole; i += lanes) {
+    for (size_t j = 0; j < lanes; ++j) partial[j] += static_cast<double>(a[i + j]) * b[i + j];
+  }
+  double sum = 0.0;
+  for (size_t j = 0; j < lanes; ++j) sum += partial[j];
+  for (size_t i = whole; i < size; ++i) sum += static_cast<double>(a[i]) * b[i];
+  return sum;
+}
+
+// The states entering each chunk (chunk.py's _stacked_states_entering_chunks): for each item
+// (batch, head), S_0 = the initial state and S_(i + 1) = decay_i S_i + contribution_i over P
+// floats; the entering states S_0 .. S_(n - 1) stacked, and the final S_n. Slices of P go to
+// the threads, each running through the chunks with its slice in cache.
+struct Scan {
+  static constexpr size_t slice = 4096;
+  size_t n, items, P;
+
+  size_t slices() const { return (P + slice - 1) / slice; }
+
+  template <typename Work>
+  void for_each_slice(Work work) const {
+    for_each_item(items * slices(), 0, [&](size_t task, float*) {
+      size_t start = (task % slices()) * slice;
+      work(task, task / slices(), start, std::min(slice, P - start));
+    });
+  }
+
+  // contributions (n, items, P), decay (n, items), initial (items, P) -> entering (n, items, P), final (items, P)
+  void forward(const float* contributions, const float* decay, const float* initial, float* entering,
+               float* final) const {
+    for_each_slice([&](size_t, size_t item, size_t start, size_t size) {
+      std::copy(initial + item * P + start, initial + item * P + start + size, entering + item * P + start);
+      for (size_t i = 0; i < n; ++i) {
+        size_t at = (i * items + item) * P + start;
+        float* next = i + 1 < n ? entering + at + items * P : final + item * P + start;
+        float g = decay[i * items + item];
+        for (size_t x = 0; x < size; ++x) next[x] = g * entering[at + x] + contributions[at + x];
+      }
+    });
+  }
+
+  // The cotangents of both outputs -> those of the three inputs.
+  void vjp(const float* entering, const float* decay, const float* d_entering, const float* d_final,
+           float* d_contributions, float* d_decay, float* d_initial) const {
+    std::vector<double> partial(items * slices() * n);  // sum(d S_(i + 1) * S_i) per slice
+    for_each_slice([&](size_t task, size_t item, size_t start, size_t size) {
+      // d_contributions_i = d S_(i + 1): the final state's cotangent for the last chunk, then
+      // d S_i = decay_i d S_(i + 1) + d entering_i, written straight into the chunk before.
+      float* last = d_contributions + ((n - 1) * items + item) * P + start;
+      std::copy(d_final + item * P + start, d_final + item * P + start + size, last);
+      for (size_t i = n; i-- > 0;) {
+        size_t at = (i * items + item) * P + start;
+        const float* d_next = d_contributions + at;
+        partial[task * n + i] = dot(d_next, entering + at, size);
+        float* d_here = i > 0 ? d_contributions + at - items * P : d_initial + item * P + start;
+        float g = decay[i * items + item];
+        for (size_t x = 0; x < size; ++x) d_here[x] = g * d_next[x] + d_entering[at + x];
+      }
+    });
+    for (size_t item = 0; item < items; ++item) {
+      for (size_t i = 0; i < n; ++i) {
+        double sum = 0.0;
+        for (size_t part = 0; part < slices(); ++part) sum += partial[(item * slices() + part) * n + i];
+        d_decay[i * items + item] = static_cast<float>(sum);
+      }
+    }
+  }
+};
+
 // Shapes, leading axes flattened to N items:
 //   intra_chunk       q (N, G, c, d), k (N, c, d), v1 (N, c, E)[, log_g (N, c)] -> out (N, G, c, E)
 //   intra_chunk_vjp   q, k, v1[, log_g], d_out                -> dq, dk, dv1[, d_log_g]
@@ -374,6 +452,22 @@ void evaluate_state_product(Product product, const std::vector<mx::array>& in, s
   });
 }
 
+// Shapes: contributions (n, ..., P...) with the same items as decay (n, ...) and initial
+// (..., P...).
+//   scan       contributions, decay, initial                       -> entering, final
+//   scan_vjp   entering, decay, d_entering, d_final               -> d_contributions, d_decay, d_initial
+void evaluate_scan(Product product, const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  size_t n = in[0].shape()[0], items = in[1].size() / n;
+  Scan scan{n, items, in[0].size() / (n * items)};
+  if (product == Product::scan) {
+    scan.forward(in[0].data<float>(), in[1].data<float>(), in[2].data<float>(), out[0].data<float>(),
+                 out[1].data<float>());
+  } else {
+    scan.vjp(in[0].data<float>(), in[1].data<float>(), in[2].data<float>(), in[3].data<float>(),
+             out[0].data<float>(), out[1].data<float>(), out[2].data<float>());
+  }
+}
+
 class ChunkedProduct : public mx::Primitive {
  public:
   ChunkedProduct(mx::Stream stream, Product product, int deg)
@@ -394,6 +488,8 @@ class ChunkedProduct : public mx::Primitive {
     encoder.dispatch([product = product_, deg = deg_, in = std::move(in), out = std::move(out)]() mutable {
       if (product == Product::intra_chunk || product == Product::intra_chunk_vjp) {
         evaluate_intra_chunk(product, deg, in, out);
+      } else if (product == Product::scan || product == Product::scan_vjp) {
+        evaluate_scan(product, in, out);
       } else {
         evaluate_state_product(product, in, out);
       }
@@ -481,7 +577,29 @@ std::vector<mx::array> intra_chunk_inputs(const mx::array& q, const mx::array& k
   return inputs;
 }
 
+void check_scan(const mx::array& stacked, const mx::array& decay, const mx::array& state) {
+  check(stacked, 2, "contributions"), check(decay, 1, "decay"), check(state, 1, "initial");
+  size_t n = stacked.shape()[0];
+  if (decay.ndim() == 0 || static_cast<size_t>(decay.shape()[0]) != n || state.size() * n != stacked.size() ||
+      decay.size() == 0 || state.size() % (decay.size() / n)) {
+    throw std::invalid_argument("states_entering_chunks: expected contributions (n, ...), decay (n, items) and "
+                                "a state (items, ...) with the contributions' size over n");
+  }
+}
+
 void register_chunked(nb::module_& m) {
+  m.def("states_entering_chunks", [](const mx::array& contributions, const mx::array& decay,
+                                     const mx::array& initial) {
+    check_scan(contributions, decay, initial);
+    return product(Product::scan, {contributions, decay, initial}, {contributions.shape(), initial.shape()});
+  }, nb::arg("contributions"), nb::arg("decay"), nb::arg("initial"));
+  m.def("states_entering_chunks_vjp", [](const mx::array& entering, const mx::array& decay,
+                                         const mx::array& d_entering, const mx::array& d_final) {
+    check_scan(entering, decay, d_final);
+    if (d_entering.shape() != entering.shape()) throw std::invalid_argument("d_entering: expected entering's shape");
+    return product(Product::scan_vjp, {entering, decay, d_entering, d_final},
+                   {entering.shape(), decay.shape(), d_final.shape()});
+  }, nb::arg("entering"), nb::arg("decay"), nb::arg("d_entering"), nb::arg("d_final"));
   m.def("intra_chunk", [](const mx::array& q, const mx::array& k, const mx::array& v1,
                           const std::optional<mx::array>& log_g, int deg) {
     auto inputs = intra_chunk_inputs(q, k, v1, log_g, deg);
