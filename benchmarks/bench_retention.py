@@ -359,6 +359,12 @@ def run_benchmark(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, m
                     row["auto_over_choice"] = interleaved_ratio(
                         make_case("auto", B, T, H, d, deg, chunk_size)[0],
                         make_case(form, B, T, H, d, deg, chunk)[0], repeats)
+                if method == "auto" and T >= 4096 and "torch" in methods:
+                    # What a user gets by default, against PyTorch.
+                    for name, index in (("forward", 0), ("forward_backward", 1)):
+                        row[f"{name}_over_torch"] = interleaved_ratio(
+                            make_case("auto", B, T, H, d, deg, chunk_size)[index],
+                            torch_sdpa().case(B, T, H, d)[index], repeats)
                 if method == "chunked" and T >= 4096:
                     # Linearity: forward at T over forward at T / 2, interleaved.
                     row["forward_over_half_T"] = interleaved_ratio(

@@ -169,9 +169,11 @@ def candidates(T: int) -> list:
 
 
 def _measure(shape: dict, mode: str, dtype, repeats: int = 3) -> dict:
-    """Median seconds of each candidate that fits in memory, on random inputs of ``shape``
-    (after a warm-up run); a candidate whose first timed run is over 3x the best median so far
-    is not run again."""
+    """Median seconds of each candidate that fits in memory, on random inputs of ``shape``:
+    after a warm-up run of each, ``repeats`` rounds that run every candidate once in turn, so
+    that a machine whose speed drifts between seconds slows them alike (candidates within a
+    few percent were ranked by that drift when timed one after another). A candidate over 3x
+    the best of the first round is not run again."""
     from .ops import power_retention  # the op imports this module
 
     B, T, Hq, H, d, e = (shape[name] for name in ("B", "T", "Hq", "H", "d", "e"))
@@ -185,30 +187,38 @@ def _measure(shape: dict, mode: str, dtype, repeats: int = 3) -> dict:
     state = shape["with_state"]
     mx.eval(q, k, v, *([log_g] if log_g is not None else []))
     limit = memory_limit() / (4 if mode == "training" else 2)
-    seconds = {}
+    steps = {}
     for method, chunk in candidates(T):
         size = dict(B=B, T=T, Hq=Hq, H=H, d=d, e=e, deg=shape["deg"], chunk_size=chunk,
                     gated=shape["gated"])
         if estimated_bytes(method, with_state=state, **size) > limit:
             continue
 
-        def run(x, method=method, chunk=chunk):
-            out = power_retention(x, k, v, log_g, deg=shape["deg"], method=method, chunk_size=chunk,
+        def run(*inputs, method=method, chunk=chunk):
+            out = power_retention(*inputs, deg=shape["deg"], method=method, chunk_size=chunk,
                                   return_state=state, check_gates=False)
             return out[0] if state else out
 
-        step = (lambda: mx.grad(lambda x: run(x).sum())(q)) if mode == "training" else (lambda: run(q))
-        times = []
-        best = min(seconds.values(), default=float("inf"))
-        for _ in range(repeats + 1):
-            started = time.perf_counter()
-            mx.eval(step())
-            times.append(time.perf_counter() - started)
-            if len(times) > 1 and times[1] > 3 * best:  # times[0] may include one-off compiling
-                break
         label = "attention" if method == "attention" else f"chunked {chunk}"
-        seconds[label] = statistics.median(times[1:] or times)
-    return seconds
+        # A training step differentiates with respect to every input (each depends on weights).
+        inputs = (q, k, v) if log_g is None else (q, k, v, log_g)
+        steps[label] = (lambda run=run: mx.grad(lambda *x: run(*x).sum(), argnums=tuple(range(len(inputs))))(*inputs)) \
+            if mode == "training" else (lambda run=run: run(*inputs))
+
+    def seconds_of(step):
+        started = time.perf_counter()
+        mx.eval(step())
+        return time.perf_counter() - started
+
+    for step in steps.values():
+        seconds_of(step)  # one-off work: building, compiling, the first allocations
+    times = {label: [] for label in steps}
+    for _ in range(repeats):
+        for label, step in steps.items():
+            times[label].append(seconds_of(step))
+        best = min(min(spent) for spent in times.values())
+        steps = {label: step for label, step in steps.items() if times[label][0] <= 3 * best}
+    return {label: statistics.median(spent) for label, spent in times.items()}
 
 
 def choose(*, B, T, Hq, H, d, e, deg, gated, dtype=mx.float32, with_state=False, method="auto",
