@@ -16,10 +16,10 @@ that strided pass costs more than the products). Its feature axis follows
 than D for even d, converted to sympow's at the boundaries: initial and final state).
 
 On Linux CPUs in float32 the attention within each chunk and, at degree 2, the two state
-products run compiled (``native.intra_chunk``, ``native.rolled_chunk_states`` and
-``native.rolled_read_states``: the same arrays in the same layouts, each (chunk, head) computed
-with its c x c weights and feature blocks in cache); the MLX ops here say what they compute and
-run everywhere else.
+products and the scan between them run compiled (``native.intra_chunk``,
+``native.rolled_chunk_states``, ``native.rolled_read_states``, ``native.states_entering_chunks``:
+the same arrays in the same layouts, each (chunk, head) computed with its c x c weights and
+feature blocks in cache); the MLX ops here say what they compute and run everywhere else.
 """
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ def _intra_chunk_function(deg: int, gated: bool):
 def _intra_chunk(q, k, v1, log_g, deg):
     """[numerator | denominator] (..., c, e + 1) of the attention form within each chunk."""
     if native.applies_to(q):  # the same, with its c x c arrays kept in cache
-        return native.intra_chunk(q, k[:, :, :, 0], v1[:, :, :, 0], None if log_g is None else log_g[:, :, :, 0], deg)
+        return native.intra_chunk(q, k[:, :, :, 0], v1[:, :, :, 0],
+                                  None if log_g is None else log_g[:, :, :, 0], deg)
     if log_g is None:
         return _intra_chunk_function(deg, False)(q, k, v1)[0]
     return _intra_chunk_function(deg, True)(q, k, v1, log_g)[0]

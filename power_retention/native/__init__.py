@@ -11,8 +11,9 @@ The chunked form (``chunk.py``) as MLX ops writes every intermediate array to me
 it back: the c x c weights of each chunk, the T x D' symmetric power features of every query
 and key, and their cotangents. ``chunked.cpp`` computes the attention inside each chunk and, at
 degree 2, the two state products with their vjps, one (chunk, head) at a time with those arrays
-kept in cache, around single-threaded sgemm calls spread over OpenBLAS's threads (T=8192, 4
-heads of 64: forward and backward 1.8x faster, benchmarks/README.md).
+kept in cache, around single-threaded sgemm calls spread over OpenBLAS's threads, and the scan
+across chunks in one pass each way (T = 4096-16384, 4 heads of 64: the op's forward and
+backward in 0.48-0.55x the time of its MLX ops, benchmarks/README.md).
 
 The C++ primitives (with their vjp, and for the elementwise ones jvp and vmap, so that
 ``mx.grad``, ``mx.compile`` and ``mx.vmap`` work through them) are compiled with g++ at the
@@ -247,43 +248,46 @@ def intra_chunk(q, k, v1, log_g, deg):
     return function(q, k, v1) if log_g is None else function(q, k, v1, log_g)
 
 
-def _rolled_chunk_states_forward(k, v1):
-    return _module().rolled_chunk_states(k, v1)
-
-
 def _rolled_chunk_states_vjp(primals, cotangent, output):
     return tuple(_module().rolled_chunk_states_vjp(*primals, cotangent))
 
 
-rolled_chunk_states = custom_function(_rolled_chunk_states_forward, _rolled_chunk_states_vjp)
-rolled_chunk_states.__doc__ = """Each chunk's weighted state contribution [S | z]^T (..., E, D') from its keys
-k (..., c, d) and values with the ones column v1 (..., c, E): w * (v1^T rolled_products(k))."""
+_rolled_chunk_states = custom_function(lambda k, v1: _module().rolled_chunk_states(k, v1),
+                                       _rolled_chunk_states_vjp)
 
 
-def _rolled_read_states_forward(q, entering):
-    return _module().rolled_read_states(q, entering)
+def rolled_chunk_states(k, v1):
+    """Each chunk's weighted state contribution [S | z]^T (..., E, D') from its keys k (..., c, d)
+    and values with the ones column v1 (..., c, E): w * (v1^T rolled_products(k))."""
+    return _rolled_chunk_states(k, v1)
 
 
 def _rolled_read_states_vjp(primals, cotangent, output):
     return tuple(_module().rolled_read_states_vjp(*primals, cotangent))
 
 
-rolled_read_states = custom_function(_rolled_read_states_forward, _rolled_read_states_vjp)
-rolled_read_states.__doc__ = """What the queries q (..., M, d) read from the states entering their chunk,
-[S | z]^T (..., E, D'): rolled_products(q) @ entering^T, (..., M, E)."""
+_rolled_read_states = custom_function(lambda q, entering: _module().rolled_read_states(q, entering),
+                                      _rolled_read_states_vjp)
 
 
-def _states_entering_chunks_forward(contributions, decay, initial):
-    return tuple(_module().states_entering_chunks(contributions, decay, initial))
+def rolled_read_states(q, entering):
+    """What the queries q (..., M, d) read from the states entering their chunk, [S | z]^T
+    (..., E, D'): rolled_products(q) @ entering^T, (..., M, E)."""
+    return _rolled_read_states(q, entering)
 
 
 def _states_entering_chunks_vjp(primals, cotangents, outputs):
-    entering, final = outputs
     d_entering, d_final = (mx.zeros_like(x) if d is None else d for d, x in zip(cotangents, outputs))
-    return tuple(_module().states_entering_chunks_vjp(entering, primals[1], d_entering, d_final))
+    return tuple(_module().states_entering_chunks_vjp(outputs[0], primals[1], d_entering, d_final))
 
 
-states_entering_chunks = custom_function(_states_entering_chunks_forward, _states_entering_chunks_vjp)
-states_entering_chunks.__doc__ = """The states entering each chunk, stacked (n, ...), and the one after the
-last: S_0 = initial (...), S_(i + 1) = decay_i S_i + contributions_i for contributions (n, ...)
-and decay (n, items, 1, 1) or any shape of n x items entries, items leading the state's axes."""
+_states_entering_chunks = custom_function(
+    lambda contributions, decay, initial: tuple(_module().states_entering_chunks(contributions, decay, initial)),
+    _states_entering_chunks_vjp)
+
+
+def states_entering_chunks(contributions, decay, initial):
+    """The states entering each chunk, stacked (n, ...), and the one after the last: S_0 =
+    initial (items, ...), S_(i + 1) = decay_i S_i + contributions_i for contributions (n, items,
+    ...) and decay (n, items, 1, 1) (any shape of n x items entries)."""
+    return _states_entering_chunks(contributions, decay, initial)
