@@ -631,7 +631,7 @@ def plan_command(**options):
                          cpu_streams=cfg.cpu_streams or 1)
     estimate_ = estimate(config, requested.batch_size, requested.seq_len, dtype=cfg.dtype,
                          optimizer=cfg.optimizer, adapters=requested.adapters,
-                         cpu_streams=requested.cpu_streams)
+                         cpu_streams=requested.cpu_streams, compiled=run_limits(cfg).compiled)
     print(f"{name}: {describe(config)}; batch {requested.batch_size} x {requested.grad_accum} "
           f"micro-batches, {requested.seq_len} tokens, {cfg.dtype}, {cfg.optimizer}"
           + (f"; fine-tuning: {cfg.adapter}" if cfg.adapter else "")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import click
 from mlx.utils import tree_flatten
 
-from power_retention import tuning
+from power_retention import native, tuning
 from power_retention.sympow import expanded_dim
 
 from .config import (PRESETS, ModelConfig, create_model_config, param_count, retention_shape,
@@ -90,9 +90,12 @@ class MemoryEstimate:
                           self.decode_state)
 
 
-def _mixer_activations(config: ModelConfig, B: int, T: int, method: str, chunk_size: int) -> tuple:
+def _mixer_activations(config: ModelConfig, B: int, T: int, method: str, chunk_size: int,
+                       compiled: bool) -> tuple:
     """Floats the mixer keeps per layer for backward, its largest single buffer, and the
-    extra floats its backward needs for a while (all in floats)."""
+    extra floats its backward needs for a while (all in floats). ``compiled``: the chunked
+    form's compiled products run (power_retention.native), which keep neither the in-chunk
+    weights nor (at degree 2) the features."""
     hd, Hq, H = config.head_dim, config.num_attention_heads, config.num_key_value_heads
     projections = B * T * (Hq + 2 * H) * hd
     if config.conv_size:
@@ -107,8 +110,9 @@ def _mixer_activations(config: ModelConfig, B: int, T: int, method: str, chunk_s
     c = T if method == "attention" else min(chunk_size, T)
     # The in-chunk weights (one c x c block per chunk): the forward keeps two copies for the
     # backward (the weights and their slope), which needs three more for a while (the weights'
-    # cotangent, the scores' cotangent, and their product with the weights).
-    weights = B * Hq * T * c
+    # cotangent, the scores' cotangent, and their product with the weights). Compiled, they
+    # live in a block of rows per core and the backward recomputes them.
+    weights = 0 if compiled else B * Hq * T * c
     floats = projections + 2 * weights + 2 * B * T * Hq * hd  # + output and normed output
     largest, transient = weights, 3 * weights
     if method == "recurrent":
@@ -117,13 +121,21 @@ def _mixer_activations(config: ModelConfig, B: int, T: int, method: str, chunk_s
         return projections + states + B * T * (Hq + H) * D, max(states // T, B * T * Hq * D), 0
     if method != "attention" and T > c:
         n = -(-T // c)
-        features = B * T * (Hq + H) * D           # phi(q) and phi(k)
         states = n * B * H * D * (hd + 1)         # each chunk's own contribution [S | z]
-        floats += features + states
-        # One layer at a time, the backward recomputes the state entering every chunk and
-        # holds the features' gradients.
-        transient += states + features
-        largest = max(largest, B * T * Hq * D, states)
+        if compiled and config.deg == 2:
+            # Features computed in cache; the state entering every chunk is kept (measured: one
+            # stack of states, not also the chunks' contributions), and the backward holds the
+            # two cotangents of the scan.
+            floats += states
+            transient += 2 * states
+            largest = max(largest, states)
+        else:
+            features = B * T * (Hq + H) * D       # phi(q) and phi(k)
+            floats += features + states
+            # One layer at a time, the backward recomputes the state entering every chunk and
+            # holds the features' gradients.
+            transient += states + features
+            largest = max(largest, B * T * Hq * D, states)
     return floats, largest, transient
 
 
@@ -146,10 +158,12 @@ def _live_buffers(config: ModelConfig, T: int, method: str, chunk_size: int, che
 def estimate(config: ModelConfig, batch_size: int, seq_len: int, dtype: str = "float32",
              optimizer: str = "adamw", checkpointing: bool = False, method: str = "auto",
              chunk_size: int | None = None, adapters: Adapters | None = None,
-             cpu_streams: int = 1) -> MemoryEstimate:
+             cpu_streams: int = 1, compiled: bool | None = None) -> MemoryEstimate:
     """Predicted peak memory of one training step (forward, backward, optimizer update);
     with ``adapters``, of a fine-tuning step that trains only them; with ``cpu_streams``, of
-    the micro-batch split across that many CPU streams (llm.cpu_streams)."""
+    the micro-batch split across that many CPU streams (llm.cpu_streams). ``compiled``: whether
+    the power mixer runs power_retention.native's chunked products; None, the default, means as
+    it would here and now (Linux CPUs), False the MLX ops (macOS, GPUs)."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     if optimizer not in OPTIMIZER_SLOTS:
@@ -163,7 +177,10 @@ def estimate(config: ModelConfig, batch_size: int, seq_len: int, dtype: str = "f
     nbytes = DTYPE_BYTES[dtype]
     P = param_count(config)
 
-    mixer, mixer_largest, mixer_transient = _mixer_activations(config, B, T, method, chunk_size)
+    if compiled is None:
+        compiled = native.available()
+    mixer, mixer_largest, mixer_transient = _mixer_activations(config, B, T, method, chunk_size,
+                                                               compiled)
     # Norm inputs and outputs, residual, and the MLP's gate, up, silu and product.
     block = B * T * (5 * dim + 4 * config.intermediate_size)
     per_layer = (mixer + block) * 4  # the op computes in float32 whatever the dtype
@@ -217,7 +234,8 @@ def format_bytes(n: float) -> str:
 
 
 def preset_table(batch_size: int = 8, seq_len: int = 1024, context: int = 8192) -> str:
-    """Markdown table of every preset: parameters, per-sequence state, inference and training."""
+    """Markdown table of every preset: parameters, per-sequence state, inference and training
+    (the MLX ops' memory, as on a Mac: the compiled products on Linux CPUs need less)."""
     rows = ["| preset | parameters | power: state per layer per sequence | softmax: KV cache per "
             f"layer at {context} tokens | power: inference (fp16 weights + state, batch 1) | "
             f"power: training (fp32, AdamW, B={batch_size}, T={seq_len}) | same, checkpointing |",
@@ -232,8 +250,8 @@ def preset_table(batch_size: int = 8, seq_len: int = 1024, context: int = 8192) 
             f"| {format_bytes(state_floats_per_layer(power) * 4)} "
             f"| {format_bytes(state_floats_per_layer(softmax, context) * 2)} "
             f"| {format_bytes(inference_estimate(power, 1, context)['total'])} "
-            f"| {format_bytes(estimate(power, batch_size, T).total)}{shorter} "
-            f"| {format_bytes(estimate(power, batch_size, T, checkpointing=True).total)}{shorter} |")
+            f"| {format_bytes(estimate(power, batch_size, T, compiled=False).total)}{shorter} "
+            f"| {format_bytes(estimate(power, batch_size, T, checkpointing=True, compiled=False).total)}{shorter} |")
     return "\n".join(rows)
 
 

@@ -43,6 +43,9 @@ class DeviceLimits:
     max_buffer_bytes: int | None      # largest single buffer (Metal's max_buffer_length)
     resource_limit: int | None        # live buffers (Metal)
     source: str
+    # Whether the op's compiled CPU products run there (llm.memory.estimate's ``compiled``):
+    # None for this machine, as it is; False for a Mac's GPU.
+    compiled: bool | None = None
 
 
 def _apple(gb: int) -> DeviceLimits:
@@ -54,7 +57,7 @@ def _apple(gb: int) -> DeviceLimits:
     share = 2 / 3 if gb <= 36 else 3 / 4
     return DeviceLimits(f"{gb}gb", int(ram * share), ram // 2, METAL_RESOURCE_LIMIT,
                         f"Apple Silicon {gb} GB profile (assumed: working set {share:.0%} of "
-                        f"RAM, max buffer 50% of RAM, {METAL_RESOURCE_LIMIT:,} live buffers)")
+                        f"RAM, max buffer 50% of RAM, {METAL_RESOURCE_LIMIT:,} live buffers)", compiled=False)
 
 
 DEVICE_PROFILES = {f"{gb}gb": _apple(gb) for gb in (8, 16, 24, 32, 36, 48, 64, 96, 128, 192)}
@@ -158,11 +161,11 @@ class Plan:
         return "\n".join(lines)
 
 
-def _estimate(shape: RunShape, dtype: str, optimizer: str):
+def _estimate(shape: RunShape, dtype: str, optimizer: str, compiled: bool | None):
     return estimate(shape.config, shape.batch_size, shape.seq_len, dtype=dtype, optimizer=optimizer,
                     checkpointing=shape.checkpointing, method=shape.method,
                     chunk_size=shape.chunk_size, adapters=shape.adapters,
-                    cpu_streams=shape.cpu_streams)
+                    cpu_streams=shape.cpu_streams, compiled=compiled)
 
 
 def _ladder(shape: RunShape):
@@ -219,7 +222,7 @@ def plan_training(shape: RunShape, limits: DeviceLimits, *, dtype: str = "float3
     if start_after is not None:  # the rungs below the one that failed (none if it is unknown)
         rungs = itertools.islice(itertools.dropwhile(lambda rung: rung[0] != start_after, rungs), 1, None)
     for name, candidate, changes_model in rungs:  # lazily: rungs past the first fit are not built
-        result = _estimate(candidate, dtype, optimizer)
+        result = _estimate(candidate, dtype, optimizer, limits.compiled)
         reasons = []
         if result.total > budget:
             reasons.append(f"{format_bytes(result.total)} > {format_bytes(budget)}")

@@ -89,7 +89,7 @@ def _build(output: str) -> str | None:
     if isinstance(commands, str):
         return commands
     compilations, link = commands
-    print("power_retention.native: compiling the CPU functions (once per machine, about 15 s)",
+    print("power_retention.native: compiling the CPU functions (once per machine, about 10 s)",
           file=sys.stderr, flush=True)
     objects = [command[-1] for command in compilations]
     try:

@@ -1,5 +1,6 @@
 // The chunked form's products on the CPU, each with its vjp: the attention form inside each
-// chunk, and the two state products at degree 2. For each (chunk, head) the intermediate arrays
+// chunk, the two state products at degree 2, and the scan across chunks between them. For each
+// (chunk, head) the intermediate arrays
 // (the c x c weights, a block of the state's features) are built in a buffer that stays in
 // cache, multiplied at once by sgemm, and their cotangents folded back onto the inputs in the
 // same pass; the MLX ops path writes each of them to memory and reads it back in every pass.
@@ -517,6 +518,7 @@ void check(const mx::array& x, int ndim, const char* name) {
   if (x.ndim() < ndim) {
     throw std::invalid_argument(std::string(name) + ": expected at least " + std::to_string(ndim) + " axes");
   }
+  if (x.size() == 0) throw std::invalid_argument(std::string(name) + ": expected no empty axis");
 }
 
 void check_same_items(const mx::array& a, const mx::array& b, const char* name) {
