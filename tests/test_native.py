@@ -1,5 +1,6 @@
 """The compiled exp, sigmoid, SiLU, logsumexp and cross-entropy (power_retention.native) against
-float64 and against MLX's own, their gradients, compile, vmap and streams, and the fallbacks."""
+float64 and against MLX's own, their gradients, compile, vmap and streams, and the fallbacks; the
+chunked form's compiled products and their vjps against its MLX ops in float64."""
 
 import shutil
 import sys
