@@ -4,8 +4,8 @@ The fastest chunk size depends on the device, the BLAS, the shape and on whether
 pass follows: on a 2-core x86 server with OpenBLAS, fwd+bwd at T = 4096-32768 (4 heads of 64,
 degree 2) ran 1.1-1.5x faster with chunks of 256 than of 64 (benchmarks/README.md), while
 short sequences want the attention form. So when a call leaves ``chunk_size`` unset, the
-first call of each shape on a device measures the candidates (each run a few times on random
-inputs of that shape, as Triton's autotune does), keeps the fastest on disk, per device and
+first call of each shape on a device measures the candidates (each in turn for a few rounds,
+on random inputs of that shape, as Triton's autotune does), keeps the fastest on disk, per device and
 MLX version, and every later call (in any process) reads it. Where measuring is off, the cost
 model (``cost.choose_method``, chunks of ``DEFAULT_CHUNK``) chooses.
 

@@ -259,3 +259,17 @@ def test_states_entering_chunks_and_its_vjp_match_float64(with_final_cotangent):
     for name, a, b in zip(["entering", "final", "d_contributions", "d_decay", "d_initial"],
                           [*outputs, *grads], [*expected, *expected_grads]):
         assert_close(f"states_entering_chunks {name}", a, b, FP32_TOLERANCE)
+
+
+def test_compiled_products_refuse_mismatched_shapes_by_name():
+    module = native._module()
+    k, q = _random((2, 5, 4)), _random((2, 5, 4))
+    with pytest.raises(ValueError, match="v1: leading axes or rows differ"):
+        module.rolled_chunk_states(k, _random((2, 6, 3)))
+    entering = _random((2, 3, 12))
+    with pytest.raises(ValueError, match="d_reads: expected the reads' shape"):
+        module.rolled_read_states_vjp(q, entering, _random((2, 5, 4)))
+    with pytest.raises(ValueError, match="d_states: expected v1's last axis"):
+        module.rolled_chunk_states_vjp(k, _random((2, 5, 3)), _random((2, 4, 12)))
+    with pytest.raises(ValueError, match="k: expected no empty axis"):
+        module.rolled_chunk_states(_random((2, 0, 4)), _random((2, 0, 3)))

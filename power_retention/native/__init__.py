@@ -13,7 +13,7 @@ and key, and their cotangents. ``chunked.cpp`` computes the attention inside eac
 degree 2, the two state products with their vjps, one (chunk, head) at a time with those arrays
 kept in cache, around single-threaded sgemm calls spread over OpenBLAS's threads, and the scan
 across chunks in one pass each way (T = 4096-16384, 4 heads of 64: the op's forward and
-backward in 0.48-0.55x the time of its MLX ops, benchmarks/README.md).
+backward in about half the time of its MLX ops, benchmarks/README.md).
 
 The C++ primitives (with their vjp, and for the elementwise ones jvp and vmap, so that
 ``mx.grad``, ``mx.compile`` and ``mx.vmap`` work through them) are compiled with g++ at the

@@ -521,10 +521,12 @@ void check(const mx::array& x, int ndim, const char* name) {
   if (x.size() == 0) throw std::invalid_argument(std::string(name) + ": expected no empty axis");
 }
 
-void check_same_items(const mx::array& a, const mx::array& b, const char* name) {
-  if (!std::equal(a.shape().begin(), a.shape().end() - 2, b.shape().begin(), b.shape().end() - 2) ||
-      a.ndim() != b.ndim()) {
-    throw std::invalid_argument(std::string(name) + ": leading axes differ");
+// The same leading axes (items) and, with `same_rows`, the same second last axis too.
+void check_same_items(const mx::array& a, const mx::array& b, const char* name, bool same_rows = false) {
+  int last = same_rows ? 1 : 2;
+  if (a.ndim() != b.ndim() ||
+      !std::equal(a.shape().begin(), a.shape().end() - last, b.shape().begin(), b.shape().end() - last)) {
+    throw std::invalid_argument(std::string(name) + (same_rows ? ": leading axes or rows differ" : ": leading axes differ"));
   }
 }
 
@@ -562,7 +564,7 @@ void check_state(const mx::array& x, const mx::array& state, const char* name) {
 // q (..., G, c, d), k (..., c, d), v1 (..., c, E), log_g (..., c) or None, deg >= 1.
 std::vector<mx::array> intra_chunk_inputs(const mx::array& q, const mx::array& k, const mx::array& v1,
                                           const std::optional<mx::array>& log_g, int deg) {
-  check(q, 3, "q"), check(k, 2, "k"), check(v1, 2, "v1"), check_same_items(k, v1, "v1");
+  check(q, 3, "q"), check(k, 2, "k"), check(v1, 2, "v1"), check_same_items(k, v1, "v1", true);
   if (deg < 1) throw std::invalid_argument("deg: expected an integer >= 1");
   bool same = q.ndim() == k.ndim() + 1 && q.shape()[q.ndim() - 2] == k.shape()[k.ndim() - 2] &&
               q.shape().back() == k.shape().back() &&
@@ -622,12 +624,15 @@ void register_chunked(nb::module_& m) {
     return product(Product::intra_chunk_vjp, inputs, shapes, deg);
   }, nb::arg("q"), nb::arg("k"), nb::arg("v1"), nb::arg("log_g").none(), nb::arg("deg"), nb::arg("d_out"));
   m.def("rolled_chunk_states", [](const mx::array& k, const mx::array& v1) {
-    check(k, 2, "k"), check(v1, 2, "v1"), check_same_items(k, v1, "v1");
+    check(k, 2, "k"), check(v1, 2, "v1"), check_same_items(k, v1, "v1", true);
     return product(Product::chunk_states, {k, v1},
                    {with_last_two(k.shape(), v1.shape().back(), rolled_features(k))})[0];
   }, nb::arg("k"), nb::arg("v1"));
   m.def("rolled_chunk_states_vjp", [](const mx::array& k, const mx::array& v1, const mx::array& d_states) {
-    check(k, 2, "k"), check(v1, 2, "v1"), check_same_items(k, v1, "v1"), check_state(k, d_states, "d_states");
+    check(k, 2, "k"), check(v1, 2, "v1"), check_same_items(k, v1, "v1", true), check_state(k, d_states, "d_states");
+    if (d_states.shape()[d_states.ndim() - 2] != v1.shape().back()) {
+      throw std::invalid_argument("d_states: expected v1's last axis as its second last");
+    }
     return product(Product::chunk_states_vjp, {k, v1, d_states}, {k.shape(), v1.shape()});
   }, nb::arg("k"), nb::arg("v1"), nb::arg("d_states"));
   m.def("rolled_read_states", [](const mx::array& q, const mx::array& entering) {
@@ -638,6 +643,9 @@ void register_chunked(nb::module_& m) {
   m.def("rolled_read_states_vjp", [](const mx::array& q, const mx::array& entering, const mx::array& d_reads) {
     check(q, 2, "q"), check_state(q, entering, "entering"), check(d_reads, 2, "d_reads");
     check_same_items(q, d_reads, "d_reads");
+    if (d_reads.shape() != with_last_two(q.shape(), q.shape()[q.ndim() - 2], entering.shape()[entering.ndim() - 2])) {
+      throw std::invalid_argument("d_reads: expected the reads' shape");
+    }
     return product(Product::read_states_vjp, {q, entering, d_reads}, {q.shape(), entering.shape()});
   }, nb::arg("q"), nb::arg("entering"), nb::arg("d_reads"));
 }
