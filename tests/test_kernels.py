@@ -169,7 +169,7 @@ def test_first_token_returns_its_value(on_kernels):
 def test_tokens_in_sequence_match_the_mlx_path(on_kernels):
     """Eight steps from an empty state, each feeding the kernel its own previous state."""
     rng = np.random.default_rng(2)
-    B, Hq, H, d, e, T = 1, 2, 1, 8, 8, 8
+    B, Hq, H, d, T = 1, 2, 1, 8, 8
     q, k, v = (mx.array(rng.standard_normal((B, T, h, d)).astype(np.float32)) for h in (Hq, H, H))
     log_g = mx.array(-0.1 * rng.random((B, T, H)).astype(np.float32))
     kernel_state = mlx_state = None
