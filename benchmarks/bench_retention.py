@@ -244,6 +244,14 @@ def interleaved_ratio(first, second, repeats) -> float:
     return _median_of_rounds(lambda: _seconds(first) / _seconds(second), repeats)
 
 
+def interleaved_ratios(row, over, first, second, repeats) -> None:
+    """``row["forward_over_<over>"]`` and ``row["forward_backward_over_<over>"]``: the
+    interleaved ratios of two cases (each the (forward, forward+backward) pair of
+    ``make_case``)."""
+    for name, mine, theirs in zip(("forward", "forward_backward"), first, second):
+        row[f"{name}_over_{over}"] = interleaved_ratio(mine, theirs, repeats)
+
+
 def with_mlx_ops(fn):
     """``fn`` with the op built from MLX ops instead of the compiled products (``native``)."""
     def run():
@@ -359,12 +367,10 @@ def run_benchmark(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, m
                     row["auto_over_choice"] = interleaved_ratio(
                         make_case("auto", B, T, H, d, deg, chunk_size)[0],
                         make_case(form, B, T, H, d, deg, chunk)[0], repeats)
-                if method == "auto" and T >= 4096 and "torch" in methods:
-                    # What a user gets by default, against PyTorch.
-                    for name, index in (("forward", 0), ("forward_backward", 1)):
-                        row[f"{name}_over_torch"] = interleaved_ratio(
-                            make_case("auto", B, T, H, d, deg, chunk_size)[index],
-                            torch_sdpa().case(B, T, H, d)[index], repeats)
+                if method in ("auto", "chunked") and T >= 4096 and "torch" in methods:
+                    # The auto row is what a user gets by default: the op's own choice.
+                    mine = make_case(method, B, T, H, d, deg, chunk if method == "chunked" else chunk_size)
+                    interleaved_ratios(row, "torch", mine, torch_sdpa().case(B, T, H, d), repeats)
                 if method == "chunked" and T >= 4096:
                     # Linearity: forward at T over forward at T / 2, interleaved.
                     row["forward_over_half_T"] = interleaved_ratio(
@@ -373,15 +379,9 @@ def run_benchmark(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, m
                     forward_backward = make_case(method, B, T, H, d, deg, chunk)[1]
                     row["forward_backward_fraction_of_peak_interleaved"] = interleaved_fraction_of_peak(
                         forward_backward, flops["forward_backward"], repeats)
-                    if "torch" in methods:
-                        for name, index in (("forward", 0), ("forward_backward", 1)):
-                            row[f"{name}_over_torch"] = interleaved_ratio(
-                                make_case(method, B, T, H, d, deg, chunk)[index],
-                                torch_sdpa().case(B, T, H, d)[index], repeats)
                     if native.available():
-                        for name, index in (("forward", 0), ("forward_backward", 1)):
-                            case = make_case(method, B, T, H, d, deg, chunk)[index]
-                            row[f"{name}_over_mlx_ops"] = interleaved_ratio(case, with_mlx_ops(case), repeats)
+                        case = make_case(method, B, T, H, d, deg, chunk)
+                        interleaved_ratios(row, "mlx_ops", case, [with_mlx_ops(fn) for fn in case], repeats)
                     if streams:
                         row["forward_backward_streams_over_threaded_blas"] = interleaved_ratio(
                             in_configuration("streams", forward_backward),

@@ -187,6 +187,8 @@ def _measure(shape: dict, mode: str, dtype, repeats: int = 3) -> dict:
     state = shape["with_state"]
     mx.eval(q, k, v, *([log_g] if log_g is not None else []))
     limit = memory_limit() / (4 if mode == "training" else 2)
+    inputs = (q, k, v) if log_g is None else (q, k, v, log_g)
+    every_input = tuple(range(len(inputs)))  # a training step's inputs all depend on weights
     steps = {}
     for method, chunk in candidates(T):
         size = dict(B=B, T=T, Hq=Hq, H=H, d=d, e=e, deg=shape["deg"], chunk_size=chunk,
@@ -200,9 +202,7 @@ def _measure(shape: dict, mode: str, dtype, repeats: int = 3) -> dict:
             return out[0] if state else out
 
         label = "attention" if method == "attention" else f"chunked {chunk}"
-        # A training step differentiates with respect to every input (each depends on weights).
-        inputs = (q, k, v) if log_g is None else (q, k, v, log_g)
-        steps[label] = (lambda run=run: mx.grad(lambda *x: run(*x).sum(), argnums=tuple(range(len(inputs))))(*inputs)) \
+        steps[label] = (lambda run=run: mx.grad(lambda *x: run(*x).sum(), argnums=every_input)(*inputs)) \
             if mode == "training" else (lambda run=run: run(*inputs))
 
     def seconds_of(step):

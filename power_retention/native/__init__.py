@@ -41,8 +41,9 @@ import mlx.nn as nn
 
 from ..autodiff import custom_function
 
-SOURCES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-                for name in ("fast_math.cpp", "chunked.cpp"))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = tuple(os.path.join(_HERE, name) for name in ("fast_math.cpp", "chunked.cpp"))
+HEADERS = (os.path.join(_HERE, "cpu_dispatch.h"),)
 SWITCH = "POWER_RETENTION_NATIVE"
 
 
@@ -129,7 +130,7 @@ def _library_path() -> str:
     except (OSError, subprocess.SubprocessError, IndexError):
         compiler = "none"
     digest = hashlib.sha256()
-    for path in SOURCES:
+    for path in SOURCES + HEADERS:
         with open(path, "rb") as source:
             digest.update(source.read())
     digest.update(f"{mx.__version__} {nanobind_version} {sys.version} {compiler}".encode())

@@ -29,7 +29,7 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/vector.h>
 
-#include "mlx/backend/cpu/encoder.h"
+#include "cpu_dispatch.h"
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 #include "mlx/utils.h"
@@ -42,6 +42,9 @@ extern "C" void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, i
                             int ldc);
 
 namespace {
+
+using power_retention_native::no_gpu;
+using power_retention_native::run_on_cpu;
 
 constexpr int row_major = 101, no_trans = 111, trans = 112;
 
@@ -475,18 +478,7 @@ class ChunkedProduct : public mx::Primitive {
       : mx::Primitive(stream), product_(product), deg_(deg) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    for (auto& out : outputs) out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    std::vector<mx::array> in, out;
-    for (const auto& x : inputs) {
-      encoder.set_input_array(x);
-      in.push_back(mx::array::unsafe_weak_copy(x));
-    }
-    for (auto& y : outputs) {
-      encoder.set_output_array(y);
-      out.push_back(mx::array::unsafe_weak_copy(y));
-    }
-    encoder.dispatch([product = product_, deg = deg_, in = std::move(in), out = std::move(out)]() mutable {
+    run_on_cpu(stream(), inputs, outputs, [product = product_, deg = deg_](auto& in, auto& out) {
       if (product == Product::intra_chunk || product == Product::intra_chunk_vjp) {
         evaluate_intra_chunk(product, deg, in, out);
       } else if (product == Product::scan || product == Product::scan_vjp) {
@@ -497,9 +489,7 @@ class ChunkedProduct : public mx::Primitive {
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("power_retention.native runs on the CPU only");
-  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override { no_gpu(); }
 
   const char* name() const override { return product_name(product_); }
 

@@ -10,7 +10,7 @@
 
 #include <nanobind/nanobind.h>
 
-#include "mlx/backend/cpu/encoder.h"
+#include "cpu_dispatch.h"
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 #include "mlx/utils.h"
@@ -111,15 +111,12 @@ void check_input(const mx::array& x, const char* name) {
   }
 }
 
-// Allocates `out` and queues `loop(x, out)` on the stream's CPU worker, as MLX's own CPU ops do.
+// One input, one output: the shape of every primitive here.
 template <typename Loop>
-void run_on_cpu(mx::Stream stream, const mx::array& x, mx::array& out, Loop loop) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream);
-  encoder.set_input_array(x);
-  encoder.set_output_array(out);
-  encoder.dispatch([x = mx::array::unsafe_weak_copy(x), out = mx::array::unsafe_weak_copy(out),
-                    loop]() mutable { loop(x, out); });
+void run_unary_on_cpu(mx::Stream stream, const mx::array& x, mx::array& out, Loop loop) {
+  std::vector<mx::array> outputs{out};  // the same array: its data is set through either handle
+  power_retention_native::run_on_cpu(stream, {x}, outputs,
+                                     [loop](auto& in, auto& out) { loop(in[0], out[0]); });
 }
 
 class Elementwise : public mx::UnaryPrimitive {
@@ -128,14 +125,12 @@ class Elementwise : public mx::UnaryPrimitive {
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto loop = kind_ == Kind::exp ? exp_loop : sigmoid_loop;
-    run_on_cpu(stream(), inputs[0], out, [loop](const mx::array& x, mx::array& out) {
+    run_unary_on_cpu(stream(), inputs[0], out, [loop](const mx::array& x, mx::array& out) {
       loop(x.data<float>(), out.data<float>(), x.size());
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("power_retention.native runs on the CPU only");
-  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override { power_retention_native::no_gpu(); }
 
   std::vector<mx::array> vjp(const std::vector<mx::array>&, const std::vector<mx::array>& cotangents,
                              const std::vector<int>&, const std::vector<mx::array>& outputs) override {
@@ -173,7 +168,7 @@ class LogSumExpLast : public mx::UnaryPrimitive {
   explicit LogSumExpLast(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    run_on_cpu(stream(), inputs[0], out, [](const mx::array& x, mx::array& out) {
+    run_unary_on_cpu(stream(), inputs[0], out, [](const mx::array& x, mx::array& out) {
       size_t width = x.shape().back();
       const float* in = x.data<float>();
       float* result = out.data<float>();
@@ -184,9 +179,7 @@ class LogSumExpLast : public mx::UnaryPrimitive {
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("power_retention.native runs on the CPU only");
-  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override { power_retention_native::no_gpu(); }
 
   // d logsumexp / dx = softmax(x) = e^(x - logsumexp(x)), recomputed rather than kept.
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
