@@ -19,7 +19,10 @@ On Linux CPUs in float32 the attention within each chunk and, at degree 2, the t
 products and the scan between them run compiled (``native.intra_chunk``,
 ``native.rolled_chunk_states``, ``native.rolled_read_states``, ``native.states_entering_chunks``:
 the same arrays in the same layouts, each (chunk, head) computed with its c x c weights and
-feature blocks in cache); the MLX ops here say what they compute and run everywhere else.
+feature blocks in cache), and the attention form without a state to start from or return runs
+as one compiled product in the op's own layout (``native.attention``: no chunk-major copies, no
+column of ones, the normalisation inside); the MLX ops here say what they compute and run
+everywhere else.
 """
 
 from __future__ import annotations
@@ -245,6 +248,8 @@ def chunk_power_retention(q, k, v, log_g, *, deg, normalize, initial_state=None,
 def attention_power_retention(q, k, v, log_g, *, deg, normalize, initial_state=None,
                               return_state=False, state_kernels=None):
     """The attention form: one chunk spanning the sequence (its T x T weights, no scan)."""
+    if state_kernels is None and initial_state is None and not return_state and native.applies_to(q):
+        return native.attention(q, k, v, log_g, deg, normalize), None
     return chunk_power_retention(q, k, v, log_g, deg=deg, normalize=normalize,
                                  initial_state=initial_state, return_state=return_state,
                                  chunk_size=q.shape[1], state_kernels=state_kernels)

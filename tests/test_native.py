@@ -233,6 +233,52 @@ def test_intra_chunk_keeps_a_non_finite_value_from_earlier_rows():
     assert np.isfinite(out[0, 0, :2]).all() and np.isnan(out[0, 0, 2:]).all() and np.isfinite(out[1]).all()
 
 
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+@pytest.mark.parametrize("deg,G,normalize", [(1, 1, False), (2, 2, True), (2, 1, False), (3, 2, False), (4, 1, True)],
+                         ids=["deg1-G1-raw", "deg2-G2-normalized", "deg2-G1-raw", "deg3-G2-raw", "deg4-G1-normalized"])
+def test_attention_in_the_ops_layout_and_its_vjp_match_float64(deg, G, normalize, gated):
+    """The whole attention form in (B, T, H, d) against chunk.py's MLX ops in float64: two batches
+    of two key/value heads (their rows interleaved in memory), 150 positions (rows in blocks of
+    64: two whole, one partial), a reset gate (log_g = -inf) in one head."""
+    from power_retention import chunk
+
+    B, T, H, d, e = 2, 150, 2, 8, 6
+    q, k = _random((B, T, H * G, d), 0.5, seed=1), _random((B, T, H, d), 0.5, seed=2)
+    v = _random((B, T, H, e), 1.0, seed=3)
+    log_g = -mx.random.uniform(shape=(B, T, H), key=mx.random.key(4)) if gated else None
+    if gated:
+        log_g[1, 97, 0] = -mx.inf
+    primals = [x for x in (q, k, v, log_g) if x is not None]
+    cotangent = _random((B, T, H * G, e), 1.0, seed=5)
+
+    def compiled(q, k, v, *log_g):
+        return native.attention(q, k, v, log_g[0] if log_g else None, deg, normalize)
+
+    def reference(q, k, v, *log_g):
+        return chunk.chunk_power_retention(q, k, v, log_g[0] if log_g else None, deg=deg, normalize=normalize,
+                                           chunk_size=T)[0]
+
+    out, grads = mx.vjp(compiled, primals, [cotangent])
+    expected, expected_grads = mx.vjp(reference, [x.astype(mx.float64) for x in primals],
+                                      [cotangent.astype(mx.float64)])
+    for name, a, b in zip(["output", "dq", "dk", "dv", "d_log_g"], [*out, *grads], [*expected, *expected_grads]):
+        assert_close(f"attention {name}", a, b, FP32_TOLERANCE)
+
+
+def test_attention_keeps_a_non_finite_value_and_a_zero_query_to_their_rows():
+    """An inf in one head's value at position 2 makes that head's rows from 2 on NaN, and no other
+    head's (their rows lie between its rows); a zero query row gets y = 0 and no NaN gradient."""
+    q, k, v = _random((1, 5, 4, 4), seed=1), _random((1, 5, 2, 4), seed=2), _random((1, 5, 2, 3), seed=3)
+    v[0, 2, 1, 1] = mx.inf
+    y = np.asarray(native.attention(q, k, v, None, 2, True))
+    assert np.isnan(y[0, 2:, 2:]).all() and np.isfinite(y[0, :2]).all() and np.isfinite(y[0, :, :2]).all()
+    q[0, 3, 0] = 0.0
+    v[0, 2, 1, 1] = 1.0
+    y, dq = mx.value_and_grad(lambda q: native.attention(q, k, v, None, 2, True).sum())(q)
+    assert np.asarray(native.attention(q, k, v, None, 2, True))[0, 3, 0].tolist() == [0.0, 0.0, 0.0]
+    assert np.isfinite(np.asarray(dq)).all()
+
+
 @pytest.mark.parametrize("with_final_cotangent", [True, False], ids=["final-read", "final-unread"])
 def test_states_entering_chunks_and_its_vjp_match_float64(with_final_cotangent):
     """Four chunks, two heads of 5 x 1000 state entries (slices of 4096 per thread: one whole,
@@ -273,3 +319,13 @@ def test_compiled_products_refuse_mismatched_shapes_by_name():
         module.rolled_chunk_states_vjp(k, _random((2, 5, 3)), _random((2, 4, 12)))
     with pytest.raises(ValueError, match="k: expected no empty axis"):
         module.rolled_chunk_states(_random((2, 0, 4)), _random((2, 0, 3)))
+    q, k, v = _random((1, 6, 4, 8)), _random((1, 6, 2, 8)), _random((1, 6, 2, 5))
+    with pytest.raises(ValueError, match="k: expected \\(B, T, H, d\\) with q's B, T and d"):
+        module.attention(q, _random((1, 7, 2, 8)), v, None, 2, True)
+    with pytest.raises(ValueError, match="v: expected \\(B, T, H, e\\) with k's B, T and H"):
+        module.attention(q, k, _random((1, 6, 3, 5)), None, 2, True)
+    with pytest.raises(ValueError, match="log_g: expected \\(B, T, H\\)"):
+        module.attention(q, k, v, _random((1, 6, 4)), 2, True)
+    y, sums = module.attention(q, k, v, None, 2, True)
+    with pytest.raises(ValueError, match="sums: expected \\(B, T, Hq\\)"):
+        module.attention_vjp(q, k, v, None, 2, True, y, sums[..., :2], y)

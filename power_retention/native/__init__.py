@@ -13,7 +13,9 @@ and key, and their cotangents. ``chunked.cpp`` computes the attention inside eac
 degree 2, the two state products with their vjps, one (chunk, head) at a time with those arrays
 kept in cache, around single-threaded sgemm calls spread over OpenBLAS's threads, and the scan
 across chunks in one pass each way (T = 4096-16384, 4 heads of 64: the op's forward and
-backward in about half the time of its MLX ops, benchmarks/README.md).
+backward in about half the time of its MLX ops, benchmarks/README.md). The attention form on
+its own (``attention``) takes the op's (B, T, H, d) arrays as they are, copying one head's rows
+at a time into cache-sized buffers, and normalises inside.
 
 The C++ primitives (with their vjp, and for the elementwise ones jvp and vmap, so that
 ``mx.grad``, ``mx.compile`` and ``mx.vmap`` work through them) are compiled with g++ at the
@@ -247,6 +249,29 @@ def intra_chunk(q, k, v1, log_g, deg):
     log_g (..., c) or None: chunk.py's ``_intra_chunk`` for float32 on the CPU."""
     function = _intra_chunk_function(deg, log_g is not None)
     return function(q, k, v1) if log_g is None else function(q, k, v1, log_g)
+
+
+@functools.lru_cache(maxsize=16)
+def _attention_function(deg: int, normalize: bool, gated: bool):
+    def forward(q, k, v, *log_g):
+        return tuple(_module().attention(q, k, v, log_g[0] if gated else None, deg, normalize))
+
+    def vjp(primals, cotangents, outputs):
+        q, k, v, *log_g = primals
+        y, sums = outputs
+        dy = mx.zeros_like(y) if cotangents[0] is None else cotangents[0]
+        return tuple(_module().attention_vjp(q, k, v, log_g[0] if gated else None, deg, normalize, y, sums, dy))
+
+    return custom_function(forward, vjp)
+
+
+def attention(q, k, v, log_g, deg, normalize):
+    """The attention form in the op's own layout: y (B, T, Hq, e) from q (B, T, Hq, d) (scaled),
+    k (B, T, H, d), v (B, T, H, e) and log_g (B, T, H) or None; divided by the weight sums when
+    ``normalize``. chunk.py's ``attention_power_retention`` for float32 on the CPU, without the
+    chunk-major copies of its inputs and output or the column of ones."""
+    function = _attention_function(deg, bool(normalize), log_g is not None)
+    return (function(q, k, v) if log_g is None else function(q, k, v, log_g))[0]
 
 
 def _rolled_chunk_states_vjp(primals, cotangent, output):

@@ -147,13 +147,16 @@ struct Rolled {
 };
 
 enum class Product {
-  intra_chunk, intra_chunk_vjp, chunk_states, chunk_states_vjp, read_states, read_states_vjp, scan, scan_vjp
+  intra_chunk, intra_chunk_vjp, attention, attention_vjp, chunk_states, chunk_states_vjp, read_states,
+  read_states_vjp, scan, scan_vjp
 };
 
 const char* product_name(Product p) {
   switch (p) {
     case Product::intra_chunk: return "IntraChunk";
     case Product::intra_chunk_vjp: return "IntraChunkVJP";
+    case Product::attention: return "PowerAttention";
+    case Product::attention_vjp: return "PowerAttentionVJP";
     case Product::chunk_states: return "RolledChunkStates";
     case Product::chunk_states_vjp: return "RolledChunkStatesVJP";
     case Product::read_states: return "RolledReadStates";
@@ -161,6 +164,43 @@ const char* product_name(Product p) {
     case Product::scan: return "StatesEnteringChunks";
     default: return "StatesEnteringChunksVJP";
   }
+}
+
+// sum(a * b) in double, over lanes that vectorise without reordering flags.
+double dot(const float* a, const float* b, size_t size) {
+  constexpr size_t lanes = 8;
+  double partial[lanes] = {};
+  size_t whole = size - size % lanes;
+  for (size_t i = 0; i < whole; i += lanes) {
+    for (size_t j = 0; j < lanes; ++j) partial[j] += static_cast<double>(a[i + j]) * b[i + j];
+  }
+  double sum = 0.0;
+  for (size_t j = 0; j < lanes; ++j) sum += partial[j];
+  for (size_t i = whole; i < size; ++i) sum += static_cast<double>(a[i]) * b[i];
+  return sum;
+}
+
+// d_l[j] -= dW[j] W[j] for j < n, and the sum of those products, in 8 lanes (so that the loop
+// vectorises without reordering flags).
+float through_weights(const float* dW, const float* W, int n, float* d_l) {
+  constexpr int lanes = 8;
+  float partial[lanes] = {};
+  int whole = n - n % lanes;
+  for (int j = 0; j < whole; j += lanes) {
+    for (int l = 0; l < lanes; ++l) {
+      float through = dW[j + l] * W[j + l];
+      d_l[j + l] -= through;
+      partial[l] += through;
+    }
+  }
+  float sum = 0.0f;
+  for (int l = 0; l < lanes; ++l) sum += partial[l];
+  for (int j = whole; j < n; ++j) {
+    float through = dW[j] * W[j];
+    d_l[j] -= through;
+    sum += through;
+  }
+  return sum;
 }
 
 // The attention form inside each chunk (chunk.py's _intra_chunk_function): for each of the G
@@ -265,13 +305,7 @@ struct IntraChunk {
           // dw_ij / dl_i = w_ij and dw_ij / dl_j = -w_ij, for the running sums l of log_g.
           for (int i = r0; i < r1; ++i) {
             size_t row = static_cast<size_t>(i - r0) * r1;
-            float across = 0.0f;
-            for (int j = 0; j <= i; ++j) {
-              float through = dW[row + j] * W[row + j];
-              across += through;
-              d_l[j] -= through;
-            }
-            d_l[i] += across;
+            d_l[i] += through_weights(dW + row, W + row, i + 1, d_l);
           }
         }
         size_t size = static_cast<size_t>(rows) * r1;
@@ -290,19 +324,112 @@ struct IntraChunk {
   size_t vjp_scratch() const { return 3 * static_cast<size_t>(block) * c + 3 * static_cast<size_t>(c); }
 };
 
-// sum(a * b) in double, over lanes that vectorise without reordering flags.
-double dot(const float* a, const float* b, size_t size) {
-  constexpr size_t lanes = 8;
-  double partial[lanes] = {};
-  size_t whole = size - size % lanes;
-  for (size_t i = 0; i < whole; i += lanes) {
-    for (size_t j = 0; j < lanes; ++j) partial[j] += static_cast<double>(a[i + j]) * b[i + j];
-  }
-  double sum = 0.0;
-  for (size_t j = 0; j < lanes; ++j) sum += partial[j];
-  for (size_t i = whole; i < size; ++i) sum += static_cast<double>(a[i]) * b[i];
-  return sum;
+// `rows` rows of `width` floats, `from_row` floats apart, to rows `to_row` apart.
+void copy_rows(const float* from, size_t from_row, float* to, size_t to_row, int rows, int width) {
+  for (int t = 0; t < rows; ++t) std::copy(from + t * from_row, from + t * from_row + width, to + t * to_row);
 }
+
+// The attention form in the op's own layout, q (B, T, H G, d), k (B, T, H, d), v (B, T, H, e),
+// log_g (B, T, H): IntraChunk over the whole sequence (c = T) for each item (batch, key/value
+// head). An item's rows lie between the other heads' rows there; they are copied out into
+// IntraChunk's layout (the values with their column of ones), and the output back, divided by
+// the weight sums when normalised: no chunk-major copy of the whole arrays is ever made. The vjp
+// turns the output's cotangent into that of [numerator | sums] (normalize.py's backward: it
+// needs y and the sums, which the forward returns) and copies the cotangents back the same way.
+struct SequenceAttention {
+  IntraChunk intra;  // c = T, E = e + 1
+  int H;
+  bool normalize;
+
+  int e() const { return intra.E - 1; }
+  size_t query_rows() const { return static_cast<size_t>(intra.G) * intra.c; }
+  // Floats between consecutive positions of q (y: e instead of d), k (v: e), log_g and the sums.
+  size_t q_row(int width) const { return static_cast<size_t>(H) * intra.G * width; }
+  size_t k_row(int width) const { return static_cast<size_t>(H) * width; }
+  // Where item (b, h) starts in an array with `per_head` floats a position for each key/value head.
+  size_t start(size_t item, size_t per_head) const {
+    return (item / H) * intra.c * H * per_head + (item % H) * per_head;
+  }
+
+  // The item's q (G, c, d), k (c, d), values with ones (c, E) and log gates (c), contiguous.
+  void gather(size_t item, const float* q, const float* k, const float* v, const float* log_g, float* q1,
+              float* k1, float* v1, float* g1) const {
+    int G = intra.G, c = intra.c, d = intra.d, E = intra.E;
+    for (int h = 0; h < G; ++h) {
+      copy_rows(q + start(item, static_cast<size_t>(G) * d) + h * d, q_row(d), q1 + static_cast<size_t>(h) * c * d, d,
+                c, d);
+    }
+    copy_rows(k + start(item, d), k_row(d), k1, d, c, d);
+    copy_rows(v + start(item, e()), k_row(e()), v1, E, c, e());
+    for (int t = 0; t < c; ++t) v1[static_cast<size_t>(t) * E + e()] = 1.0f;
+    if (log_g) copy_rows(log_g + start(item, 1), H, g1, 1, c, 1);
+  }
+
+  size_t forward_scratch() const {
+    size_t c = intra.c;
+    return query_rows() * (intra.d + intra.E) + c * (intra.d + intra.E + 1) + intra.forward_scratch();
+  }
+
+  void forward(size_t item, const float* q, const float* k, const float* v, const float* log_g, float* y,
+               float* sums, float* scratch) const {
+    int G = intra.G, c = intra.c, E = intra.E;
+    float *q1 = scratch, *k1 = q1 + query_rows() * intra.d, *v1 = k1 + static_cast<size_t>(c) * intra.d;
+    float *g1 = v1 + static_cast<size_t>(c) * E, *out1 = g1 + c;
+    gather(item, q, k, v, log_g, q1, k1, v1, g1);
+    intra.forward(q1, k1, v1, log_g ? g1 : nullptr, out1, out1 + query_rows() * E);
+    for (int h = 0; h < G; ++h) {
+      float* y_h = y + start(item, static_cast<size_t>(G) * e()) + h * e();
+      float* sums_h = sums + start(item, G) + h;
+      for (int t = 0; t < c; ++t) {
+        const float* row = out1 + (static_cast<size_t>(h) * c + t) * E;
+        float sum = row[e()];
+        sums_h[t * q_row(1)] = sum;
+        // No epsilon: a zero sum means every weight is zero, and then so is the numerator.
+        float factor = normalize ? 1.0f / (sum == 0.0f ? 1.0f : sum) : 1.0f;
+        float* to = y_h + t * q_row(e());
+        for (int j = 0; j < e(); ++j) to[j] = factor * row[j];
+      }
+    }
+  }
+
+  size_t vjp_scratch() const {
+    size_t c = intra.c;
+    return 2 * (query_rows() * (intra.d + intra.E) + c * (intra.d + intra.E + 1)) + intra.vjp_scratch();
+  }
+
+  void vjp(size_t item, const float* q, const float* k, const float* v, const float* log_g, const float* y,
+           const float* sums, const float* dy, float* dq, float* dk, float* dv, float* d_log_g, float* scratch) const {
+    int G = intra.G, c = intra.c, d = intra.d, E = intra.E;
+    size_t inputs = query_rows() * (d + E) + static_cast<size_t>(c) * (d + E + 1);
+    float *q1 = scratch, *k1 = q1 + query_rows() * d, *v1 = k1 + static_cast<size_t>(c) * d;
+    float *g1 = v1 + static_cast<size_t>(c) * E, *d_out1 = g1 + c;
+    float *dq1 = scratch + inputs, *dk1 = dq1 + query_rows() * d, *dv1 = dk1 + static_cast<size_t>(c) * d;
+    float* dg1 = dv1 + static_cast<size_t>(c) * E;
+    gather(item, q, k, v, log_g, q1, k1, v1, g1);
+    for (int h = 0; h < G; ++h) {
+      size_t at = start(item, static_cast<size_t>(G) * e()) + h * e();
+      const float* sums_h = sums + start(item, G) + h;
+      for (int t = 0; t < c; ++t) {
+        const float *dy_t = dy + at + t * q_row(e()), *y_t = y + at + t * q_row(e());
+        float* row = d_out1 + (static_cast<size_t>(h) * c + t) * E;
+        float sum = sums_h[t * q_row(1)];
+        // Only 1 / sum, never 1 / sum^2 (normalize.py says why); no gradient where the sum is
+        // below the smallest normal float (or NaN).
+        float inverse = !normalize ? 1.0f : sum >= std::numeric_limits<float>::min() ? 1.0f / sum : 0.0f;
+        for (int j = 0; j < e(); ++j) row[j] = inverse * dy_t[j];
+        row[e()] = normalize ? -static_cast<float>(dot(dy_t, y_t, e())) * inverse : 0.0f;
+      }
+    }
+    intra.vjp(q1, k1, v1, log_g ? g1 : nullptr, d_out1, dq1, dk1, dv1, dg1, dg1 + c);
+    for (int h = 0; h < G; ++h) {
+      copy_rows(dq1 + static_cast<size_t>(h) * c * d, d, dq + start(item, static_cast<size_t>(G) * d) + h * d, q_row(d),
+                c, d);
+    }
+    copy_rows(dk1, d, dk + start(item, d), k_row(d), c, d);
+    copy_rows(dv1, E, dv + start(item, e()), k_row(e()), c, e());
+    if (log_g) copy_rows(dg1, 1, d_log_g + start(item, 1), H, c, 1);
+  }
+};
 
 // The states entering each chunk (chunk.py's _stacked_states_entering_chunks): for each item
 // (batch, head), S_0 = the initial state and S_(i + 1) = decay_i S_i + contribution_i over P
@@ -395,6 +522,37 @@ void evaluate_intra_chunk(Product product, int deg, const std::vector<mx::array>
   });
 }
 
+// Shapes (the op's layout, one item per batch and key/value head):
+//   attention       q (B, T, H G, d), k (B, T, H, d), v (B, T, H, e)[, log_g (B, T, H)]
+//                                                      -> y (B, T, H G, e), sums (B, T, H G)
+//   attention_vjp   q, k, v[, log_g], y, sums, dy      -> dq, dk, dv[, d_log_g]
+void evaluate_attention(Product product, int deg, bool normalize, const std::vector<mx::array>& in,
+                        std::vector<mx::array>& out) {
+  bool forward = product == Product::attention;
+  const auto& k_shape = in[1].shape();
+  int B = k_shape[0], T = k_shape[1], H = k_shape[2], d = k_shape[3];
+  SequenceAttention attention{{static_cast<int>(in[0].shape(2)) / H, T, d, static_cast<int>(in[2].shape(3)) + 1, deg,
+                               in.size() == (forward ? 4u : 7u)},
+                              H, normalize};
+  const float *q = in[0].data<float>(), *k = in[1].data<float>(), *v = in[2].data<float>();
+  const float* log_g = attention.intra.gated ? in[3].data<float>() : nullptr;
+  size_t items = static_cast<size_t>(B) * H;
+  if (forward) {
+    float *y = out[0].data<float>(), *sums = out[1].data<float>();
+    for_each_item(items, attention.forward_scratch(), [&](size_t item, float* scratch) {
+      attention.forward(item, q, k, v, log_g, y, sums, scratch);
+    });
+    return;
+  }
+  size_t n = in.size();
+  const float *y = in[n - 3].data<float>(), *sums = in[n - 2].data<float>(), *dy = in[n - 1].data<float>();
+  float *dq = out[0].data<float>(), *dk = out[1].data<float>(), *dv = out[2].data<float>();
+  float* d_log_g = log_g ? out[3].data<float>() : nullptr;
+  for_each_item(items, attention.vjp_scratch(), [&](size_t item, float* scratch) {
+    attention.vjp(item, q, k, v, log_g, y, sums, dy, dq, dk, dv, d_log_g, scratch);
+  });
+}
+
 // Shapes, leading axes flattened to N items:
 //   chunk_states      k (N, c, d), v1 (N, c, E)              -> S (N, E, D')   weighted
 //   chunk_states_vjp  k, v1, dS (N, E, D')                   -> dk, dv1
@@ -474,17 +632,19 @@ void evaluate_scan(Product product, const std::vector<mx::array>& in, std::vecto
 
 class ChunkedProduct : public mx::Primitive {
  public:
-  ChunkedProduct(mx::Stream stream, Product product, int deg)
-      : mx::Primitive(stream), product_(product), deg_(deg) {}
+  ChunkedProduct(mx::Stream stream, Product product, int deg, bool normalize)
+      : mx::Primitive(stream), product_(product), deg_(deg), normalize_(normalize) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    run_on_cpu(stream(), inputs, outputs, [product = product_, deg = deg_](auto& in, auto& out) {
-      if (product == Product::intra_chunk || product == Product::intra_chunk_vjp) {
-        evaluate_intra_chunk(product, deg, in, out);
-      } else if (product == Product::scan || product == Product::scan_vjp) {
-        evaluate_scan(product, in, out);
-      } else {
-        evaluate_state_product(product, in, out);
+    run_on_cpu(stream(), inputs, outputs, [product = product_, deg = deg_, normalize = normalize_](auto& in, auto& out) {
+      switch (product) {
+        case Product::intra_chunk:
+        case Product::intra_chunk_vjp: evaluate_intra_chunk(product, deg, in, out); break;
+        case Product::attention:
+        case Product::attention_vjp: evaluate_attention(product, deg, normalize, in, out); break;
+        case Product::scan:
+        case Product::scan_vjp: evaluate_scan(product, in, out); break;
+        default: evaluate_state_product(product, in, out);
       }
     });
   }
@@ -495,12 +655,13 @@ class ChunkedProduct : public mx::Primitive {
 
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto& that = static_cast<const ChunkedProduct&>(other);
-    return product_ == that.product_ && deg_ == that.deg_;
+    return product_ == that.product_ && deg_ == that.deg_ && normalize_ == that.normalize_;
   }
 
  private:
   Product product_;
-  int deg_;  // the intra-chunk products' degree (the state products are degree 2)
+  int deg_;          // the attention products' degree (the state products are degree 2)
+  bool normalize_;   // the attention form's output divided by its weight sums
 };
 
 void check(const mx::array& x, int ndim, const char* name) {
@@ -521,11 +682,11 @@ void check_same_items(const mx::array& a, const mx::array& b, const char* name, 
 }
 
 std::vector<mx::array> product(Product kind, std::vector<mx::array> inputs, std::vector<mx::Shape> shapes,
-                               int deg = 2) {
+                               int deg = 2, bool normalize = false) {
   auto stream = mx::to_stream({});
   for (auto& x : inputs) x = mx::contiguous(x, false, stream);
   std::vector<mx::Dtype> dtypes(shapes.size(), mx::float32);
-  return mx::array::make_arrays(std::move(shapes), dtypes, std::make_shared<ChunkedProduct>(stream, kind, deg),
+  return mx::array::make_arrays(std::move(shapes), dtypes, std::make_shared<ChunkedProduct>(stream, kind, deg, normalize),
                                 inputs);
 }
 
@@ -571,6 +732,35 @@ std::vector<mx::array> intra_chunk_inputs(const mx::array& q, const mx::array& k
   return inputs;
 }
 
+// q (B, T, H G, d), k (B, T, H, d), v (B, T, H, e), log_g (B, T, H) or None, deg >= 1.
+std::vector<mx::array> attention_inputs(const mx::array& q, const mx::array& k, const mx::array& v,
+                                        const std::optional<mx::array>& log_g, int deg) {
+  for (auto [x, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}}) {
+    check(*x, 4, name);
+    if (x->ndim() != 4) throw std::invalid_argument(std::string(name) + ": expected 4 axes (B, T, H, width)");
+  }
+  if (deg < 1) throw std::invalid_argument("deg: expected an integer >= 1");
+  if (k.shape(0) != q.shape(0) || k.shape(1) != q.shape(1) || k.shape(3) != q.shape(3) || q.shape(2) % k.shape(2)) {
+    throw std::invalid_argument("k: expected (B, T, H, d) with q's B, T and d, and H dividing q's heads");
+  }
+  if (v.shape(0) != k.shape(0) || v.shape(1) != k.shape(1) || v.shape(2) != k.shape(2)) {
+    throw std::invalid_argument("v: expected (B, T, H, e) with k's B, T and H");
+  }
+  std::vector<mx::array> inputs{q, k, v};
+  if (log_g) {
+    check(*log_g, 3, "log_g");
+    if (log_g->shape() != mx::Shape{k.shape(0), k.shape(1), k.shape(2)}) {
+      throw std::invalid_argument("log_g: expected (B, T, H), k's shape without its last axis");
+    }
+    inputs.push_back(*log_g);
+  }
+  return inputs;
+}
+
+mx::Shape attention_output(const mx::array& q, const mx::array& v) {
+  return {q.shape(0), q.shape(1), q.shape(2), v.shape(3)};
+}
+
 void check_scan(const mx::array& stacked, const mx::array& decay, const mx::array& state) {
   check(stacked, 2, "contributions"), check(decay, 1, "decay"), check(state, 1, "initial");
   size_t n = stacked.shape()[0];
@@ -613,6 +803,28 @@ void register_chunked(nb::module_& m) {
     if (log_g) shapes.push_back(log_g->shape());
     return product(Product::intra_chunk_vjp, inputs, shapes, deg);
   }, nb::arg("q"), nb::arg("k"), nb::arg("v1"), nb::arg("log_g").none(), nb::arg("deg"), nb::arg("d_out"));
+  m.def("attention", [](const mx::array& q, const mx::array& k, const mx::array& v,
+                        const std::optional<mx::array>& log_g, int deg, bool normalize) {
+    auto inputs = attention_inputs(q, k, v, log_g, deg);
+    return product(Product::attention, inputs, {attention_output(q, v), {q.shape(0), q.shape(1), q.shape(2)}}, deg,
+                   normalize);
+  }, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("log_g").none(), nb::arg("deg"), nb::arg("normalize"));
+  m.def("attention_vjp", [](const mx::array& q, const mx::array& k, const mx::array& v,
+                            const std::optional<mx::array>& log_g, int deg, bool normalize, const mx::array& y,
+                            const mx::array& sums, const mx::array& dy) {
+    auto inputs = attention_inputs(q, k, v, log_g, deg);
+    check(y, 4, "y"), check(sums, 3, "sums"), check(dy, 4, "dy");
+    if (y.shape() != attention_output(q, v)) throw std::invalid_argument("y: expected the output's shape");
+    if (dy.shape() != y.shape()) throw std::invalid_argument("dy: expected the output's shape");
+    if (sums.shape() != mx::Shape{q.shape(0), q.shape(1), q.shape(2)}) {
+      throw std::invalid_argument("sums: expected (B, T, Hq), q's shape without its last axis");
+    }
+    inputs.insert(inputs.end(), {y, sums, dy});
+    std::vector<mx::Shape> shapes{q.shape(), k.shape(), v.shape()};
+    if (log_g) shapes.push_back(log_g->shape());
+    return product(Product::attention_vjp, inputs, shapes, deg, normalize);
+  }, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("log_g").none(), nb::arg("deg"), nb::arg("normalize"),
+     nb::arg("y"), nb::arg("sums"), nb::arg("dy"));
   m.def("rolled_chunk_states", [](const mx::array& k, const mx::array& v1) {
     check(k, 2, "k"), check(v1, 2, "v1"), check_same_items(k, v1, "v1", true);
     return product(Product::chunk_states, {k, v1},
