@@ -113,7 +113,7 @@ def _mixer_activations(config: ModelConfig, B: int, T: int, method: str, chunk_s
     # cotangent, the scores' cotangent, and their product with the weights). Compiled, they
     # live in a block of rows per core and the backward recomputes them.
     weights = 0 if compiled else B * Hq * T * c
-    floats = projections + 2 * weights + 2 * B * T * Hq * hd  # + output and normed output
+    floats = projections + 2 * weights + 3 * B * T * Hq * hd  # + scaled q, output, normed output
     largest, transient = weights, 3 * weights
     if method == "recurrent":
         # Autodiff keeps every token's state [S | z] and its features.
@@ -181,8 +181,9 @@ def estimate(config: ModelConfig, batch_size: int, seq_len: int, dtype: str = "f
         compiled = native.available()
     mixer, mixer_largest, mixer_transient = _mixer_activations(config, B, T, method, chunk_size,
                                                                compiled)
-    # Norm inputs and outputs, residual, and the MLP's gate, up, silu and product.
-    block = B * T * (5 * dim + 4 * config.intermediate_size)
+    # Norm inputs and outputs, residual, and the MLP's gate, up, sigmoid (kept for SiLU's
+    # backward), silu and product.
+    block = B * T * (5 * dim + 5 * config.intermediate_size)
     per_layer = (mixer + block) * 4  # the op computes in float32 whatever the dtype
     layers = config.num_hidden_layers
     stored, trained, trained_bytes = P * nbytes, P, nbytes
