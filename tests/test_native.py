@@ -279,6 +279,31 @@ def test_attention_keeps_a_non_finite_value_and_a_zero_query_to_their_rows():
     assert np.isfinite(np.asarray(dq)).all()
 
 
+@pytest.mark.parametrize("method,chunk_size", [("attention", None), ("chunked", 8)], ids=["attention", "chunked8"])
+def test_vmap_goes_through_the_compiled_products(method, chunk_size):
+    """mx.vmap of the op, and of its gradient, over every compiled product (at chunks of 8 over
+    40 positions: the in-chunk product, both state products and the scan), equals the op called
+    once per mapped index; so does mapping one input alone along another axis."""
+    from power_retention import power_retention
+
+    q, k, v = (_random((3, 2, 40, 2, 8), 0.5, seed=seed) for seed in (1, 2, 3))
+    log_g = -mx.random.uniform(shape=(3, 2, 40, 2), key=mx.random.key(4))
+
+    def op(q, k, v, log_g):
+        return power_retention(q, k, v, log_g, method=method, chunk_size=chunk_size)
+
+    gradient = mx.grad(lambda *args: op(*args).sum(), argnums=(0, 1, 2, 3))
+    assert_close("vmap output", mx.vmap(op)(q, k, v, log_g),
+                 mx.stack([op(q[i], k[i], v[i], log_g[i]) for i in range(3)]), FP32_TOLERANCE)
+    looped = [gradient(q[i], k[i], v[i], log_g[i]) for i in range(3)]
+    for name, mapped, *each in zip(["dq", "dk", "dv", "d_log_g"], mx.vmap(gradient)(q, k, v, log_g), *looped):
+        assert_close(f"vmap {name}", mapped, mx.stack(each), FP32_TOLERANCE)
+    keys_mapped = mx.vmap(op, in_axes=(None, 2, None, None), out_axes=1)(q[0], k.transpose(1, 2, 0, 3, 4), v[0],
+                                                                         log_g[0])
+    assert_close("vmap over k alone", keys_mapped, mx.stack([op(q[0], k[i], v[0], log_g[0]) for i in range(3)], axis=1),
+                 FP32_TOLERANCE)
+
+
 @pytest.mark.parametrize("with_final_cotangent", [True, False], ids=["final-read", "final-unread"])
 def test_states_entering_chunks_and_its_vjp_match_float64(with_final_cotangent):
     """Four chunks, two heads of 5 x 1000 state entries (slices of 4096 per thread: one whole,

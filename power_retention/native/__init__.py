@@ -17,7 +17,7 @@ backward in about half the time of its MLX ops, benchmarks/README.md). The atten
 its own (``attention``) takes the op's (B, T, H, d) arrays as they are, copying one head's rows
 at a time into cache-sized buffers, and normalises inside.
 
-The C++ primitives (with their vjp, and for the elementwise ones jvp and vmap, so that
+The C++ primitives (with their vjp and vmap, and for the elementwise ones jvp, so that
 ``mx.grad``, ``mx.compile`` and ``mx.vmap`` work through them) are compiled with g++ at the
 first use on a machine, against the installed MLX and nanobind, and kept in the cache directory
 (``POWER_RETENTION_CACHE``, as for ``tuning``) under a name that changes with the sources, MLX,

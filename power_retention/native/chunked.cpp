@@ -630,6 +630,9 @@ void evaluate_scan(Product product, const std::vector<mx::array>& in, std::vecto
   }
 }
 
+std::vector<mx::array> product(Product kind, std::vector<mx::array> inputs, int deg, bool normalize,
+                               mx::Stream stream);
+
 class ChunkedProduct : public mx::Primitive {
  public:
   ChunkedProduct(mx::Stream stream, Product product, int deg, bool normalize)
@@ -652,6 +655,45 @@ class ChunkedProduct : public mx::Primitive {
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override { no_gpu(); }
 
   const char* name() const override { return product_name(product_); }
+
+  // The mapped axis becomes the first item axis of every input (an unmapped input is broadcast
+  // along it): after the chunk axis in the scan's stacked arrays (all its inputs but the last),
+  // and merged into the batch axis in the op's (B, T, H, d) layout.
+  std::pair<std::vector<mx::array>, std::vector<int>> vmap(const std::vector<mx::array>& inputs,
+                                                           const std::vector<int>& axes) override {
+    bool scan = product_ == Product::scan || product_ == Product::scan_vjp;
+    bool sequence = product_ == Product::attention || product_ == Product::attention_vjp;
+    int size = 1;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      if (axes[i] >= 0) size = inputs[i].shape(axes[i]);
+    }
+    std::vector<mx::array> moved;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      int to = scan && i + 1 < inputs.size() ? 1 : 0;
+      mx::array x = inputs[i];
+      if (axes[i] < 0) {
+        x = mx::expand_dims(x, to, stream());
+        auto shape = x.shape();
+        shape[to] = size;
+        x = mx::broadcast_to(x, shape, stream());
+      } else {
+        x = mx::moveaxis(x, axes[i], to, stream());
+      }
+      moved.push_back(sequence ? mx::flatten(x, 0, 1, stream()) : x);
+    }
+    auto outputs = product(product_, moved, deg_, normalize_, stream());
+    std::vector<int> out_axes;
+    for (size_t o = 0; o < outputs.size(); ++o) {
+      if (sequence) {
+        auto shape = outputs[o].shape();
+        shape[0] /= size;
+        shape.insert(shape.begin(), size);
+        outputs[o] = mx::reshape(outputs[o], shape, stream());
+      }
+      out_axes.push_back(scan && o + 1 < outputs.size() ? 1 : 0);
+    }
+    return {outputs, out_axes};
+  }
 
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto& that = static_cast<const ChunkedProduct&>(other);
@@ -681,15 +723,6 @@ void check_same_items(const mx::array& a, const mx::array& b, const char* name, 
   }
 }
 
-std::vector<mx::array> product(Product kind, std::vector<mx::array> inputs, std::vector<mx::Shape> shapes,
-                               int deg = 2, bool normalize = false) {
-  auto stream = mx::to_stream({});
-  for (auto& x : inputs) x = mx::contiguous(x, false, stream);
-  std::vector<mx::Dtype> dtypes(shapes.size(), mx::float32);
-  return mx::array::make_arrays(std::move(shapes), dtypes, std::make_shared<ChunkedProduct>(stream, kind, deg, normalize),
-                                inputs);
-}
-
 mx::Shape with_last_two(mx::Shape shape, int rows, int cols) {
   shape[shape.size() - 2] = rows;
   shape.back() = cols;
@@ -699,6 +732,45 @@ mx::Shape with_last_two(mx::Shape shape, int rows, int cols) {
 int rolled_features(const mx::array& x) {
   int d = x.shape().back();
   return (d / 2 + 1) * d;
+}
+
+mx::Shape attention_output(const mx::array& q, const mx::array& v) {
+  return {q.shape(0), q.shape(1), q.shape(2), v.shape(3)};
+}
+
+// The outputs' shapes of each product, from its (checked) inputs.
+std::vector<mx::Shape> output_shapes(Product kind, const std::vector<mx::array>& in) {
+  switch (kind) {
+    case Product::intra_chunk: return {with_last_two(in[0].shape(), in[0].shape(in[0].ndim() - 2), in[2].shape().back())};
+    case Product::attention: return {attention_output(in[0], in[2]), {in[0].shape(0), in[0].shape(1), in[0].shape(2)}};
+    case Product::intra_chunk_vjp:
+    case Product::attention_vjp: {
+      std::vector<mx::Shape> shapes{in[0].shape(), in[1].shape(), in[2].shape()};
+      size_t gated_inputs = kind == Product::intra_chunk_vjp ? 5 : 7;
+      if (in.size() == gated_inputs) shapes.push_back(in[3].shape());
+      return shapes;
+    }
+    case Product::chunk_states: return {with_last_two(in[0].shape(), in[1].shape().back(), rolled_features(in[0]))};
+    case Product::read_states:
+      return {with_last_two(in[0].shape(), in[0].shape(in[0].ndim() - 2), in[1].shape(in[1].ndim() - 2))};
+    case Product::chunk_states_vjp:
+    case Product::read_states_vjp: return {in[0].shape(), in[1].shape()};
+    case Product::scan: return {in[0].shape(), in[2].shape()};
+    default: return {in[0].shape(), in[1].shape(), in[3].shape()};  // scan_vjp
+  }
+}
+
+std::vector<mx::array> product(Product kind, std::vector<mx::array> inputs, int deg, bool normalize,
+                               mx::Stream stream) {
+  for (auto& x : inputs) x = mx::contiguous(x, false, stream);
+  auto shapes = output_shapes(kind, inputs);
+  std::vector<mx::Dtype> dtypes(shapes.size(), mx::float32);
+  return mx::array::make_arrays(std::move(shapes), dtypes, std::make_shared<ChunkedProduct>(stream, kind, deg, normalize),
+                                inputs);
+}
+
+std::vector<mx::array> product(Product kind, std::vector<mx::array> inputs, int deg = 2, bool normalize = false) {
+  return product(kind, std::move(inputs), deg, normalize, mx::to_stream({}));
 }
 
 void check_state(const mx::array& x, const mx::array& state, const char* name) {
@@ -757,10 +829,6 @@ std::vector<mx::array> attention_inputs(const mx::array& q, const mx::array& k, 
   return inputs;
 }
 
-mx::Shape attention_output(const mx::array& q, const mx::array& v) {
-  return {q.shape(0), q.shape(1), q.shape(2), v.shape(3)};
-}
-
 void check_scan(const mx::array& stacked, const mx::array& decay, const mx::array& state) {
   check(stacked, 2, "contributions"), check(decay, 1, "decay"), check(state, 1, "initial");
   size_t n = stacked.shape()[0];
@@ -775,39 +843,31 @@ void register_chunked(nb::module_& m) {
   m.def("states_entering_chunks", [](const mx::array& contributions, const mx::array& decay,
                                      const mx::array& initial) {
     check_scan(contributions, decay, initial);
-    return product(Product::scan, {contributions, decay, initial}, {contributions.shape(), initial.shape()});
+    return product(Product::scan, {contributions, decay, initial});
   }, nb::arg("contributions"), nb::arg("decay"), nb::arg("initial"));
   m.def("states_entering_chunks_vjp", [](const mx::array& entering, const mx::array& decay,
                                          const mx::array& d_entering, const mx::array& d_final) {
     check_scan(entering, decay, d_final);
     if (d_entering.shape() != entering.shape()) throw std::invalid_argument("d_entering: expected entering's shape");
-    return product(Product::scan_vjp, {entering, decay, d_entering, d_final},
-                   {entering.shape(), decay.shape(), d_final.shape()});
+    return product(Product::scan_vjp, {entering, decay, d_entering, d_final});
   }, nb::arg("entering"), nb::arg("decay"), nb::arg("d_entering"), nb::arg("d_final"));
   m.def("intra_chunk", [](const mx::array& q, const mx::array& k, const mx::array& v1,
                           const std::optional<mx::array>& log_g, int deg) {
-    auto inputs = intra_chunk_inputs(q, k, v1, log_g, deg);
-    auto shape = q.shape();
-    shape.back() = v1.shape().back();
-    return product(Product::intra_chunk, inputs, {shape}, deg)[0];
+    return product(Product::intra_chunk, intra_chunk_inputs(q, k, v1, log_g, deg), deg)[0];
   }, nb::arg("q"), nb::arg("k"), nb::arg("v1"), nb::arg("log_g").none(), nb::arg("deg"));
   m.def("intra_chunk_vjp", [](const mx::array& q, const mx::array& k, const mx::array& v1,
                               const std::optional<mx::array>& log_g, int deg, const mx::array& d_out) {
     auto inputs = intra_chunk_inputs(q, k, v1, log_g, deg);
     check(d_out, 3, "d_out");
-    auto shape = q.shape();
-    shape.back() = v1.shape().back();
-    if (d_out.shape() != shape) throw std::invalid_argument("d_out: expected the output's shape");
+    if (d_out.shape() != output_shapes(Product::intra_chunk, inputs)[0]) {
+      throw std::invalid_argument("d_out: expected the output's shape");
+    }
     inputs.push_back(d_out);
-    std::vector<mx::Shape> shapes{q.shape(), k.shape(), v1.shape()};
-    if (log_g) shapes.push_back(log_g->shape());
-    return product(Product::intra_chunk_vjp, inputs, shapes, deg);
+    return product(Product::intra_chunk_vjp, inputs, deg);
   }, nb::arg("q"), nb::arg("k"), nb::arg("v1"), nb::arg("log_g").none(), nb::arg("deg"), nb::arg("d_out"));
   m.def("attention", [](const mx::array& q, const mx::array& k, const mx::array& v,
                         const std::optional<mx::array>& log_g, int deg, bool normalize) {
-    auto inputs = attention_inputs(q, k, v, log_g, deg);
-    return product(Product::attention, inputs, {attention_output(q, v), {q.shape(0), q.shape(1), q.shape(2)}}, deg,
-                   normalize);
+    return product(Product::attention, attention_inputs(q, k, v, log_g, deg), deg, normalize);
   }, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("log_g").none(), nb::arg("deg"), nb::arg("normalize"));
   m.def("attention_vjp", [](const mx::array& q, const mx::array& k, const mx::array& v,
                             const std::optional<mx::array>& log_g, int deg, bool normalize, const mx::array& y,
@@ -820,34 +880,30 @@ void register_chunked(nb::module_& m) {
       throw std::invalid_argument("sums: expected (B, T, Hq), q's shape without its last axis");
     }
     inputs.insert(inputs.end(), {y, sums, dy});
-    std::vector<mx::Shape> shapes{q.shape(), k.shape(), v.shape()};
-    if (log_g) shapes.push_back(log_g->shape());
-    return product(Product::attention_vjp, inputs, shapes, deg, normalize);
+    return product(Product::attention_vjp, inputs, deg, normalize);
   }, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("log_g").none(), nb::arg("deg"), nb::arg("normalize"),
      nb::arg("y"), nb::arg("sums"), nb::arg("dy"));
   m.def("rolled_chunk_states", [](const mx::array& k, const mx::array& v1) {
     check(k, 2, "k"), check(v1, 2, "v1"), check_same_items(k, v1, "v1", true);
-    return product(Product::chunk_states, {k, v1},
-                   {with_last_two(k.shape(), v1.shape().back(), rolled_features(k))})[0];
+    return product(Product::chunk_states, {k, v1})[0];
   }, nb::arg("k"), nb::arg("v1"));
   m.def("rolled_chunk_states_vjp", [](const mx::array& k, const mx::array& v1, const mx::array& d_states) {
     check(k, 2, "k"), check(v1, 2, "v1"), check_same_items(k, v1, "v1", true), check_state(k, d_states, "d_states");
     if (d_states.shape()[d_states.ndim() - 2] != v1.shape().back()) {
       throw std::invalid_argument("d_states: expected v1's last axis as its second last");
     }
-    return product(Product::chunk_states_vjp, {k, v1, d_states}, {k.shape(), v1.shape()});
+    return product(Product::chunk_states_vjp, {k, v1, d_states});
   }, nb::arg("k"), nb::arg("v1"), nb::arg("d_states"));
   m.def("rolled_read_states", [](const mx::array& q, const mx::array& entering) {
     check(q, 2, "q"), check_state(q, entering, "entering");
-    return product(Product::read_states, {q, entering},
-                   {with_last_two(q.shape(), q.shape()[q.ndim() - 2], entering.shape()[entering.ndim() - 2])})[0];
+    return product(Product::read_states, {q, entering})[0];
   }, nb::arg("q"), nb::arg("entering"));
   m.def("rolled_read_states_vjp", [](const mx::array& q, const mx::array& entering, const mx::array& d_reads) {
     check(q, 2, "q"), check_state(q, entering, "entering"), check(d_reads, 2, "d_reads");
     check_same_items(q, d_reads, "d_reads");
-    if (d_reads.shape() != with_last_two(q.shape(), q.shape()[q.ndim() - 2], entering.shape()[entering.ndim() - 2])) {
+    if (d_reads.shape() != output_shapes(Product::read_states, {q, entering})[0]) {
       throw std::invalid_argument("d_reads: expected the reads' shape");
     }
-    return product(Product::read_states_vjp, {q, entering, d_reads}, {q.shape(), entering.shape()});
+    return product(Product::read_states_vjp, {q, entering, d_reads});
   }, nb::arg("q"), nb::arg("entering"), nb::arg("d_reads"));
 }
