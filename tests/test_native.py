@@ -198,7 +198,7 @@ def test_state_products_leave_the_blas_thread_count_as_it_was():
 
 
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
-@pytest.mark.parametrize("deg,G", [(1, 1), (2, 2), (3, 1)], ids=["deg1-G1", "deg2-G2", "deg3-G1"])
+@pytest.mark.parametrize("deg,G", [(1, 1), (2, 2), (3, 1), (5, 1)], ids=["deg1-G1", "deg2-G2", "deg3-G1", "deg5-G1"])
 def test_intra_chunk_and_its_vjp_match_float64(deg, G, gated):
     """Three items of a 150-position chunk (rows in blocks of 64: two whole, one partial), a reset
     gate (log_g = -inf) in the second item."""

@@ -180,27 +180,25 @@ double dot(const float* a, const float* b, size_t size) {
   return sum;
 }
 
-// d_l[j] -= dW[j] W[j] for j < n, and the sum of those products, in 8 lanes (so that the loop
-// vectorises without reordering flags).
-float through_weights(const float* dW, const float* W, int n, float* d_l) {
-  constexpr int lanes = 8;
-  float partial[lanes] = {};
-  int whole = n - n % lanes;
-  for (int j = 0; j < whole; j += lanes) {
-    for (int l = 0; l < lanes; ++l) {
-      float through = dW[j + l] * W[j + l];
-      d_l[j + l] -= through;
-      partial[l] += through;
-    }
+// s^(deg - Less), the degree a template argument where it is one of the common ones (Deg > 0),
+// so that loops over a row of weights unroll the power, else read at run time (Deg = 0).
+template <int Deg, int Less = 0>
+inline float power(float s, int deg) {
+  float p = 1.0f;
+  for (int t = 0; t < (Deg ? Deg : deg) - Less; ++t) p *= s;
+  return p;
+}
+
+// f(std::integral_constant<int, Deg>{}) with Deg = deg for degrees 1 to 4, else 0.
+template <typename F>
+auto with_degree(int deg, F f) {
+  switch (deg) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    default: return f(std::integral_constant<int, 0>{});
   }
-  float sum = 0.0f;
-  for (int l = 0; l < lanes; ++l) sum += partial[l];
-  for (int j = whole; j < n; ++j) {
-    float through = dW[j] * W[j];
-    d_l[j] -= through;
-    sum += through;
-  }
-  return sum;
 }
 
 // The attention form inside each chunk (chunk.py's _intra_chunk_function): for each of the G
@@ -213,45 +211,55 @@ struct IntraChunk {
   bool gated;
   static constexpr int block = 64;
 
-  // Rows [r0, r1) of one query head's weights: W (r1 - r0 x r1) and, where `slope` is given,
-  // slope = s^(deg - 1) P (dw / ds = deg slope). The decays come as running products down the
-  // rows (row i is row i - 1 times g_i; `decay`, 2 c floats, carries them from one block to the
-  // next): after a reset gate (0), a difference of running log sums would be -inf - -inf.
+  // Rows [r0, r1) of one query head's weights for the vjp: W (r1 - r0 x r1) and
+  // slope = s^(deg - 1) P (dw / ds = deg slope), each row in one pass. The decays come as running
+  // products down the rows (row i is row i - 1 times g_i; `decay`, c floats, carries them from
+  // one block to the next): after a reset gate (0), a difference of running log sums would be
+  // -inf - -inf.
   void weights(const float* q, const float* k, const float* log_g, int r0, int r1, float* W, float* slope,
                float* decay) const {
     gemm(false, true, r1 - r0, r1, d, q + static_cast<size_t>(r0) * d, d, k, d, 0.0f, W, r1);
-    for (int i = r0; i < r1; ++i) {
-      if (gated) {
-        float gate = std::exp(log_g[i]);
-        for (int j = 0; j < i; ++j) decay[j] *= gate;
+    with_degree(deg, [&](auto Deg) {
+      for (int i = r0; i < r1; ++i) {
+        size_t row = static_cast<size_t>(i - r0) * r1;
+        weights_and_slope_row<Deg>(W + row, slope + row, decay, gated ? std::exp(log_g[i]) : 1.0f, i);
+        // Written, not multiplied by a mask: a NaN or inf in a later key must not reach row i.
+        std::fill(W + row + i + 1, W + row + r1, 0.0f);
       }
-      decay[i] = 1.0f;
-      size_t row = static_cast<size_t>(i - r0) * r1;
-      float* w = W + row;
-      float* dw = slope ? slope + row : decay + c;  // the forward keeps one row after the decays
-      // Loops over j alone, so that they vectorise.
-      if (gated) {
-        std::copy(decay, decay + i + 1, dw);
-      } else {
-        std::fill(dw, dw + i + 1, 1.0f);
-      }
-      for (int t = 1; t < deg; ++t) {
-        for (int j = 0; j <= i; ++j) dw[j] *= w[j];
-      }
-      for (int j = 0; j <= i; ++j) w[j] *= dw[j];
-      // Written, not multiplied by a mask: a NaN or inf in a later key must not reach row i.
-      std::fill(w + i + 1, w + r1, 0.0f);
-      if (slope) std::fill(dw + i + 1, dw + r1, 0.0f);
-    }
+    });
   }
 
-  // out (G c x E) = W v1. A key whose value row is not finite is taken as zero in the product
-  // (a zero weight times inf is NaN, which must not reach earlier rows), and the rows from the
-  // first such key on are NaN, as the recurrent form gives them.
+  template <int Deg>
+  void weights_and_slope_row(float* __restrict w, float* __restrict slope, float* __restrict decay, float gate,
+                             int i) const {
+    if (gated) {
+      for (int j = 0; j < i; ++j) {
+        float s = w[j], sl = power<Deg, 1>(s, deg) * (decay[j] *= gate);
+        slope[j] = sl;
+        w[j] = sl * s;
+      }
+      decay[i] = 1.0f;
+    } else {
+      for (int j = 0; j < i; ++j) {
+        float s = w[j], sl = power<Deg, 1>(s, deg);
+        slope[j] = sl;
+        w[j] = sl * s;
+      }
+    }
+    slope[i] = power<Deg, 1>(w[i], deg);
+    w[i] *= slope[i];
+  }
+
+  // out (G c x E) = W v1, the last column (the ones column, in the op) as a dot product of each
+  // row with it in the weights' own pass: a product E = e + 1 wide runs its last column through
+  // sgemm's edge code, ~10% of the forward at e = 64. A key whose value row is not finite is
+  // taken as zero in the product (a zero weight times inf is NaN, which must not reach earlier
+  // rows), and the rows from the first such key on are NaN, as the recurrent form gives them.
   void forward(const float* q, const float* k, const float* v1, const float* log_g, float* out, float* scratch) const {
     float* W = scratch;
     float* decay = W + static_cast<size_t>(block) * c;
-    float* finite_values = decay + 2 * c;
+    float* last = decay + c;
+    float* finite_values = last + c;
     int first_bad = c;
     for (int t = c - 1; t >= 0; --t) {
       const float* row = v1 + static_cast<size_t>(t) * E;
@@ -266,13 +274,22 @@ struct IntraChunk {
       }
       values = finite_values;
     }
+    for (int t = 0; t < c; ++t) last[t] = values[static_cast<size_t>(t) * E + E - 1];
     for (int h = 0; h < G; ++h) {
       const float* qh = q + static_cast<size_t>(h) * c * d;
       float* out_h = out + static_cast<size_t>(h) * c * E;
       for (int r0 = 0; r0 < c; r0 += block) {
         int r1 = std::min(r0 + block, c);
-        weights(qh, k, log_g, r0, r1, W, nullptr, decay);
-        gemm(false, false, r1 - r0, E, r1, W, r1, values, E, 0.0f, out_h + static_cast<size_t>(r0) * E, E);
+        gemm(false, true, r1 - r0, r1, d, qh + static_cast<size_t>(r0) * d, d, k, d, 0.0f, W, r1);
+        with_degree(deg, [&](auto Deg) {
+          for (int i = r0; i < r1; ++i) {
+            float* w = W + static_cast<size_t>(i - r0) * r1;
+            float gate = gated ? std::exp(log_g[i]) : 1.0f;
+            out_h[static_cast<size_t>(i) * E + E - 1] = weights_row<Deg>(w, decay, gate, last, i);
+            std::fill(w + i + 1, w + r1, 0.0f);
+          }
+        });
+        if (E > 1) gemm(false, false, r1 - r0, E - 1, r1, W, r1, values, E, 0.0f, out_h + static_cast<size_t>(r0) * E, E);
       }
       for (int i = first_bad; i < c; ++i) {
         std::fill(out_h + static_cast<size_t>(i) * E, out_h + static_cast<size_t>(i + 1) * E,
@@ -281,14 +298,50 @@ struct IntraChunk {
     }
   }
 
+  // Row i of the forward's weights in one pass, scores s in w: the decays move down a row
+  // (decay_j *= gate for j < i, decay_i = 1), w_j = s_j^deg decay_j for j <= i; returns
+  // sum_j w_j last_j, in lanes (so that the loop vectorises without reordering flags).
+  template <int Deg>
+  float weights_row(float* __restrict w, float* __restrict decay, float gate, const float* __restrict last,
+                    int i) const {
+    constexpr int lanes = 16;
+    float partial[lanes] = {};
+    int whole = i - i % lanes;
+    if (gated) {
+      for (int j = 0; j < whole; j += lanes) {
+        for (int l = 0; l < lanes; ++l) {
+          float weight = power<Deg>(w[j + l], deg) * (decay[j + l] *= gate);
+          w[j + l] = weight;
+          partial[l] += weight * last[j + l];
+        }
+      }
+      for (int j = whole; j < i; ++j) {
+        w[j] = power<Deg>(w[j], deg) * (decay[j] *= gate);
+        partial[0] += w[j] * last[j];
+      }
+      decay[i] = 1.0f;
+    } else {
+      for (int j = 0; j < whole; j += lanes) {
+        for (int l = 0; l < lanes; ++l) partial[l] += (w[j + l] = power<Deg>(w[j + l], deg)) * last[j + l];
+      }
+      for (int j = whole; j < i; ++j) partial[0] += (w[j] = power<Deg>(w[j], deg)) * last[j];
+    }
+    w[i] = power<Deg>(w[i], deg);
+    float sum = w[i] * last[i];
+    for (int l = 0; l < lanes; ++l) sum += partial[l];
+    return sum;
+  }
+
   size_t forward_scratch() const { return static_cast<size_t>(block) * c + 2 * c + static_cast<size_t>(c) * E; }
 
   // The weights are recomputed (one product of the block's queries with its keys) rather than
-  // kept from the forward.
+  // kept from the forward. Unlike the forward's, these products keep v1's last column: taking it
+  // in the pass over each row was measured ~10% slower here (two more arrays streamed per row,
+  // against sgemm's edge code on one of five products).
   void vjp(const float* q, const float* k, const float* v1, const float* log_g, const float* d_out, float* dq,
            float* dk, float* dv1, float* d_log_g, float* scratch) const {
     size_t tile = static_cast<size_t>(block) * c;
-    float *W = scratch, *slope = W + tile, *dW = slope + tile, *decay = dW + tile, *d_l = decay + 2 * c;
+    float *W = scratch, *slope = W + tile, *dW = slope + tile, *decay = dW + tile, *d_l = decay + c;
     std::fill(dk, dk + static_cast<size_t>(c) * d, 0.0f);
     std::fill(dv1, dv1 + static_cast<size_t>(c) * E, 0.0f);
     std::fill(d_l, d_l + c, 0.0f);
@@ -301,15 +354,11 @@ struct IntraChunk {
         weights(qh, k, log_g, r0, r1, W, slope, decay);
         gemm(false, true, rows, r1, E, d_out_rows, E, v1, E, 0.0f, dW, r1);   // dW = d_out v1^T
         gemm(true, false, r1, E, rows, W, r1, d_out_rows, E, 1.0f, dv1, E);  // dv1 += W^T d_out
-        if (gated) {
-          // dw_ij / dl_i = w_ij and dw_ij / dl_j = -w_ij, for the running sums l of log_g.
-          for (int i = r0; i < r1; ++i) {
-            size_t row = static_cast<size_t>(i - r0) * r1;
-            d_l[i] += through_weights(dW + row, W + row, i + 1, d_l);
-          }
+        for (int i = r0; i < r1; ++i) {
+          size_t row = static_cast<size_t>(i - r0) * r1;
+          d_l[i] += scores_cotangent_row(dW + row, W + row, slope + row, d_l, i + 1);
+          std::fill(dW + row + i + 1, dW + row + r1, 0.0f);
         }
-        size_t size = static_cast<size_t>(rows) * r1;
-        for (size_t x = 0; x < size; ++x) dW[x] *= slope[x];  // now the scores' cotangent / deg
         float scale = static_cast<float>(deg);
         gemm(false, false, rows, d, r1, dW, r1, k, d, 0.0f, dq + (static_cast<size_t>(h) * c + r0) * d, d, scale);
         gemm(true, false, r1, d, rows, dW, r1, qh + static_cast<size_t>(r0) * d, d, 1.0f, dk, d, scale);
@@ -321,7 +370,32 @@ struct IntraChunk {
     }
   }
 
-  size_t vjp_scratch() const { return 3 * static_cast<size_t>(block) * c + 3 * static_cast<size_t>(c); }
+  // Row i of the weights' cotangent dW (n = i + 1 entries): takes dW_ij W_ij from d_l[j] when
+  // gated (dw_ij / dl_i = w_ij and dw_ij / dl_j = -w_ij for the running sums l of log_g) and
+  // returns their sum (for d_l[i]); leaves dW_ij slope_ij, the scores' cotangent over deg.
+  float scores_cotangent_row(float* __restrict dW, const float* __restrict W, const float* __restrict slope,
+                             float* __restrict d_l, int n) const {
+    constexpr int lanes = 16;
+    float partial[lanes] = {};
+    int whole = n - n % lanes;
+    auto entry = [&](int j, float& through_sum) {
+      if (gated) {
+        float through = dW[j] * W[j];
+        d_l[j] -= through;
+        through_sum += through;
+      }
+      dW[j] *= slope[j];
+    };
+    for (int j = 0; j < whole; j += lanes) {
+      for (int l = 0; l < lanes; ++l) entry(j + l, partial[l]);
+    }
+    for (int j = whole; j < n; ++j) entry(j, partial[0]);
+    float sum = 0.0f;
+    for (int l = 0; l < lanes; ++l) sum += partial[l];
+    return sum;
+  }
+
+  size_t vjp_scratch() const { return 3 * static_cast<size_t>(block) * c + 2 * static_cast<size_t>(c); }
 };
 
 // `rows` rows of `width` floats, `from_row` floats apart, to rows `to_row` apart.
