@@ -237,19 +237,33 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def interleaved_ratio(first, second, repeats) -> float:
-    """Median over runs of time(first) / time(second), the two timed alternately in one loop
-    so that this machine's drift cancels (separate cells differ by tens of percent here)."""
+def interleaved_ratio(first, second, repeats, paired=True) -> float:
+    """Median over rounds of time(first) / time(second), the two timed alternately in one loop
+    so that this machine's drift cancels (separate cells differ by tens of percent here).
+    ``paired``: each timed run follows an untimed run of the same case, so that neither
+    inherits what the other left running: PyTorch's OpenMP threads keep spinning for a while
+    after each call (libgomp's default wait policy), and the op's forward right after one of
+    PyTorch's took 7-13% longer than after its own, PyTorch's no longer after the op's
+    (bench_order.py). Without it, strict alternation."""
     mx.eval(first(), second())
-    return _median_of_rounds(lambda: _seconds(first) / _seconds(second), repeats)
+
+    def one_round():
+        if paired:
+            mx.eval(first())
+        first_seconds = _seconds(first)
+        if paired:
+            mx.eval(second())
+        return first_seconds / _seconds(second)
+
+    return _median_of_rounds(one_round, repeats)
 
 
-def interleaved_ratios(row, over, first, second, repeats) -> None:
+def interleaved_ratios(row, over, first, second, repeats, paired=True) -> None:
     """``row["forward_over_<over>"]`` and ``row["forward_backward_over_<over>"]``: the
     interleaved ratios of two cases (each the (forward, forward+backward) pair of
     ``make_case``)."""
     for name, mine, theirs in zip(("forward", "forward_backward"), first, second):
-        row[f"{name}_over_{over}"] = interleaved_ratio(mine, theirs, repeats)
+        row[f"{name}_over_{over}"] = interleaved_ratio(mine, theirs, repeats, paired)
 
 
 def with_mlx_ops(fn):
@@ -295,9 +309,12 @@ def interleaved_fraction_of_peak(run, flops, repeats) -> float:
               help="how every method uses the CPU cores: as a user's process does (default), heads "
                    "split across one stream per core with a single-threaded BLAS and "
                    "MLX_BFS_MAX_WIDTH=16384 (streams), or one stream with a threaded BLAS")
+@click.option("--interleave", type=click.Choice(["paired", "alternate"]), default="paired", show_default=True,
+              help="how interleaved ratios time two cases: each timed run after an untimed one of the "
+                   "same case (paired), or strictly alternating")
 @click.option("--out", default=None, help="JSON path (default benchmarks/results/retention-DATE.json)")
 def main(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, memory_limit, methods, cpu_parallel,
-         out):
+         interleave, out):
     tune_process()
     if cpu_parallel == "streams":
         # Read by MLX at its first evaluation (none has run yet). The streams overlap only when
@@ -310,11 +327,11 @@ def main(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, memory_lim
         methods.remove("torch")
     with blas_configuration(cpu_parallel):
         run_benchmark(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, memory_limit,
-                      methods, cpu_parallel, out)
+                      methods, cpu_parallel, interleave == "paired", out)
 
 
 def run_benchmark(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, memory_limit, methods,
-                  cpu_parallel, out):
+                  cpu_parallel, paired, out):
     machine = machine_description()
     peak = matmul_gflops()
     started = now()
@@ -326,7 +343,8 @@ def run_benchmark(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, m
           f" (--cpu-parallel {cpu_parallel}; MLX_BFS_MAX_WIDTH={width})")
     print(f"# fp32 matmul peak (2048^3, the better of one threaded product and one per core): {peak:.1f} GFLOP/s")
     print(f"# B={B} H={H} d={d} deg={deg} D={expanded_dim(d, deg)} chunk_size={chunk_size or 'the op default'}; "
-          f"median of {repeats} after a warm-up; peak memory in GB (MLX's; none for torch); GFLOP/s of "
+          f"median of {repeats} after a warm-up; interleaved ratios {'paired' if paired else 'alternating'}; "
+          f"peak memory in GB (MLX's; none for torch); GFLOP/s of "
           f"the matmul flops (matmul_flops) and % of the peak")
 
     Ts = []
@@ -366,26 +384,27 @@ def run_benchmark(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, m
                 if method == "auto":
                     row["auto_over_choice"] = interleaved_ratio(
                         make_case("auto", B, T, H, d, deg, chunk_size)[0],
-                        make_case(form, B, T, H, d, deg, chunk)[0], repeats)
+                        make_case(form, B, T, H, d, deg, chunk)[0], repeats, paired)
                 if method in ("auto", "chunked") and T >= 4096 and "torch" in methods:
                     # The auto row is what a user gets by default: the op's own choice.
                     mine = make_case(method, B, T, H, d, deg, chunk if method == "chunked" else chunk_size)
-                    interleaved_ratios(row, "torch", mine, torch_sdpa().case(B, T, H, d), repeats)
+                    interleaved_ratios(row, "torch", mine, torch_sdpa().case(B, T, H, d), repeats, paired)
                 if method == "chunked" and T >= 4096:
                     # Linearity: forward at T over forward at T / 2, interleaved.
                     row["forward_over_half_T"] = interleaved_ratio(
                         make_case(method, B, T, H, d, deg, chunk)[0],
-                        make_case(method, B, T // 2, H, d, deg, chunk)[0], repeats)
+                        make_case(method, B, T // 2, H, d, deg, chunk)[0], repeats, paired)
                     forward_backward = make_case(method, B, T, H, d, deg, chunk)[1]
                     row["forward_backward_fraction_of_peak_interleaved"] = interleaved_fraction_of_peak(
                         forward_backward, flops["forward_backward"], repeats)
                     if native.available():
                         case = make_case(method, B, T, H, d, deg, chunk)
-                        interleaved_ratios(row, "mlx_ops", case, [with_mlx_ops(fn) for fn in case], repeats)
+                        interleaved_ratios(row, "mlx_ops", case, [with_mlx_ops(fn) for fn in case], repeats,
+                                           paired)
                     if streams:
                         row["forward_backward_streams_over_threaded_blas"] = interleaved_ratio(
                             in_configuration("streams", forward_backward),
-                            in_configuration("blas", forward_backward), repeats)
+                            in_configuration("blas", forward_backward), repeats, paired)
                 last_time[method] = row["forward_backward_s"]
             results.append(row)
             print_row(row)
@@ -393,7 +412,8 @@ def run_benchmark(min_T, max_T, B, H, d, deg, chunk_size, repeats, time_limit, m
     out = write_report("bench_retention", started,
                        {"matmul_fp32_gflops": peak, "matmul_fp32_gflops_at_end": matmul_gflops(),
                         "config": {"B": B, "H": H, "d": d, "deg": deg, "chunk_size": chunk_size,
-                                   "repeats": repeats, "cpu_parallel": cpu_parallel, "streams": streams,
+                                   "repeats": repeats, "interleave": "paired" if paired else "alternate",
+                                   "cpu_parallel": cpu_parallel, "streams": streams,
                                    "blas_threads": blas_threads(), "mlx_bfs_max_width": width},
                         "results": results}, out)
     print(f"# wrote {out}")
