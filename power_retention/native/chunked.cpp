@@ -252,9 +252,10 @@ struct IntraChunk {
 
   // out (G c x E) = W v1, the last column (the ones column, in the op) as a dot product of each
   // row with it in the weights' own pass: a product E = e + 1 wide runs its last column through
-  // sgemm's edge code, ~10% of the forward at e = 64. A key whose value row is not finite is
-  // taken as zero in the product (a zero weight times inf is NaN, which must not reach earlier
-  // rows), and the rows from the first such key on are NaN, as the recurrent form gives them.
+  // sgemm's edge code, ~5% of the forward at e = 64, T = 4096. A key whose value row is not
+  // finite is taken as zero in the product (a zero weight times inf is NaN, which must not reach
+  // earlier rows), and the rows from the first such key on are NaN, as the recurrent form gives
+  // them.
   void forward(const float* q, const float* k, const float* v1, const float* log_g, float* out, float* scratch) const {
     float* W = scratch;
     float* decay = W + static_cast<size_t>(block) * c;
