@@ -265,6 +265,45 @@ def test_attention_in_the_ops_layout_and_its_vjp_match_float64(deg, G, normalize
         assert_close(f"attention {name}", a, b, FP32_TOLERANCE)
 
 
+@pytest.mark.parametrize("threads,H", [(2, 1), (3, 1), (4, 1), (2, 3)], ids=["threads2-H1", "threads3-H1", "threads4-H1",
+                                                                        "threads2-H3"])
+def test_attention_split_into_row_ranges_matches_float64(threads, H):
+    """Items that do not fill the threads evenly (B * H of them) are split into row ranges of equal
+    work, a range whole row blocks (at 4 threads over 150 positions one range is empty); the
+    output and its vjp still match the MLX ops in float64, and an inf value at position 100 still
+    makes exactly the rows from 100 on NaN, in every range that holds them."""
+    from power_retention import chunk
+    from power_retention.cpu_tuning import blas_threads, set_blas_threads
+
+    if blas_threads() is None or not native.available():
+        pytest.skip("needs OpenBLAS and the compiled products")
+    B, T, G, d, e = 1, 150, 2, 8, 6
+    q, k = _random((B, T, H * G, d), 0.5, seed=1), _random((B, T, H, d), 0.5, seed=2)
+    v = _random((B, T, H, e), 1.0, seed=3)
+    log_g = -mx.random.uniform(shape=(B, T, H), key=mx.random.key(4))
+    log_g[0, 97, 0] = -mx.inf
+    cotangent = _random((B, T, H * G, e), 1.0, seed=5)
+
+    def reference(q, k, v, log_g):
+        return chunk.chunk_power_retention(q, k, v, log_g, deg=2, normalize=True, chunk_size=T)[0]
+
+    before = blas_threads()
+    set_blas_threads(threads)
+    try:
+        out, grads = mx.vjp(lambda *x: native.attention(*x, 2, True), [q, k, v, log_g], [cotangent])
+        mx.eval(out, grads)
+        v[0, 100, 0, 1] = mx.inf
+        y = np.asarray(native.attention(q, k, v, log_g, 2, True))
+    finally:
+        set_blas_threads(before)
+    v = _random((B, T, H, e), 1.0, seed=3)  # the reference's inputs, without the inf
+    expected, expected_grads = mx.vjp(reference, [x.astype(mx.float64) for x in (q, k, v, log_g)],
+                                      [cotangent.astype(mx.float64)])
+    for name, a, b in zip(["output", "dq", "dk", "dv", "d_log_g"], [*out, *grads], [*expected, *expected_grads]):
+        assert_close(f"attention {name}", a, b, FP32_TOLERANCE)
+    assert np.isnan(y[0, 100:, :G]).all() and np.isfinite(y[0, :100]).all() and np.isfinite(y[0, :, G:]).all()
+
+
 def test_attention_keeps_a_non_finite_value_and_a_zero_query_to_their_rows():
     """An inf in one head's value at position 2 makes that head's rows from 2 on NaN, and no other
     head's (their rows lie between its rows); a zero query row gets y = 0 and no NaN gradient."""

@@ -75,13 +75,19 @@ const BlasThreads& blas_threads() {
 
 std::mutex blas_threads_mutex;  // two streams entering at once restore the count once
 
-// Runs work(item, scratch) for item in [0, items) on as many threads as OpenBLAS would use (one
-// without OpenBLAS: the reference CBLAS keeps global state); each thread has its own scratch
-// buffer of `scratch_floats`.
+// As many threads as OpenBLAS would use (one without OpenBLAS: the reference CBLAS keeps
+// global state).
+int worker_threads() {
+  const auto& blas = blas_threads();
+  return std::max(1, blas.get ? blas.get() : 1);
+}
+
+// Runs work(item, scratch) for item in [0, items) on up to worker_threads() threads; each
+// thread has its own scratch buffer of `scratch_floats`.
 template <typename Work>
 void for_each_item(size_t items, size_t scratch_floats, Work work) {
   const auto& blas = blas_threads();
-  int threads = std::max(1, std::min<int>(blas.get ? blas.get() : 1, static_cast<int>(items)));
+  int threads = std::min<int>(worker_threads(), static_cast<int>(items));
   auto run = [&](std::atomic<size_t>& next) {
     std::vector<float> scratch(scratch_floats);
     for (size_t item = next++; item < items; item = next++) work(item, scratch.data());
@@ -256,31 +262,35 @@ struct IntraChunk {
   // finite is taken as zero in the product (a zero weight times inf is NaN, which must not reach
   // earlier rows), and the rows from the first such key on are NaN, as the recurrent form gives
   // them.
-  void forward(const float* q, const float* k, const float* v1, const float* log_g, float* out, float* scratch) const {
+  // Only rows [begin, end) are computed (they read the keys before `end` only).
+  void forward(const float* q, const float* k, const float* v1, const float* log_g, float* out, float* scratch,
+               int begin = 0, int end = -1) const {
+    if (end < 0) end = c;
     float* W = scratch;
     float* decay = W + static_cast<size_t>(block) * c;
     float* last = decay + c;
     float* finite_values = last + c;
-    int first_bad = c;
-    for (int t = c - 1; t >= 0; --t) {
+    int first_bad = end;
+    for (int t = end - 1; t >= 0; --t) {
       const float* row = v1 + static_cast<size_t>(t) * E;
       if (!std::all_of(row, row + E, [](float x) { return std::isfinite(x); })) first_bad = t;
     }
     const float* values = v1;
-    if (first_bad < c) {
-      std::copy(v1, v1 + static_cast<size_t>(c) * E, finite_values);
-      for (int t = first_bad; t < c; ++t) {
+    if (first_bad < end) {
+      std::copy(v1, v1 + static_cast<size_t>(end) * E, finite_values);
+      for (int t = first_bad; t < end; ++t) {
         float* row = finite_values + static_cast<size_t>(t) * E;
         if (!std::all_of(row, row + E, [](float x) { return std::isfinite(x); })) std::fill(row, row + E, 0.0f);
       }
       values = finite_values;
     }
-    for (int t = 0; t < c; ++t) last[t] = values[static_cast<size_t>(t) * E + E - 1];
+    for (int t = 0; t < end; ++t) last[t] = values[static_cast<size_t>(t) * E + E - 1];
     for (int h = 0; h < G; ++h) {
       const float* qh = q + static_cast<size_t>(h) * c * d;
       float* out_h = out + static_cast<size_t>(h) * c * E;
-      for (int r0 = 0; r0 < c; r0 += block) {
-        int r1 = std::min(r0 + block, c);
+      if (gated) decays_before(log_g, begin, decay);
+      for (int r0 = begin; r0 < end; r0 += block) {
+        int r1 = std::min(r0 + block, end);
         gemm(false, true, r1 - r0, r1, d, qh + static_cast<size_t>(r0) * d, d, k, d, 0.0f, W, r1);
         with_degree(deg, [&](auto Deg) {
           for (int i = r0; i < r1; ++i) {
@@ -292,11 +302,19 @@ struct IntraChunk {
         });
         if (E > 1) gemm(false, false, r1 - r0, E - 1, r1, W, r1, values, E, 0.0f, out_h + static_cast<size_t>(r0) * E, E);
       }
-      for (int i = first_bad; i < c; ++i) {
+      for (int i = std::max(first_bad, begin); i < end; ++i) {
         std::fill(out_h + static_cast<size_t>(i) * E, out_h + static_cast<size_t>(i + 1) * E,
                   std::numeric_limits<float>::quiet_NaN());
       }
     }
+  }
+
+  // decay_j for j < row (the gates after j up to row - 1), as the rows before `row` would
+  // have left them: running products from the end, so that a reset (0) stays exact.
+  void decays_before(const float* log_g, int row, float* decay) const {
+    if (row == 0) return;
+    decay[row - 1] = 1.0f;
+    for (int j = row - 2; j >= 0; --j) decay[j] = decay[j + 1] * std::exp(log_g[j + 1]);
   }
 
   // Row i of the forward's weights in one pass, scores s in w: the decays move down a row
@@ -339,18 +357,22 @@ struct IntraChunk {
   // kept from the forward. Unlike the forward's, these products keep v1's last column: taking it
   // in the pass over each row was measured ~10% slower here (two more arrays streamed per row,
   // against sgemm's edge code on one of five products).
+  // With a row range [begin, end): rows [begin, end)'s part of every cotangent (dq of those
+  // rows; dk, dv1 and d_log_g over the keys before `end`, which the parts' sum).
   void vjp(const float* q, const float* k, const float* v1, const float* log_g, const float* d_out, float* dq,
-           float* dk, float* dv1, float* d_log_g, float* scratch) const {
+           float* dk, float* dv1, float* d_log_g, float* scratch, int begin = 0, int end = -1) const {
+    if (end < 0) end = c;
     size_t tile = static_cast<size_t>(block) * c;
     float *W = scratch, *slope = W + tile, *dW = slope + tile, *decay = dW + tile, *d_l = decay + c;
-    std::fill(dk, dk + static_cast<size_t>(c) * d, 0.0f);
-    std::fill(dv1, dv1 + static_cast<size_t>(c) * E, 0.0f);
-    std::fill(d_l, d_l + c, 0.0f);
+    std::fill(dk, dk + static_cast<size_t>(end) * d, 0.0f);
+    std::fill(dv1, dv1 + static_cast<size_t>(end) * E, 0.0f);
+    std::fill(d_l, d_l + end, 0.0f);
     for (int h = 0; h < G; ++h) {
       const float* qh = q + static_cast<size_t>(h) * c * d;
       const float* d_out_h = d_out + static_cast<size_t>(h) * c * E;
-      for (int r0 = 0; r0 < c; r0 += block) {
-        int r1 = std::min(r0 + block, c), rows = r1 - r0;
+      if (gated) decays_before(log_g, begin, decay);
+      for (int r0 = begin; r0 < end; r0 += block) {
+        int r1 = std::min(r0 + block, end), rows = r1 - r0;
         const float* d_out_rows = d_out_h + static_cast<size_t>(r0) * E;
         weights(qh, k, log_g, r0, r1, W, slope, decay);
         gemm(false, true, rows, r1, E, d_out_rows, E, v1, E, 0.0f, dW, r1);   // dW = d_out v1^T
@@ -367,7 +389,7 @@ struct IntraChunk {
     }
     if (gated) {
       float after = 0.0f;
-      for (int t = c - 1; t >= 0; --t) d_log_g[t] = after += d_l[t];
+      for (int t = end - 1; t >= 0; --t) d_log_g[t] = after += d_l[t];
     }
   }
 
@@ -426,18 +448,32 @@ struct SequenceAttention {
     return (item / H) * intra.c * H * per_head + (item % H) * per_head;
   }
 
-  // The item's q (G, c, d), k (c, d), values with ones (c, E) and log gates (c), contiguous.
+  // The item's q (G, c, d), k (c, d), values with ones (c, E) and log gates (c), contiguous:
+  // q's rows [begin, end) and the others' rows before `end`, what rows [begin, end) read.
   void gather(size_t item, const float* q, const float* k, const float* v, const float* log_g, float* q1,
-              float* k1, float* v1, float* g1) const {
+              float* k1, float* v1, float* g1, int begin, int end) const {
     int G = intra.G, c = intra.c, d = intra.d, E = intra.E;
     for (int h = 0; h < G; ++h) {
-      copy_rows(q + start(item, static_cast<size_t>(G) * d) + h * d, q_row(d), q1 + static_cast<size_t>(h) * c * d, d,
-                c, d);
+      copy_rows(q + start(item, static_cast<size_t>(G) * d) + h * d + begin * q_row(d), q_row(d),
+                q1 + (static_cast<size_t>(h) * c + begin) * d, d, end - begin, d);
     }
-    copy_rows(k + start(item, d), k_row(d), k1, d, c, d);
-    copy_rows(v + start(item, e()), k_row(e()), v1, E, c, e());
-    for (int t = 0; t < c; ++t) v1[static_cast<size_t>(t) * E + e()] = 1.0f;
-    if (log_g) copy_rows(log_g + start(item, 1), H, g1, 1, c, 1);
+    copy_rows(k + start(item, d), k_row(d), k1, d, end, d);
+    copy_rows(v + start(item, e()), k_row(e()), v1, E, end, e());
+    for (int t = 0; t < end; ++t) v1[static_cast<size_t>(t) * E + e()] = 1.0f;
+    if (log_g) copy_rows(log_g + start(item, 1), H, g1, 1, end, 1);
+  }
+
+  // Row ranges of equal work (row i reads i + 1 keys) splitting an item into `parts`: bounds
+  // at T sqrt(p / parts), on whole row blocks.
+  std::vector<int> part_bounds(int parts) const {
+    int c = intra.c, block = IntraChunk::block;
+    std::vector<int> bounds{0};
+    for (int p = 1; p < parts; ++p) {
+      int bound = static_cast<int>(std::lround(c * std::sqrt(static_cast<double>(p) / parts) / block)) * block;
+      bounds.push_back(std::clamp(bound, bounds.back(), c));
+    }
+    bounds.push_back(c);
+    return bounds;
   }
 
   size_t forward_scratch() const {
@@ -445,17 +481,18 @@ struct SequenceAttention {
     return query_rows() * (intra.d + intra.E) + c * (intra.d + intra.E + 1) + intra.forward_scratch();
   }
 
+  // Rows [begin, end) of the item's output.
   void forward(size_t item, const float* q, const float* k, const float* v, const float* log_g, float* y,
-               float* sums, float* scratch) const {
+               float* sums, float* scratch, int begin, int end) const {
     int G = intra.G, c = intra.c, E = intra.E;
     float *q1 = scratch, *k1 = q1 + query_rows() * intra.d, *v1 = k1 + static_cast<size_t>(c) * intra.d;
     float *g1 = v1 + static_cast<size_t>(c) * E, *out1 = g1 + c;
-    gather(item, q, k, v, log_g, q1, k1, v1, g1);
-    intra.forward(q1, k1, v1, log_g ? g1 : nullptr, out1, out1 + query_rows() * E);
+    gather(item, q, k, v, log_g, q1, k1, v1, g1, begin, end);
+    intra.forward(q1, k1, v1, log_g ? g1 : nullptr, out1, out1 + query_rows() * E, begin, end);
     for (int h = 0; h < G; ++h) {
       float* y_h = y + start(item, static_cast<size_t>(G) * e()) + h * e();
       float* sums_h = sums + start(item, G) + h;
-      for (int t = 0; t < c; ++t) {
+      for (int t = begin; t < end; ++t) {
         const float* row = out1 + (static_cast<size_t>(h) * c + t) * E;
         float sum = row[e()];
         sums_h[t * q_row(1)] = sum;
@@ -472,19 +509,28 @@ struct SequenceAttention {
     return 2 * (query_rows() * (intra.d + intra.E) + c * (intra.d + intra.E + 1)) + intra.vjp_scratch();
   }
 
-  void vjp(size_t item, const float* q, const float* k, const float* v, const float* log_g, const float* y,
-           const float* sums, const float* dy, float* dq, float* dk, float* dv, float* d_log_g, float* scratch) const {
+  // The cotangents of an item's keys (c x d), values with their ones column (c x E) and log
+  // gates (c), contiguous.
+  struct KeyCotangents {
+    const float *dk, *dv1, *d_log_g;
+  };
+
+  // Rows [begin, end) of the item: writes their dq and returns their part of the keys', values'
+  // and log gates' cotangents (over the keys before `end`; left in `scratch`).
+  KeyCotangents vjp(size_t item, const float* q, const float* k, const float* v, const float* log_g,
+                    const float* y, const float* sums, const float* dy, float* dq, float* scratch, int begin,
+                    int end) const {
     int G = intra.G, c = intra.c, d = intra.d, E = intra.E;
     size_t inputs = query_rows() * (d + E) + static_cast<size_t>(c) * (d + E + 1);
     float *q1 = scratch, *k1 = q1 + query_rows() * d, *v1 = k1 + static_cast<size_t>(c) * d;
     float *g1 = v1 + static_cast<size_t>(c) * E, *d_out1 = g1 + c;
     float *dq1 = scratch + inputs, *dk1 = dq1 + query_rows() * d, *dv1 = dk1 + static_cast<size_t>(c) * d;
     float* dg1 = dv1 + static_cast<size_t>(c) * E;
-    gather(item, q, k, v, log_g, q1, k1, v1, g1);
+    gather(item, q, k, v, log_g, q1, k1, v1, g1, begin, end);
     for (int h = 0; h < G; ++h) {
       size_t at = start(item, static_cast<size_t>(G) * e()) + h * e();
       const float* sums_h = sums + start(item, G) + h;
-      for (int t = 0; t < c; ++t) {
+      for (int t = begin; t < end; ++t) {
         const float *dy_t = dy + at + t * q_row(e()), *y_t = y + at + t * q_row(e());
         float* row = d_out1 + (static_cast<size_t>(h) * c + t) * E;
         float sum = sums_h[t * q_row(1)];
@@ -495,14 +541,21 @@ struct SequenceAttention {
         row[e()] = normalize ? -static_cast<float>(dot(dy_t, y_t, e())) * inverse : 0.0f;
       }
     }
-    intra.vjp(q1, k1, v1, log_g ? g1 : nullptr, d_out1, dq1, dk1, dv1, dg1, dg1 + c);
+    intra.vjp(q1, k1, v1, log_g ? g1 : nullptr, d_out1, dq1, dk1, dv1, dg1, dg1 + c, begin, end);
     for (int h = 0; h < G; ++h) {
-      copy_rows(dq1 + static_cast<size_t>(h) * c * d, d, dq + start(item, static_cast<size_t>(G) * d) + h * d, q_row(d),
-                c, d);
+      copy_rows(dq1 + (static_cast<size_t>(h) * c + begin) * d, d,
+                dq + start(item, static_cast<size_t>(G) * d) + h * d + begin * q_row(d), q_row(d), end - begin, d);
     }
-    copy_rows(dk1, d, dk + start(item, d), k_row(d), c, d);
-    copy_rows(dv1, E, dv + start(item, e()), k_row(e()), c, e());
-    if (log_g) copy_rows(dg1, 1, d_log_g + start(item, 1), H, c, 1);
+    return {dk1, dv1, dg1};
+  }
+
+  // Writes an item's key cotangents into dk, dv (without the ones column) and d_log_g (or
+  // nullptr) in the op's layout.
+  void scatter(size_t item, KeyCotangents from, float* dk, float* dv, float* d_log_g) const {
+    int c = intra.c, d = intra.d;
+    copy_rows(from.dk, d, dk + start(item, d), k_row(d), c, d);
+    copy_rows(from.dv1, intra.E, dv + start(item, e()), k_row(e()), c, e());
+    if (d_log_g) copy_rows(from.d_log_g, 1, d_log_g + start(item, 1), H, c, 1);
   }
 };
 
@@ -613,9 +666,14 @@ void evaluate_attention(Product product, int deg, bool normalize, const std::vec
   const float* log_g = attention.intra.gated ? in[3].data<float>() : nullptr;
   size_t items = static_cast<size_t>(B) * H;
   if (forward) {
+    // Items that would leave threads idle at the end are split into row ranges of equal work.
+    int threads = worker_threads();
+    auto bounds = attention.part_bounds(items % threads ? threads : 1);
+    size_t parts = bounds.size() - 1;
     float *y = out[0].data<float>(), *sums = out[1].data<float>();
-    for_each_item(items, attention.forward_scratch(), [&](size_t item, float* scratch) {
-      attention.forward(item, q, k, v, log_g, y, sums, scratch);
+    for_each_item(items * parts, attention.forward_scratch(), [&](size_t task, float* scratch) {
+      int begin = bounds[task % parts], end = bounds[task % parts + 1];
+      if (begin < end) attention.forward(task / parts, q, k, v, log_g, y, sums, scratch, begin, end);
     });
     return;
   }
@@ -623,8 +681,37 @@ void evaluate_attention(Product product, int deg, bool normalize, const std::vec
   const float *y = in[n - 3].data<float>(), *sums = in[n - 2].data<float>(), *dy = in[n - 1].data<float>();
   float *dq = out[0].data<float>(), *dk = out[1].data<float>(), *dv = out[2].data<float>();
   float* d_log_g = log_g ? out[3].data<float>() : nullptr;
-  for_each_item(items, attention.vjp_scratch(), [&](size_t item, float* scratch) {
-    attention.vjp(item, q, k, v, log_g, y, sums, dy, dq, dk, dv, d_log_g, scratch);
+  // Split only when there are fewer items than threads: each part's key cotangents need a
+  // buffer of their own (c (d + E + 1) floats) until the parts are summed.
+  size_t threads = worker_threads();
+  size_t parts = items < threads ? (threads + items - 1) / items : 1;
+  if (parts == 1) {
+    for_each_item(items, attention.vjp_scratch(), [&](size_t item, float* scratch) {
+      attention.scatter(item, attention.vjp(item, q, k, v, log_g, y, sums, dy, dq, scratch, 0, T), dk, dv, d_log_g);
+    });
+    return;
+  }
+  auto bounds = attention.part_bounds(static_cast<int>(parts));
+  int E = attention.intra.E;
+  size_t per_part = static_cast<size_t>(T) * (d + E + 1);
+  std::vector<float> partial(items * parts * per_part, 0.0f);  // the rows past a part's end stay 0
+  for_each_item(items * parts, attention.vjp_scratch(), [&](size_t task, float* scratch) {
+    int begin = bounds[task % parts], end = bounds[task % parts + 1];
+    if (begin == end) return;
+    auto keys = attention.vjp(task / parts, q, k, v, log_g, y, sums, dy, dq, scratch, begin, end);
+    float* to = partial.data() + task * per_part;
+    std::copy(keys.dk, keys.dk + static_cast<size_t>(end) * d, to);
+    std::copy(keys.dv1, keys.dv1 + static_cast<size_t>(end) * E, to + static_cast<size_t>(T) * d);
+    std::copy(keys.d_log_g, keys.d_log_g + end, to + static_cast<size_t>(T) * (d + E));
+  });
+  for_each_item(items, 0, [&](size_t item, float*) {
+    float* sum = partial.data() + item * parts * per_part;
+    for (size_t part = 1; part < parts; ++part) {
+      const float* add = sum + part * per_part;
+      for (size_t x = 0; x < per_part; ++x) sum[x] += add[x];
+    }
+    attention.scatter(item, {sum, sum + static_cast<size_t>(T) * d, sum + static_cast<size_t>(T) * (d + E)}, dk, dv,
+                      d_log_g);
   });
 }
 
