@@ -261,8 +261,7 @@ struct IntraChunk {
   // sgemm's edge code, ~5% of the forward at e = 64, T = 4096. A key whose value row is not
   // finite is taken as zero in the product (a zero weight times inf is NaN, which must not reach
   // earlier rows), and the rows from the first such key on are NaN, as the recurrent form gives
-  // them.
-  // Only rows [begin, end) are computed (they read the keys before `end` only).
+  // them. With a row range, only rows [begin, end) are computed (from the keys before `end`).
   void forward(const float* q, const float* k, const float* v1, const float* log_g, float* out, float* scratch,
                int begin = 0, int end = -1) const {
     if (end < 0) end = c;
@@ -356,9 +355,9 @@ struct IntraChunk {
   // The weights are recomputed (one product of the block's queries with its keys) rather than
   // kept from the forward. Unlike the forward's, these products keep v1's last column: taking it
   // in the pass over each row was measured ~10% slower here (two more arrays streamed per row,
-  // against sgemm's edge code on one of five products).
-  // With a row range [begin, end): rows [begin, end)'s part of every cotangent (dq of those
-  // rows; dk, dv1 and d_log_g over the keys before `end`, which the parts' sum).
+  // against sgemm's edge code on one of five products). With a row range, only those rows' part
+  // of each cotangent: dq of rows [begin, end), and dk, dv1 and d_log_g over the keys before
+  // `end`, for the caller to sum over the ranges.
   void vjp(const float* q, const float* k, const float* v1, const float* log_g, const float* d_out, float* dq,
            float* dk, float* dv1, float* d_log_g, float* scratch, int begin = 0, int end = -1) const {
     if (end < 0) end = c;
