@@ -10,8 +10,9 @@
 // carry the weights of sympow._rolled_weights (1 for r = 0 and, for even d, r = d / 2; 2 else).
 //
 // Items (chunk, head) are spread over as many threads as OpenBLAS would use, each calling a
-// single-threaded sgemm; the BLAS is the one MLX calls (cblas_sgemm resolves as in libmlx: an
-// OpenBLAS loaded first, else the library MLX links).
+// single-threaded sgemm (the attention form's items, one per batch and head, are split into
+// row ranges of equal work where they would leave threads idle); the BLAS is the one MLX calls
+// (cblas_sgemm resolves as in libmlx: an OpenBLAS loaded first, else the library MLX links).
 
 #include <dlfcn.h>
 
