@@ -87,6 +87,7 @@ int worker_threads() {
 // thread has its own scratch buffer of `scratch_floats`.
 template <typename Work>
 void for_each_item(size_t items, size_t scratch_floats, Work work) {
+  if (items == 0) return;
   const auto& blas = blas_threads();
   int threads = std::min<int>(worker_threads(), static_cast<int>(items));
   auto run = [&](std::atomic<size_t>& next) {
@@ -463,17 +464,42 @@ struct SequenceAttention {
     if (log_g) copy_rows(log_g + start(item, 1), H, g1, 1, end, 1);
   }
 
-  // Row ranges of equal work (row i reads i + 1 keys) splitting an item into `parts`: bounds
-  // at T sqrt(p / parts), on whole row blocks.
-  std::vector<int> part_bounds(int parts) const {
+  // How `items` items go to `threads` threads: whole while every thread gets one, and the
+  // rest (fewer than the threads, which would leave threads idle) split into ceil(threads /
+  // rest) row ranges each, of equal work (row i reads i + 1 keys: bounds at c sqrt(p / parts),
+  // on whole row blocks). In the vjp a range's key cotangents need a buffer of their own,
+  // c (d + E + 1) floats, until its item's ranges are summed: fewer than 2 threads of them.
+  struct Plan {
+    struct Task {
+      size_t item;
+      int begin, end;
+    };
+    std::vector<Task> tasks;  // the whole items, then the split items' ranges
+    size_t whole;             // items [0, whole) and tasks [0, whole) are whole
+    std::vector<size_t> ranges_of;  // split item whole + i: tasks [ranges_of[i], ranges_of[i + 1])
+  };
+
+  Plan plan(size_t items, size_t threads) const {
     int c = intra.c, block = IntraChunk::block;
-    std::vector<int> bounds{0};
-    for (int p = 1; p < parts; ++p) {
-      int bound = static_cast<int>(std::lround(c * std::sqrt(static_cast<double>(p) / parts) / block)) * block;
-      bounds.push_back(std::clamp(bound, bounds.back(), c));
+    Plan plan;
+    size_t rest = items % threads;
+    plan.whole = items - rest;
+    for (size_t item = 0; item < plan.whole; ++item) plan.tasks.push_back({item, 0, c});
+    plan.ranges_of.push_back(plan.tasks.size());
+    size_t parts = rest ? (threads + rest - 1) / rest : 1;
+    for (size_t item = plan.whole; item < items; ++item) {
+      int begin = 0;
+      for (size_t p = 1; p <= parts; ++p) {
+        int bound = p == parts ? c
+                               : static_cast<int>(std::lround(c * std::sqrt(static_cast<double>(p) / parts) / block)) *
+                                     block;
+        int end = std::clamp(bound, begin, c);
+        if (end > begin) plan.tasks.push_back({item, begin, end});
+        begin = end;
+      }
+      plan.ranges_of.push_back(plan.tasks.size());
     }
-    bounds.push_back(c);
-    return bounds;
+    return plan;
   }
 
   size_t forward_scratch() const {
@@ -665,15 +691,12 @@ void evaluate_attention(Product product, int deg, bool normalize, const std::vec
   const float *q = in[0].data<float>(), *k = in[1].data<float>(), *v = in[2].data<float>();
   const float* log_g = attention.intra.gated ? in[3].data<float>() : nullptr;
   size_t items = static_cast<size_t>(B) * H;
+  auto plan = attention.plan(items, worker_threads());
   if (forward) {
-    // Items that would leave threads idle at the end are split into row ranges of equal work.
-    int threads = worker_threads();
-    auto bounds = attention.part_bounds(items % threads ? threads : 1);
-    size_t parts = bounds.size() - 1;
     float *y = out[0].data<float>(), *sums = out[1].data<float>();
-    for_each_item(items * parts, attention.forward_scratch(), [&](size_t task, float* scratch) {
-      int begin = bounds[task % parts], end = bounds[task % parts + 1];
-      if (begin < end) attention.forward(task / parts, q, k, v, log_g, y, sums, scratch, begin, end);
+    for_each_item(plan.tasks.size(), attention.forward_scratch(), [&](size_t i, float* scratch) {
+      auto task = plan.tasks[i];
+      attention.forward(task.item, q, k, v, log_g, y, sums, scratch, task.begin, task.end);
     });
     return;
   }
@@ -681,37 +704,30 @@ void evaluate_attention(Product product, int deg, bool normalize, const std::vec
   const float *y = in[n - 3].data<float>(), *sums = in[n - 2].data<float>(), *dy = in[n - 1].data<float>();
   float *dq = out[0].data<float>(), *dk = out[1].data<float>(), *dv = out[2].data<float>();
   float* d_log_g = log_g ? out[3].data<float>() : nullptr;
-  // Split only when there are fewer items than threads: each part's key cotangents need a
-  // buffer of their own (c (d + E + 1) floats) until the parts are summed.
-  size_t threads = worker_threads();
-  size_t parts = items < threads ? (threads + items - 1) / items : 1;
-  if (parts == 1) {
-    for_each_item(items, attention.vjp_scratch(), [&](size_t item, float* scratch) {
-      attention.scatter(item, attention.vjp(item, q, k, v, log_g, y, sums, dy, dq, scratch, 0, T), dk, dv, d_log_g);
-    });
-    return;
-  }
-  auto bounds = attention.part_bounds(static_cast<int>(parts));
   int E = attention.intra.E;
-  size_t per_part = static_cast<size_t>(T) * (d + E + 1);
-  std::vector<float> partial(items * parts * per_part, 0.0f);  // the rows past a part's end stay 0
-  for_each_item(items * parts, attention.vjp_scratch(), [&](size_t task, float* scratch) {
-    int begin = bounds[task % parts], end = bounds[task % parts + 1];
-    if (begin == end) return;
-    auto keys = attention.vjp(task / parts, q, k, v, log_g, y, sums, dy, dq, scratch, begin, end);
-    float* to = partial.data() + task * per_part;
-    std::copy(keys.dk, keys.dk + static_cast<size_t>(end) * d, to);
-    std::copy(keys.dv1, keys.dv1 + static_cast<size_t>(end) * E, to + static_cast<size_t>(T) * d);
-    std::copy(keys.d_log_g, keys.d_log_g + end, to + static_cast<size_t>(T) * (d + E));
-  });
-  for_each_item(items, 0, [&](size_t item, float*) {
-    float* sum = partial.data() + item * parts * per_part;
-    for (size_t part = 1; part < parts; ++part) {
-      const float* add = sum + part * per_part;
-      for (size_t x = 0; x < per_part; ++x) sum[x] += add[x];
+  size_t per_range = static_cast<size_t>(T) * (d + E + 1);
+  // The ranges' key cotangents: dk (T x d), dv1 (T x E), d_log_g (T), 0 past each range's end.
+  std::vector<float> ranges((plan.tasks.size() - plan.whole) * per_range, 0.0f);
+  for_each_item(plan.tasks.size(), attention.vjp_scratch(), [&](size_t i, float* scratch) {
+    auto task = plan.tasks[i];
+    auto keys = attention.vjp(task.item, q, k, v, log_g, y, sums, dy, dq, scratch, task.begin, task.end);
+    if (i < plan.whole) {
+      attention.scatter(task.item, keys, dk, dv, d_log_g);
+      return;
     }
-    attention.scatter(item, {sum, sum + static_cast<size_t>(T) * d, sum + static_cast<size_t>(T) * (d + E)}, dk, dv,
-                      d_log_g);
+    float* to = ranges.data() + (i - plan.whole) * per_range;
+    std::copy(keys.dk, keys.dk + static_cast<size_t>(task.end) * d, to);
+    std::copy(keys.dv1, keys.dv1 + static_cast<size_t>(task.end) * E, to + static_cast<size_t>(T) * d);
+    std::copy(keys.d_log_g, keys.d_log_g + task.end, to + static_cast<size_t>(T) * (d + E));
+  });
+  for_each_item(plan.ranges_of.size() - 1, 0, [&](size_t split, float*) {
+    float* sum = ranges.data() + (plan.ranges_of[split] - plan.whole) * per_range;
+    for (size_t i = plan.ranges_of[split] + 1; i < plan.ranges_of[split + 1]; ++i) {
+      const float* add = ranges.data() + (i - plan.whole) * per_range;
+      for (size_t x = 0; x < per_range; ++x) sum[x] += add[x];
+    }
+    attention.scatter(plan.whole + split, {sum, sum + static_cast<size_t>(T) * d, sum + static_cast<size_t>(T) * (d + E)},
+                      dk, dv, d_log_g);
   });
 }
 
