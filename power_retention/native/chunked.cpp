@@ -240,23 +240,19 @@ struct IntraChunk {
   template <int Deg>
   void weights_and_slope_row(float* __restrict w, float* __restrict slope, float* __restrict decay, float gate,
                              int i) const {
-    if (gated) {
-      for (int j = 0; j < i; ++j) {
-        float s = w[j], sl = power<Deg, 1>(s, deg) * (decay[j] *= gate);
-        slope[j] = sl;
-        w[j] = sl * s;
-      }
-      decay[i] = 1.0f;
-    } else {
-      for (int j = 0; j < i; ++j) {
-        float s = w[j], sl = power<Deg, 1>(s, deg);
-        slope[j] = sl;
-        w[j] = sl * s;
-      }
+    for (int j = 0; j < i; ++j) {
+      float s = w[j];
+      slope[j] = power<Deg, 1>(s, deg) * decayed(decay, j, gate);
+      w[j] = slope[j] * s;
     }
+    if (gated) decay[i] = 1.0f;
     slope[i] = power<Deg, 1>(w[i], deg);
     w[i] *= slope[i];
   }
+
+  // The decay from key j < i to row i, moving decay_j down to row i when gated (1 when not:
+  // the branch is the same for every j, so the loops around it are split by the compiler).
+  float decayed(float* decay, int j, float gate) const { return gated ? decay[j] *= gate : 1.0f; }
 
   // out (G c x E) = W v1, the last column (the ones column, in the op) as a dot product of each
   // row with it in the weights' own pass: a product E = e + 1 wide runs its last column through
@@ -327,25 +323,12 @@ struct IntraChunk {
     constexpr int lanes = 16;
     float partial[lanes] = {};
     int whole = i - i % lanes;
-    if (gated) {
-      for (int j = 0; j < whole; j += lanes) {
-        for (int l = 0; l < lanes; ++l) {
-          float weight = power<Deg>(w[j + l], deg) * (decay[j + l] *= gate);
-          w[j + l] = weight;
-          partial[l] += weight * last[j + l];
-        }
-      }
-      for (int j = whole; j < i; ++j) {
-        w[j] = power<Deg>(w[j], deg) * (decay[j] *= gate);
-        partial[0] += w[j] * last[j];
-      }
-      decay[i] = 1.0f;
-    } else {
-      for (int j = 0; j < whole; j += lanes) {
-        for (int l = 0; l < lanes; ++l) partial[l] += (w[j + l] = power<Deg>(w[j + l], deg)) * last[j + l];
-      }
-      for (int j = whole; j < i; ++j) partial[0] += (w[j] = power<Deg>(w[j], deg)) * last[j];
+    auto entry = [&](int j, float& sum) { sum += (w[j] = power<Deg>(w[j], deg) * decayed(decay, j, gate)) * last[j]; };
+    for (int j = 0; j < whole; j += lanes) {
+      for (int l = 0; l < lanes; ++l) entry(j + l, partial[l]);
     }
+    for (int j = whole; j < i; ++j) entry(j, partial[0]);
+    if (gated) decay[i] = 1.0f;
     w[i] = power<Deg>(w[i], deg);
     float sum = w[i] * last[i];
     for (int l = 0; l < lanes; ++l) sum += partial[l];
