@@ -701,7 +701,7 @@ void evaluate_attention(Product product, int deg, bool normalize, const std::vec
     float* to = ranges.data() + (i - plan.whole) * per_range;
     std::copy(keys.dk, keys.dk + static_cast<size_t>(task.end) * d, to);
     std::copy(keys.dv1, keys.dv1 + static_cast<size_t>(task.end) * E, to + static_cast<size_t>(T) * d);
-    std::copy(keys.d_log_g, keys.d_log_g + task.end, to + static_cast<size_t>(T) * (d + E));
+    if (log_g) std::copy(keys.d_log_g, keys.d_log_g + task.end, to + static_cast<size_t>(T) * (d + E));
   });
   for_each_item(plan.ranges_of.size() - 1, 0, [&](size_t split, float*) {
     float* sum = ranges.data() + (plan.ranges_of[split] - plan.whole) * per_range;
