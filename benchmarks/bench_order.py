@@ -16,8 +16,8 @@ import statistics
 
 import click
 import mlx.core as mx
-from bench_retention import _seconds, make_case, torch_installed
-from common import machine_description, machine_line, now, write_report
+from bench_retention import make_case, torch_installed
+from common import machine_description, machine_line, now, seconds, write_report
 
 from power_retention.cpu_tuning import tune_process
 
@@ -46,10 +46,10 @@ def main(T, B, H, d, deg, rounds, out):
                  "torch after torch": []}
         for _ in range(rounds):
             mx.eval(ours())
-            times["ours after ours"].append(_seconds(ours))
-            times["torch after ours"].append(_seconds(theirs))
-            times["torch after torch"].append(_seconds(theirs))
-            times["ours after torch"].append(_seconds(ours))
+            times["ours after ours"].append(seconds(ours))
+            times["torch after ours"].append(seconds(theirs))
+            times["torch after torch"].append(seconds(theirs))
+            times["ours after torch"].append(seconds(ours))
         results[name] = {label: statistics.median(seconds) for label, seconds in times.items()}
         print(f"{name:>16}: " + ", ".join(f"{label} {1e3 * s:.1f}" for label, s in results[name].items()))
     out = write_report("bench_order", started, {"config": {"B": B, "T": T, "H": H, "d": d, "deg": deg,

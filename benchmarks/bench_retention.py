@@ -22,7 +22,7 @@ import time
 
 import click
 import mlx.core as mx
-from common import machine_description, machine_line, median_seconds, now, write_report
+from common import machine_description, machine_line, median_seconds, now, seconds, write_report
 
 from power_retention import expanded_dim, native, power_retention, tuning
 from power_retention.cpu_tuning import (blas_threads, loaded_blas, openblas_library,
@@ -231,12 +231,6 @@ def _median_of_rounds(one_round, repeats, min_seconds=2.0, max_rounds=50) -> flo
     return sorted(values)[len(values) // 2]
 
 
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    mx.eval(fn())
-    return time.perf_counter() - start
-
-
 def interleaved_ratio(first, second, repeats, paired=True) -> float:
     """Median over rounds of time(first) / time(second), the two timed alternately in one loop
     so that this machine's drift cancels (separate cells differ by tens of percent here).
@@ -250,10 +244,10 @@ def interleaved_ratio(first, second, repeats, paired=True) -> float:
     def one_round():
         if paired:
             mx.eval(first())
-        first_seconds = _seconds(first)
+        first_seconds = seconds(first)
         if paired:
             mx.eval(second())
-        return first_seconds / _seconds(second)
+        return first_seconds / seconds(second)
 
     return _median_of_rounds(one_round, repeats)
 
@@ -284,7 +278,7 @@ def interleaved_fraction_of_peak(run, flops, repeats) -> float:
     of this machine, whose speed drifts by tens of percent over minutes."""
     def one_round():
         peak = matmul_gflops(repeats=3)
-        return flops / _seconds(run) / 1e9 / peak
+        return flops / seconds(run) / 1e9 / peak
 
     mx.eval(run())
     return _median_of_rounds(one_round, repeats)

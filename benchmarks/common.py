@@ -42,15 +42,17 @@ def now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
+def seconds(fn) -> float:
+    """Wall time of one ``mx.eval(fn())``."""
+    start = time.perf_counter()
+    mx.eval(fn())
+    return time.perf_counter() - start
+
+
 def median_seconds(fn, repeats: int) -> float:
     """Median wall time of ``mx.eval(fn())`` over ``repeats`` runs after one warm-up run."""
     mx.eval(fn())  # warm-up (and graph construction caches)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mx.eval(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(seconds(fn) for _ in range(repeats))
 
 
 def write_report(name: str, started: datetime.datetime, report: dict, out: str | None) -> str:
