@@ -233,6 +233,28 @@ def test_intra_chunk_keeps_a_non_finite_value_from_earlier_rows():
     assert np.isfinite(out[0, 0, :2]).all() and np.isnan(out[0, 0, 2:]).all() and np.isfinite(out[1]).all()
 
 
+def _check_attention_against_float64(q, k, v, log_g, deg, normalize, cotangent):
+    """native.attention and its vjp against chunk.py's MLX ops (one chunk spanning the sequence)
+    in float64, output and every input's cotangent (evaluated here, under the caller's threads)."""
+    from power_retention import chunk
+
+    primals = [x for x in (q, k, v, log_g) if x is not None]
+
+    def compiled(q, k, v, *log_g):
+        return native.attention(q, k, v, log_g[0] if log_g else None, deg, normalize)
+
+    def reference(q, k, v, *log_g):
+        return chunk.chunk_power_retention(q, k, v, log_g[0] if log_g else None, deg=deg, normalize=normalize,
+                                           chunk_size=q.shape[1])[0]
+
+    out, grads = mx.vjp(compiled, primals, [cotangent])
+    mx.eval(out, grads)
+    expected, expected_grads = mx.vjp(reference, [x.astype(mx.float64) for x in primals],
+                                      [cotangent.astype(mx.float64)])
+    for name, a, b in zip(["output", "dq", "dk", "dv", "d_log_g"], [*out, *grads], [*expected, *expected_grads]):
+        assert_close(f"attention {name}", a, b, FP32_TOLERANCE)
+
+
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
 @pytest.mark.parametrize("deg,G,normalize", [(1, 1, False), (2, 2, True), (2, 1, False), (3, 2, False), (4, 1, True)],
                          ids=["deg1-G1-raw", "deg2-G2-normalized", "deg2-G1-raw", "deg3-G2-raw", "deg4-G1-normalized"])
@@ -240,29 +262,13 @@ def test_attention_in_the_ops_layout_and_its_vjp_match_float64(deg, G, normalize
     """The whole attention form in (B, T, H, d) against chunk.py's MLX ops in float64: two batches
     of two key/value heads (their rows interleaved in memory), 150 positions (rows in blocks of
     64: two whole, one partial), a reset gate (log_g = -inf) in one head."""
-    from power_retention import chunk
-
     B, T, H, d, e = 2, 150, 2, 8, 6
     q, k = _random((B, T, H * G, d), 0.5, seed=1), _random((B, T, H, d), 0.5, seed=2)
     v = _random((B, T, H, e), 1.0, seed=3)
     log_g = -mx.random.uniform(shape=(B, T, H), key=mx.random.key(4)) if gated else None
     if gated:
         log_g[1, 97, 0] = -mx.inf
-    primals = [x for x in (q, k, v, log_g) if x is not None]
-    cotangent = _random((B, T, H * G, e), 1.0, seed=5)
-
-    def compiled(q, k, v, *log_g):
-        return native.attention(q, k, v, log_g[0] if log_g else None, deg, normalize)
-
-    def reference(q, k, v, *log_g):
-        return chunk.chunk_power_retention(q, k, v, log_g[0] if log_g else None, deg=deg, normalize=normalize,
-                                           chunk_size=T)[0]
-
-    out, grads = mx.vjp(compiled, primals, [cotangent])
-    expected, expected_grads = mx.vjp(reference, [x.astype(mx.float64) for x in primals],
-                                      [cotangent.astype(mx.float64)])
-    for name, a, b in zip(["output", "dq", "dk", "dv", "d_log_g"], [*out, *grads], [*expected, *expected_grads]):
-        assert_close(f"attention {name}", a, b, FP32_TOLERANCE)
+    _check_attention_against_float64(q, k, v, log_g, deg, normalize, _random((B, T, H * G, e), 1.0, seed=5))
 
 
 @pytest.mark.parametrize("threads,H", [(2, 1), (3, 1), (4, 1), (2, 3)], ids=["threads2-H1", "threads3-H1", "threads4-H1",
@@ -272,7 +278,6 @@ def test_attention_split_into_row_ranges_matches_float64(threads, H):
     work, a range whole row blocks (at 4 threads over 150 positions one range is empty); the
     output and its vjp still match the MLX ops in float64, and an inf value at position 100 still
     makes exactly the rows from 100 on NaN, in every range that holds them."""
-    from power_retention import chunk
     from power_retention.cpu_tuning import blas_threads, set_blas_threads
 
     if blas_threads() is None or not native.available():
@@ -282,25 +287,15 @@ def test_attention_split_into_row_ranges_matches_float64(threads, H):
     v = _random((B, T, H, e), 1.0, seed=3)
     log_g = -mx.random.uniform(shape=(B, T, H), key=mx.random.key(4))
     log_g[0, 97, 0] = -mx.inf
-    cotangent = _random((B, T, H * G, e), 1.0, seed=5)
-
-    def reference(q, k, v, log_g):
-        return chunk.chunk_power_retention(q, k, v, log_g, deg=2, normalize=True, chunk_size=T)[0]
-
+    inf_at_100 = mx.zeros(v.shape)
+    inf_at_100[0, 100, 0, 1] = mx.inf
     before = blas_threads()
     set_blas_threads(threads)
     try:
-        out, grads = mx.vjp(lambda *x: native.attention(*x, 2, True), [q, k, v, log_g], [cotangent])
-        mx.eval(out, grads)
-        v[0, 100, 0, 1] = mx.inf
-        y = np.asarray(native.attention(q, k, v, log_g, 2, True))
+        _check_attention_against_float64(q, k, v, log_g, 2, True, _random((B, T, H * G, e), 1.0, seed=5))
+        y = np.asarray(native.attention(q, k, v + inf_at_100, log_g, 2, True))
     finally:
         set_blas_threads(before)
-    v = _random((B, T, H, e), 1.0, seed=3)  # the reference's inputs, without the inf
-    expected, expected_grads = mx.vjp(reference, [x.astype(mx.float64) for x in (q, k, v, log_g)],
-                                      [cotangent.astype(mx.float64)])
-    for name, a, b in zip(["output", "dq", "dk", "dv", "d_log_g"], [*out, *grads], [*expected, *expected_grads]):
-        assert_close(f"attention {name}", a, b, FP32_TOLERANCE)
     assert np.isnan(y[0, 100:, :G]).all() and np.isfinite(y[0, :100]).all() and np.isfinite(y[0, :, G:]).all()
 
 
